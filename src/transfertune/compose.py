@@ -1,0 +1,90 @@
+"""How logits are composed. Every other module calls into this one; nothing else does this math.
+
+    composed = log_softmax(base) + sum_i w_i * value_i / beta                     (value models)
+             + alpha * (log_softmax(tuned) - log_softmax(untuned))               (proxy-tuning / EFT)
+
+softmax(composed) is the composed next-token distribution. With beta = 1 and one value model this is
+the residual scheme of Inverse Value Learning and eq. 6 of Portable Reward Tuning.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+VocabMap = Callable[[torch.Tensor], torch.Tensor]
+"""Maps value logits [..., V_value] to the base vocabulary [..., V_base]. None means identity."""
+
+
+class VocabularyMismatchError(ValueError):
+    """Two models whose output spaces differ were asked to be composed."""
+
+
+def match_vocab_size(logits: torch.Tensor, size: int, real_vocab_size: int | None = None) -> torch.Tensor:
+    """Pad or truncate the last dimension to `size`, touching only the padded tail.
+
+    Checkpoints often pad the output layer past the tokenizer's vocabulary (e.g. 151,936 vs 152,064 rows).
+    Rows at index >= real_vocab_size are padding: they may be cut, and padding added here gets value 0.
+    Cutting or adding a row below real_vocab_size would shift real tokens, so it is refused.
+    """
+    have = logits.shape[-1]
+    if have == size:
+        return logits
+    real = real_vocab_size if real_vocab_size is not None else min(have, size)
+    if real > min(have, size):
+        raise VocabularyMismatchError(
+            f"output layers of {have} and {size} rows cannot be matched: the real vocabulary has {real} tokens"
+        )
+    if have > size:
+        return logits[..., :size]
+    return F.pad(logits, (0, size - have), value=0.0)
+
+
+def compose_logits(
+    base_logits: torch.Tensor,
+    value_logits: Sequence[torch.Tensor] = (),
+    *,
+    weights: Sequence[float] | None = None,
+    beta: float = 1.0,
+    vocab_maps: Sequence[VocabMap | None] | None = None,
+    proxy: tuple[torch.Tensor, torch.Tensor] | None = None,
+    alpha: float = 1.0,
+    real_vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Composed logits over the base vocabulary, in float32. See the module docstring for the formula.
+
+    `proxy` is a (tuned_logits, untuned_logits) pair of a small model after and before fine-tuning.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    weights = [1.0] * len(value_logits) if weights is None else list(weights)
+    if len(weights) != len(value_logits):
+        raise ValueError(f"{len(value_logits)} value models but {len(weights)} weights")
+    vocab_maps = [None] * len(value_logits) if vocab_maps is None else list(vocab_maps)
+    size = base_logits.shape[-1]
+
+    composed = F.log_softmax(base_logits.float(), dim=-1)
+    for v, w, vmap in zip(value_logits, weights, vocab_maps):
+        v = v.float() if vmap is None else vmap(v.float())
+        composed = composed + (w / beta) * match_vocab_size(v, size, real_vocab_size)
+    if proxy is not None:
+        tuned, untuned = (match_vocab_size(x.float(), size, real_vocab_size) for x in proxy)
+        composed = composed + alpha * (F.log_softmax(tuned, dim=-1) - F.log_softmax(untuned, dim=-1))
+    return composed
+
+
+def composed_log_probs(*args, **kwargs) -> torch.Tensor:
+    """log p_composed: `compose_logits` normalised over the vocabulary."""
+    return F.log_softmax(compose_logits(*args, **kwargs), dim=-1)
+
+
+def l1_penalty(value_logits: torch.Tensor) -> torch.Tensor:
+    """IVL's norm regulariser: mean |v|_1 / V over positions, i.e. the mean absolute value logit."""
+    return value_logits.float().abs().mean()
+
+
+def value_entropy(value_logits: torch.Tensor) -> torch.Tensor:
+    """PRT's entropy term: mean entropy of softmax(v). Maximising it pulls values toward a constant."""
+    logp = F.log_softmax(value_logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()

@@ -1,0 +1,127 @@
+"""ComposedModel: a frozen base plus value models (and/or a proxy-tuning pair), sharing one vocabulary."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .compose import compose_logits
+from .data import RightPadCollator, encode_example, pad_id_of
+from .loading import load_base, load_causal_lm, real_vocab_size
+from .sequence import composed_response_logits
+from .value_model import ValueModel
+from .vocab import vocab_fingerprint
+
+
+class ComposedModel:
+    """log_softmax(base) + sum_i w_i v_i / beta [+ alpha (log_softmax(tuned) - log_softmax(untuned))].
+
+    `models` lists every network that runs at each step, in a fixed order: base, values..., [tuned, untuned].
+    """
+
+    def __init__(
+        self,
+        base,
+        tokenizer,
+        values: Sequence = (),
+        *,
+        weights: Sequence[float] | None = None,
+        beta: float | None = None,
+        proxy: tuple | None = None,
+        alpha: float = 1.0,
+        base_name: str = "base",
+    ):
+        self.base = base
+        self.tokenizer = tokenizer
+        self.values = [v.model if isinstance(v, ValueModel) else v for v in values]
+        for v in values:
+            if isinstance(v, ValueModel):
+                v.check_compatible(tokenizer, base_name)
+        configs = [v.config for v in values if isinstance(v, ValueModel)]
+        self.beta = beta if beta is not None else (configs[0].beta if configs else 1.0)
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.values)
+        self.proxy = tuple(proxy) if proxy is not None else None
+        self.alpha = alpha
+        self.real_vocab_size = real_vocab_size(tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str,
+        values: Sequence[str] = (),
+        *,
+        proxy: tuple[str, str] | None = None,
+        device="cpu",
+        dtype=torch.float32,
+        trust_remote_code: bool = False,
+        **kwargs,
+    ) -> "ComposedModel":
+        """Load by name or path: a base, value directories, and an optional (tuned, untuned) proxy pair."""
+        base_model, tok = load_base(base, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        value_models = [ValueModel.load(v, device=device, dtype=dtype) for v in values]
+        proxy_models = None
+        if proxy is not None:
+            fp = vocab_fingerprint(tok)
+            proxy_models = []
+            for name in proxy:
+                model, ptok = load_base(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+                if vocab_fingerprint(ptok) != fp:
+                    raise ValueError(f"proxy model '{name}' does not share the vocabulary of base '{base}'")
+                proxy_models.append(model)
+        return cls(base_model, tok, value_models, proxy=proxy_models, base_name=base, **kwargs)
+
+    @property
+    def models(self) -> list:
+        return [self.base, *self.values, *(self.proxy or ())]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    def compose(self, step_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Composed logits from one logits tensor per model, in the order of `models`."""
+        n = len(self.values)
+        base, values, rest = step_logits[0], step_logits[1 : 1 + n], step_logits[1 + n :]
+        return compose_logits(
+            base,
+            values,
+            weights=self.weights,
+            beta=self.beta,
+            proxy=tuple(rest) if self.proxy is not None else None,
+            alpha=self.alpha,
+            real_vocab_size=self.real_vocab_size,
+        )
+
+    @torch.no_grad()
+    def score(
+        self, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 8, add_eos: bool = False,
+        max_length: int | None = None, progress: bool = False,
+    ) -> list[torch.Tensor]:
+        """Per-token log-probs of each response given its prompt, under the composed distribution."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        collate = RightPadCollator(pad_id_of(self.tokenizer))
+        feats = [
+            encode_example(self.tokenizer, {"prompt": p, "response": r}, max_length, add_eos=add_eos)
+            for p, r in zip(prompts, responses)
+        ]
+        out: list[torch.Tensor] = []
+        starts = range(0, len(feats), batch_size)
+        for start in tqdm(starts, desc="scoring", disable=not progress):
+            batch = {k: t.to(self.device) for k, t in collate(feats[start : start + batch_size]).items()}
+            res = composed_response_logits(
+                self.base, self.values, **batch, weights=self.weights, beta=self.beta, alpha=self.alpha,
+                proxy=self.proxy, real_vocab_size=self.real_vocab_size,
+            )
+            logp = F.log_softmax(res.composed, -1).gather(-1, res.targets[:, None]).squeeze(-1)
+            for row in range(len(batch["input_ids"])):
+                out.append(logp[res.rows == row].cpu())
+        return out
+
+    def generator(self):
+        from .generation import ComposedGenerator
+
+        return ComposedGenerator(self)
+

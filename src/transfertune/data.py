@@ -1,0 +1,149 @@
+"""Demonstration data: JSONL in three forms, tokenised with the loss on response tokens only.
+
+    {"prompt": ..., "response": ...}
+    {"prompt": ..., "completion": ...}          (t0-tasks; a trailing end-of-text marker is dropped)
+    {"messages": [{"role": ..., "content": ...}, ...]}   (last message is the assistant's response)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+EOT_MARKERS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|eot_id|>")
+
+
+class DataFormatError(ValueError):
+    """A data file or one of its lines is not in a form transfertune reads."""
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"data file not found: {path}")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataFormatError(f"{path}: line {n} is not a JSON object")
+            try:
+                records.append(to_prompt_response(record))
+            except DataFormatError as err:
+                raise DataFormatError(f"{path}: line {n}: {err}") from None
+    if not records:
+        raise DataFormatError(f"{path} has no examples")
+    return records
+
+
+def to_prompt_response(record: dict) -> dict:
+    """Normalise one record to {"prompt", "response"} (a chat record keeps its "messages")."""
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in msgs
+        ):
+            raise DataFormatError('"messages" must be a non-empty list of {"role", "content"} objects')
+        if msgs[-1]["role"] != "assistant":
+            raise DataFormatError('the last of "messages" must have role "assistant"')
+        return {"messages": msgs}
+    response = record.get("response", record.get("completion"))
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not isinstance(response, str):
+        raise DataFormatError(
+            'expected string fields "prompt" and "response" (or "completion"), or a "messages" list; '
+            f"got keys {sorted(record)}"
+        )
+    for marker in EOT_MARKERS:
+        if response.endswith(marker):
+            response = response[: -len(marker)]
+            break
+    return {"prompt": prompt, "response": response}
+
+
+def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:
+    """(prompt text, response text) of a chat; the tokenizer's chat template when it has one."""
+    history, answer = messages[:-1], messages[-1]["content"]
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    else:
+        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in history) + "assistant: "
+    return prompt, answer
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt token ids; never empty, so the first response token always has a context."""
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if not ids:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [start if start is not None else 0]
+    return ids
+
+
+def encode_example(tokenizer, example: dict, max_length: int | None = None, add_eos: bool = True) -> dict:
+    """input_ids = prompt ids + response ids (+ eos); labels mask the prompt with IGNORE_INDEX.
+
+    Prompt and response are tokenised separately, exactly as generation sees them.
+    A too-long example loses prompt tokens from the left first, then response tokens from the right.
+    """
+    if "messages" in example:
+        prompt, response = render_chat(tokenizer, example["messages"])
+    else:
+        prompt, response = example["prompt"], example["response"]
+    p = encode_prompt(tokenizer, prompt)
+    r = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if add_eos and tokenizer.eos_token_id is not None:
+        r = r + [tokenizer.eos_token_id]
+    if max_length is not None and len(p) + len(r) > max_length:
+        r = r[: max_length - 1]
+        p = p[-(max_length - len(r)):]
+    return {"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r}
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[dict], tokenizer, max_length: int | None = 512):
+        self.features = [encode_example(tokenizer, ex, max_length) for ex in examples]
+
+    @classmethod
+    def from_jsonl(cls, path, tokenizer, max_length: int | None = 512) -> "SFTDataset":
+        return cls(read_jsonl(path), tokenizer, max_length)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.features[i]
+
+
+@dataclass
+class RightPadCollator:
+    """Pads input_ids with pad_id, labels with IGNORE_INDEX, and builds the attention mask."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pad_id_of(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return tid
+    return 0

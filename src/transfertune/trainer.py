@@ -1,0 +1,125 @@
+"""ValueTrainer: a `transformers.Trainer` whose loss is the SFT cross-entropy of the *composed* model.
+
+    loss = CE(log_softmax(log p_base + v / beta), y)  on response tokens
+         + l1_coef * mean|v|  -  entropy_coef * mean H(softmax(v))
+
+Only the value model is trained; the base is frozen, in eval mode, under no_grad. Everything else
+(accelerate/DeepSpeed/FSDP, checkpoints, resume, logging) is the stock Trainer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from .compose import l1_penalty, value_entropy
+from .sequence import composed_response_logits
+from .value_model import ValueModel
+
+
+class ValueTrainer(Trainer):
+    def __init__(self, value_model: ValueModel, base_model, *args, **kwargs):
+        super().__init__(value_model.model, *args, **kwargs)
+        self.value_model = value_model
+        self.base_model = base_model.eval().requires_grad_(False)
+        self.loss_is_scaled_for_ga = True  # compute_loss divides by the token count of the whole step
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cfg = self.value_model.config
+        if self.base_model.device != inputs["input_ids"].device:
+            self.base_model.to(inputs["input_ids"].device)
+        res = composed_response_logits(
+            self.base_model, [model], inputs["input_ids"], inputs["attention_mask"], inputs["labels"], beta=cfg.beta,
+            real_vocab_size=cfg.vocab_size,
+        )
+        n_tokens = num_items_in_batch if num_items_in_batch is not None else res.targets.numel()
+        loss = F.cross_entropy(res.composed, res.targets, reduction="sum") / max(int(n_tokens), 1)
+        # the regularisers are per-token means, weighted like the CE by this micro-batch's share of tokens
+        share = res.targets.numel() / max(int(n_tokens), 1)
+        value = res.values[0]
+        if cfg.l1_coef:
+            loss = loss + share * cfg.l1_coef * l1_penalty(value)
+        if cfg.entropy_coef:
+            loss = loss - share * cfg.entropy_coef * value_entropy(value)
+        return (loss, {"composed_logits": res.composed}) if return_outputs else loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Checkpoints and the final save are value directories (weights or adapter + transfertune.json)."""
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            self.value_model.save(output_dir)
+
+
+def train_value_model(
+    base: str,
+    data,
+    output_dir: str,
+    *,
+    init: str | None = None,
+    zero_init_head: bool = True,
+    lora=None,
+    beta: float = 1.0,
+    l1_coef: float = 0.0,
+    entropy_coef: float = 0.0,
+    epochs: float = 1.0,
+    max_steps: int = -1,
+    learning_rate: float = 1e-4,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    max_length: int = 512,
+    seed: int = 0,
+    logging_steps: int = 10,
+    save_steps: int | None = None,
+    resume: bool = False,
+    trust_remote_code: bool = False,
+    base_model=None,
+    **training_args,
+) -> ValueModel:
+    """Train a value model against frozen `base` on `data` (a JSONL path or a list of records) and save it
+    to `output_dir` as a value directory. `init` defaults to the base itself (the papers' default)."""
+    from transformers import TrainingArguments, set_seed
+
+    from .data import RightPadCollator, SFTDataset, pad_id_of, read_jsonl, to_prompt_response
+    from .loading import load_base
+
+    set_seed(seed)
+    if base_model is None:
+        base_model, tokenizer = load_base(base, trust_remote_code=trust_remote_code)
+    else:
+        from .loading import load_tokenizer
+
+        tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
+    value = ValueModel.create(
+        init or base, zero_init_head=zero_init_head, lora=lora, trust_remote_code=trust_remote_code,
+        beta=beta, l1_coef=l1_coef, entropy_coef=entropy_coef, training_base=base,
+    )
+    value.check_compatible(tokenizer, base)
+    records = read_jsonl(data) if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__") else [
+        to_prompt_response(r) for r in data
+    ]
+    dataset = SFTDataset(records, tokenizer, max_length)
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type=training_args.pop("lr_scheduler_type", "cosine"),
+        warmup_steps=training_args.pop("warmup_steps", 0),
+        logging_steps=logging_steps,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        report_to=training_args.pop("report_to", "none"),
+        seed=seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        **training_args,
+    )
+    trainer = ValueTrainer(
+        value, base_model, args=args, train_dataset=dataset, data_collator=RightPadCollator(pad_id_of(tokenizer))
+    )
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    value.model.eval()
+    value.save(output_dir)
+    return value

@@ -1,0 +1,195 @@
+"""The value model: any HF causal LM whose output over the vocabulary is read as per-token values.
+
+A *value directory* holds only what was trained: full weights (safetensors) or a LoRA adapter, the
+tokenizer, and `transfertune.json` (beta, scheme, regularisers, training base, vocabulary fingerprint).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from . import __version__
+from .compose import VocabularyMismatchError
+from .loading import load_causal_lm, load_tokenizer, resolve_model
+from .vocab import vocab_fingerprint
+
+CONFIG_NAME = "transfertune.json"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class ValueConfig:
+    """What a value directory records about how its value model was made and must be composed."""
+
+    beta: float = 1.0
+    scheme: str = "residual"
+    l1_coef: float = 0.0
+    entropy_coef: float = 0.0
+    init: str = "random"
+    zero_init_head: bool = True
+    lora: LoraSettings | None = None
+    training_base: str | None = None
+    vocab_fingerprint: str | None = None
+    vocab_size: int | None = None
+    transfertune_version: str = __version__
+    extra: dict = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> None:
+        data = asdict(self)
+        Path(directory, CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ValueConfig":
+        path = Path(directory, CONFIG_NAME)
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} is not a value directory: {CONFIG_NAME} is missing")
+        data = json.loads(path.read_text())
+        lora = data.pop("lora", None)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known, lora=LoraSettings(**lora) if lora else None)
+
+
+def _zero_output_head(model: nn.Module) -> None:
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.zero_()
+        if getattr(head, "bias", None) is not None:
+            head.bias.zero_()
+
+
+class ValueModel(nn.Module):
+    """Wraps a causal LM (optionally PEFT/LoRA) whose logits are the values v(x, y_<t)."""
+
+    def __init__(self, model: nn.Module, tokenizer, config: ValueConfig):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        init: str,
+        *,
+        tokenizer=None,
+        zero_init_head: bool = True,
+        lora: LoraSettings | None = None,
+        trust_remote_code: bool = False,
+        **config_kwargs,
+    ) -> "ValueModel":
+        """A new value model from a pretrained LM (`init` = name or path), or random weights from
+        `init="random:<name or path>"` (that model's config, fresh weights).
+
+        zero_init_head zeroes the output layer (untied from the input embeddings first), so training starts
+        exactly at the base distribution instead of double-counting the base logits.
+        """
+        random_init = init.startswith("random:")
+        source = init.split(":", 1)[1] if random_init else init
+        tokenizer = tokenizer or load_tokenizer(source, trust_remote_code=trust_remote_code)
+        overrides = {"tie_word_embeddings": False} if zero_init_head else {}
+        if random_init:
+            if lora is not None:
+                raise ValueError("LoRA needs pretrained weights to adapt; use full training with random init")
+            hf_config = AutoConfig.from_pretrained(resolve_model(source), trust_remote_code=trust_remote_code)
+            for k, v in overrides.items():
+                setattr(hf_config, k, v)
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+        else:
+            model = load_causal_lm(source, frozen=False, trust_remote_code=trust_remote_code, **overrides)
+        if zero_init_head:
+            _zero_output_head(model)
+        model.train().requires_grad_(True)
+        if lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            peft_config = LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                modules_to_save=[_head_name(model)],
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, peft_config)
+        config = ValueConfig(
+            init=init,
+            zero_init_head=zero_init_head,
+            lora=lora,
+            vocab_fingerprint=vocab_fingerprint(tokenizer),
+            vocab_size=len(tokenizer),
+            **config_kwargs,
+        )
+        return cls(model, tokenizer, config)
+
+    # -- inference ----------------------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.config.lora is not None
+
+    def check_compatible(self, tokenizer, base_name: str = "base") -> None:
+        """Refuse a base whose vocabulary differs from the one this value model was trained on."""
+        theirs = vocab_fingerprint(tokenizer)
+        if theirs != self.config.vocab_fingerprint:
+            raise VocabularyMismatchError(
+                f"vocabulary mismatch: the value model was trained on the vocabulary of "
+                f"'{self.config.training_base}' ({self.config.vocab_size} tokens, fingerprint "
+                f"{self.config.vocab_fingerprint}), but '{base_name}' has {len(tokenizer)} tokens, "
+                f"fingerprint {theirs}. Compose only with bases that share the tokenizer."
+            )
+
+    # -- persistence --------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        self.config.save(directory)
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+    ) -> "ValueModel":
+        directory = Path(directory)
+        config = ValueConfig.load(directory)
+        tokenizer = load_tokenizer(str(directory), trust_remote_code=trust_remote_code)
+        if config.lora is not None:
+            from peft import PeftModel
+
+            overrides = {"tie_word_embeddings": False} if config.zero_init_head else {}
+            backbone = load_causal_lm(
+                config.init, dtype=dtype, device=device, trust_remote_code=trust_remote_code, **overrides
+            )
+            model = PeftModel.from_pretrained(backbone, str(directory))
+        else:
+            model = load_causal_lm(str(directory), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        model.to(device).eval().requires_grad_(False)
+        return cls(model, tokenizer, config)
+
+
+def _head_name(model: nn.Module) -> str:
+    head = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if module is head:
+            return name.split(".")[-1]
+    raise ValueError("the value model has no output embedding layer")
