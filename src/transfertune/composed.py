@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .compose import compose_logits
-from .data import RightPadCollator, encode_example, pad_id_of
+from .data import IGNORE_INDEX, RightPadCollator, encode_example, pad_id_of
 from .loading import load_base, load_causal_lm, real_vocab_size
 from .sequence import composed_response_logits
 from .value_model import ValueModel
@@ -94,22 +94,30 @@ class ComposedModel:
             real_vocab_size=self.real_vocab_size,
         )
 
-    @torch.no_grad()
     def score(
-        self, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 8, add_eos: bool = False,
-        max_length: int | None = None, progress: bool = False,
+        self, prompts: Sequence[str], responses: Sequence[str], *, add_eos: bool = False,
+        max_length: int | None = None, **kwargs,
     ) -> list[torch.Tensor]:
         """Per-token log-probs of each response given its prompt, under the composed distribution."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        collate = RightPadCollator(pad_id_of(self.tokenizer))
         feats = [
             encode_example(self.tokenizer, {"prompt": p, "response": r}, max_length, add_eos=add_eos)
             for p, r in zip(prompts, responses)
         ]
+        return self.score_features(feats, **kwargs)
+
+    def score_ids(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> torch.Tensor:
+        """Per-token log-probs of exact token ids (no re-tokenisation)."""
+        feat = {"input_ids": list(prompt_ids) + list(response_ids),
+                "labels": [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)}
+        return self.score_features([feat])[0]
+
+    @torch.no_grad()
+    def score_features(self, feats: list[dict], *, batch_size: int = 8, progress: bool = False) -> list[torch.Tensor]:
+        collate = RightPadCollator(pad_id_of(self.tokenizer))
         out: list[torch.Tensor] = []
-        starts = range(0, len(feats), batch_size)
-        for start in tqdm(starts, desc="scoring", disable=not progress):
+        for start in tqdm(range(0, len(feats), batch_size), desc="scoring", disable=not progress):
             batch = {k: t.to(self.device) for k, t in collate(feats[start : start + batch_size]).items()}
             res = composed_response_logits(
                 self.base, self.values, **batch, weights=self.weights, beta=self.beta, alpha=self.alpha,
