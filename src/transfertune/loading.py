@@ -31,11 +31,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     if "/" not in name and (builtin / "config.json").is_file():
         return str(builtin)
     path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a model directory: it has no config.json")
-        return str(path)
-    return name
+    return str(path) if path.exists() else name
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -53,6 +49,8 @@ def load_causal_lm(
 ):
     """Load a causal LM from safetensors. Frozen models are put in eval mode with gradients off."""
     path = resolve_model(name_or_path)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory: it has no config.json")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs

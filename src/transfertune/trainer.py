@@ -114,6 +114,7 @@ def train_value_model(
         seed=seed,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=training_args.pop("dataloader_pin_memory", False),
         **training_args,
     )
     trainer = ValueTrainer(
