@@ -1,0 +1,240 @@
+"""`transfertune` command line: train, generate, score, info, models."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _add_compose_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="base model: built-in short name (e.g. mini-l), local dir or HF id")
+    p.add_argument("--value", action="append", default=[], metavar="DIR",
+                   help="value directory to compose with the base (repeat for several)")
+    p.add_argument("--weight", action="append", type=float, default=None, metavar="W",
+                   help="weight of each --value, in order (default 1 each)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="divide value logits by beta (default: the beta stored in the value directory); "
+                        "smaller beta = stronger post-training effect")
+    p.add_argument("--proxy-tuned", metavar="MODEL", help="proxy-tuning: the small fine-tuned model")
+    p.add_argument("--proxy-untuned", metavar="MODEL", help="proxy-tuning: the small model before fine-tuning")
+    p.add_argument("--alpha", type=float, default=1.0, help="proxy-tuning strength (default 1)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
+
+
+def _load_composed(args):
+    from .composed import ComposedModel
+
+    proxy = None
+    if bool(args.proxy_tuned) != bool(args.proxy_untuned):
+        raise ValueError("proxy-tuning needs both --proxy-tuned and --proxy-untuned")
+    if args.proxy_tuned:
+        proxy = (args.proxy_tuned, args.proxy_untuned)
+    if args.weight is not None and len(args.weight) != len(args.value):
+        raise ValueError(f"{len(args.value)} --value but {len(args.weight)} --weight")
+    return ComposedModel.from_pretrained(
+        args.base, args.value, proxy=proxy, weights=args.weight, beta=args.beta, alpha=args.alpha,
+        device=args.device, trust_remote_code=args.trust_remote_code,
+    )
+
+
+def cmd_train(args) -> None:
+    from .trainer import train_value_model
+    from .value_model import LoraSettings
+
+    lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha) if args.lora else None
+    train_value_model(
+        args.base, args.data, args.output, init=args.init, zero_init_head=not args.no_zero_init_head, lora=lora,
+        beta=args.beta, l1_coef=args.l1, entropy_coef=args.entropy, epochs=args.epochs, max_steps=args.max_steps,
+        learning_rate=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
+        seed=args.seed, save_steps=args.save_steps, resume=args.resume, trust_remote_code=args.trust_remote_code,
+        logging_steps=args.logging_steps,
+    )
+    print(f"value model saved to {args.output}")
+
+
+def _read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file not found: {path}")
+        if path.suffix == ".jsonl":
+            from .data import read_jsonl
+
+            return [r["prompt"] for r in read_jsonl(path)]
+        return [line.rstrip("\n").replace("\\n", "\n") for line in path.open(encoding="utf-8") if line.strip()]
+    if sys.stdin.isatty():
+        raise ValueError("give a prompt as an argument, with --prompt-file, or on standard input")
+    text = sys.stdin.read()
+    if not text.strip():
+        raise ValueError("standard input is empty: no prompt to generate from")
+    return [text]
+
+
+def cmd_generate(args) -> None:
+    from .sampling import SamplingParams
+
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    gen = _load_composed(args).generator()
+    prompts = _read_prompts(args)
+    if args.stream:
+        for prompt in prompts:
+            for piece in gen.stream(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop):
+                print(piece, end="", flush=True)
+            print()
+        return
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(prompts), args.batch_size), desc="generating", disable=len(prompts) <= args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        out = gen.generate(batch, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop)
+        for prompt, text in zip(batch, out.text):
+            print(json.dumps({"prompt": prompt, "response": text}) if args.jsonl else text)
+
+
+def cmd_score(args) -> None:
+    from .data import read_jsonl, render_chat
+
+    cm = _load_composed(args)
+    records = read_jsonl(args.data)
+    pairs = [render_chat(cm.tokenizer, r["messages"]) if "messages" in r else (r["prompt"], r["response"])
+             for r in records]
+    logps = cm.score([p for p, _ in pairs], [r for _, r in pairs], add_eos=args.add_eos,
+                     batch_size=args.batch_size, progress=True)
+    rows = [{"logprob": float(lp.sum()), "tokens": lp.numel(), "nll": float(-lp.mean()) if lp.numel() else 0.0,
+             "token_logprobs": [round(float(x), 5) for x in lp]} for lp in logps]
+    n = sum(r["tokens"] for r in rows)
+    mean_nll = -sum(r["logprob"] for r in rows) / max(n, 1)
+    if args.output:
+        tmp = Path(str(args.output) + ".tmp")
+        with tmp.open("w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, args.output)
+    print(json.dumps({"examples": len(rows), "tokens": n, "mean_nll": round(mean_nll, 5)}))
+
+
+def cmd_info(args) -> None:
+    from .value_model import ValueConfig
+
+    cfg = ValueConfig.load(args.value_dir)
+    files = sorted(p.name for p in Path(args.value_dir).iterdir())
+    weights = [Path(args.value_dir, f) for f in files if f.endswith(".safetensors")]
+    n_params = 0
+    from safetensors import safe_open
+
+    for w in weights:
+        with safe_open(str(w), "pt") as f:
+            n_params += sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+    print(f"value directory   {args.value_dir}")
+    print(f"kind              {'LoRA adapter' if cfg.lora else 'full weights'} (init: {cfg.init})")
+    print(f"trained against   {cfg.training_base}")
+    print(f"vocabulary        {cfg.vocab_size} tokens, fingerprint {cfg.vocab_fingerprint}")
+    print(f"beta / scheme     {cfg.beta} / {cfg.scheme}")
+    print(f"regularisers      l1 {cfg.l1_coef}, entropy {cfg.entropy_coef}")
+    print(f"stored parameters {n_params:,}")
+    print(f"files             {', '.join(files)}")
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def cmd_models(args) -> None:
+    from .loading import builtin_model_names, builtin_models_dir
+
+    names = builtin_model_names()
+    if not names:
+        print(f"no built-in models found under {builtin_models_dir()}")
+    for name in names:
+        print(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transfertune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a value model against a frozen base",
+                       description="Train a value model with the composed SFT loss (response tokens only).")
+    p.add_argument("--base", required=True, help="frozen training base (short name, dir or HF id)")
+    p.add_argument("--data", required=True, help='JSONL of {"prompt","response"}, {"prompt","completion"} or {"messages"}')
+    p.add_argument("--output", required=True, help="value directory to write")
+    p.add_argument("--init", default=None,
+                   help="LM the value model starts from (default: the base itself); 'random:MODEL' = MODEL's config, fresh weights")
+    p.add_argument("--no-zero-init-head", action="store_true",
+                   help="keep the init LM's output layer (default zeroes it so training starts at the base distribution)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (+ the output layer) instead of all weights")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default 32)")
+    p.add_argument("--beta", type=float, default=1.0, help="value scale used in training and stored as the default (1)")
+    p.add_argument("--l1", type=float, default=0.0, help="IVL norm penalty coefficient on mean |value logit| (0 = off)")
+    p.add_argument("--entropy", type=float, default=0.0, help="PRT entropy bonus coefficient on softmax(values) (0 = off)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimiser steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, cosine schedule (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per device per step (default 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate examples to this many tokens (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--save-steps", type=int, default=None, help="write a resumable checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output")
+    p.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default 10)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate with a base composed with value models",
+                       description="Generate text from the composed model. Prompt from the argument, --prompt-file or stdin.")
+    _add_compose_args(p)
+    p.add_argument("prompt", nargs="?", help="prompt text (else --prompt-file or standard input)")
+    p.add_argument("--prompt-file", help="one prompt per line (\\n for newlines), or a JSONL with a prompt field")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample only among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed for reproducible output")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("score", help="per-token log-probs of responses under the composed model",
+                       description="Score each JSONL example's response given its prompt under the composed model.")
+    _add_compose_args(p)
+    p.add_argument("--data", required=True, help="JSONL of prompt/response (or completion, or messages)")
+    p.add_argument("--output", help="write per-example log-probs here (JSONL)")
+    p.add_argument("--add-eos", action="store_true", help="also score the end-of-sequence token after each response")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("info", help="describe a value directory")
+    p.add_argument("value_dir", help="value directory written by `transfertune train`")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("models", help="list the built-in models")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .compose import VocabularyMismatchError
+    from .data import DataFormatError
+
+    try:
+        args.func(args)
+    except (DataFormatError, VocabularyMismatchError, FileNotFoundError, ValueError) as err:
+        print(f"transfertune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

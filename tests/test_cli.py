@@ -1,0 +1,62 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from transfertune.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, model_dir, yes_no_records):
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in yes_no_records))
+    out = root / "value"
+    assert main(["train", "--base", model_dir("llama", seed=3), "--data", str(data), "--output", str(out),
+                 "--epochs", "40", "--lr", "3e-3", "--logging-steps", "1000"]) == 0
+    return model_dir("llama", seed=3), out, data
+
+
+def test_train_info_score_generate(trained_dir, capsys, tmp_path):
+    base, out, data = trained_dir
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "full weights" in info and "320 tokens" in info and base in info
+    assert main(["score", "--base", base, "--data", str(data), "--add-eos"]) == 0
+    base_nll = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mean_nll"]
+    scores = tmp_path / "scores.jsonl"
+    assert main(["score", "--base", base, "--value", str(out), "--data", str(data), "--add-eos",
+                 "--output", str(scores)]) == 0
+    composed_nll = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mean_nll"]
+    assert composed_nll < 0.5 * base_nll
+    assert len(scores.read_text().splitlines()) == 24
+    assert main(["generate", "--base", base, "--value", str(out), "Review 3: the movie was great. Positive?",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() == "yes"
+
+
+def test_generate_reads_stdin_and_streams(trained_dir):
+    base, out, _ = trained_dir
+    res = subprocess.run(
+        [sys.executable, "-m", "transfertune.cli", "generate", "--base", base, "--value", str(out), "--stream",
+         "--max-new-tokens", "4"], input="Review 8: the movie was awful. Positive?", capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "no"
+
+
+def test_errors_are_messages_not_tracebacks(trained_dir, tmp_path, capsys, model_dir, other_tokenizer):
+    base, out, _ = trained_dir
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": oops}\n')
+    assert main(["score", "--base", base, "--data", str(bad)]) == 2
+    assert f"{bad}: line 2 is not valid JSON" in capsys.readouterr().err
+    other = model_dir("llama", name="cli-other", tok=other_tokenizer)
+    assert main(["generate", "--base", other, "--value", str(out), "hi"]) == 2
+    assert "vocabulary mismatch" in capsys.readouterr().err
+    assert main(["info", str(tmp_path)]) == 2
+    assert "not a value directory" in capsys.readouterr().err
+    assert main(["generate", "--base", base, "--proxy-tuned", base, "hi"]) == 2
+    assert "--proxy-untuned" in capsys.readouterr().err
