@@ -1,0 +1,146 @@
+"""The main job (`make demo`): post-train once on the smallest built-in model, carry it to the others.
+
+1. Train one value model against frozen `mini-s` on the training split of the built-in tasks.
+2. Compose it with `mini-s`, `mini-m`, `mini-l` and `mini-m-v2` (never fine-tuned) and measure each base
+   alone vs composed on held-out examples: response NLL, and label accuracy on classification tasks.
+3. Print the table; write outputs/demo/results.json and outputs/demo/results.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+DEFAULT_TARGETS = ["mini-s", "mini-m", "mini-l", "mini-m-v2"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m transfertune.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default="mini-s", help="training base of the value model (default mini-s)")
+    p.add_argument("--targets", nargs="+", default=DEFAULT_TARGETS, help="bases to compose with")
+    p.add_argument("--tasks", nargs="+", default=None, help="tasks (default: every built-in task)")
+    p.add_argument("--steps", type=int, default=600, help="value-model optimiser steps (default 600)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--max-length", type=int, default=256, help="tokens per example (the models' context is 256)")
+    p.add_argument("--eval-examples", type=int, default=100, help="held-out examples per task (default 100)")
+    p.add_argument("--split", default="heldout_example", help="held-out split to report (default heldout_example)")
+    p.add_argument("--out", default="outputs/demo", help="where the value model, JSON and PNG go")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def train_records(tasks: list[str], seed: int) -> list[dict]:
+    from .tasks import load_task
+
+    records = [{"prompt": e["prompt"], "response": e["response"]} for t in tasks for e in load_task(t, "train")]
+    random.Random(seed).shuffle(records)
+    return records
+
+
+def run(args) -> dict:
+    from .composed import ComposedModel
+    from .evaluate import evaluate_task
+    from .loading import load_base
+    from .tasks import TASKS, load_task
+    from .trainer import train_value_model
+    from .value_model import ValueModel
+
+    tasks = args.tasks or list(TASKS)
+    out = Path(args.out)
+    value_dir = out / "value"
+    t0 = time.time()
+    print(f"[1/2] training a value model against frozen {args.source} on {len(tasks)} tasks: {', '.join(tasks)}")
+    train_value_model(
+        args.source, train_records(tasks, args.seed), str(value_dir), max_steps=args.steps,
+        batch_size=args.batch_size, learning_rate=args.lr, max_length=args.max_length, seed=args.seed,
+        warmup_steps=max(1, args.steps // 20), logging_steps=max(1, args.steps // 10), weight_decay=0.0,
+    )
+    train_seconds = time.time() - t0
+    value = ValueModel.load(value_dir)
+    held_out = {t: load_task(t, args.split)[: args.eval_examples] for t in tasks}
+
+    print(f"[2/2] evaluating {len(args.targets)} bases alone and composed on '{args.split}'")
+    rows = []
+    for target in args.targets:
+        base, tok = load_base(target)
+        for mode, values in (("alone", []), ("+value", [value])):
+            cm = ComposedModel(base, tok, values, base_name=target)
+            for task in tasks:
+                m = evaluate_task(cm, held_out[task], TASKS[task]["kind"], max_length=args.max_length)
+                rows.append({"base": target, "mode": mode, "task": task, **m})
+                acc = f" acc {m['accuracy']:.3f}" if "accuracy" in m else ""
+                print(f"  {target:10s} {mode:7s} {task:24s} nll {m['nll']:.3f}{acc}")
+    result = {"source": args.source, "targets": args.targets, "tasks": tasks, "split": args.split,
+              "steps": args.steps, "train_seconds": round(train_seconds, 1),
+              "total_seconds": round(time.time() - t0, 1), "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(format_table(result))
+    plot(result, out / "results.png")
+    print(f"\nwrote {out / 'results.json'} and {out / 'results.png'} ({result['total_seconds']:.0f} s in all)")
+    return result
+
+
+def _cell(rows, base, mode, task, key):
+    for r in rows:
+        if (r["base"], r["mode"], r["task"]) == (base, mode, task) and key in r:
+            return r[key]
+    return None
+
+
+def format_table(result: dict) -> str:
+    """Markdown table: one row per (task, base), alone vs composed, for NLL and accuracy."""
+    lines = ["| task | base | NLL alone | NLL + value | acc alone | acc + value |", "|---|---|---|---|---|---|"]
+    rows = result["rows"]
+    for task in result["tasks"]:
+        for base in result["targets"]:
+            vals = [_cell(rows, base, m, task, k) for k in ("nll", "accuracy") for m in ("alone", "+value")]
+            fmt = ["-" if v is None else f"{v:.3f}" for v in vals]
+            lines.append(f"| {task} | {base} | {fmt[0]} | {fmt[1]} | {fmt[2]} | {fmt[3]} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, targets, rows = result["tasks"], result["targets"], result["rows"]
+    cls_tasks = [t for t in tasks if _cell(rows, targets[0], "alone", t, "accuracy") is not None]
+    panels = [("nll", t, "held-out NLL (lower is better)") for t in tasks]
+    panels += [("accuracy", t, "label accuracy") for t in cls_tasks]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    x = range(len(targets))
+    for ax, (key, task, label) in zip(axes[0], panels):
+        for i, mode in enumerate(("alone", "+value")):
+            vals = [_cell(rows, b, mode, task, key) or 0 for b in targets]
+            ax.bar([xi + (i - 0.5) * 0.38 for xi in x], vals, width=0.38, label=f"base {mode}" if mode == "alone" else
+                   f"base + value ({result['source']})")
+        ax.set_xticks(list(x), targets, rotation=30, fontsize=8)
+        ax.set_title(f"{task}\n{label}", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from .loading import builtin_model_names
+
+    missing = [m for m in [args.source, *args.targets] if m not in builtin_model_names()]
+    if missing:
+        print(f"built-in models missing: {', '.join(missing)}; build them with `make family`")
+        return 2
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
