@@ -45,7 +45,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def to_prompt_response(record: dict) -> dict:
-    """Normalise one record to {"prompt", "response"} (a chat record keeps its "messages")."""
+    """Normalise one record to {"prompt", "response", ...other fields} (a chat record keeps its "messages")."""
     if "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, list) or not msgs or not all(
@@ -66,7 +66,8 @@ def to_prompt_response(record: dict) -> dict:
         if response.endswith(marker):
             response = response[: -len(marker)]
             break
-    return {"prompt": prompt, "response": response}
+    extra = {k: v for k, v in record.items() if k not in ("prompt", "response", "completion")}
+    return {**extra, "prompt": prompt, "response": response}
 
 
 def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:

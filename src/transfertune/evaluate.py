@@ -23,11 +23,24 @@ def choice_scorer(cm: ComposedModel, batch_size: int = 32, max_length: int | Non
     return score_fn
 
 
+def greedy_answers(cm: ComposedModel, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 16) -> list[str]:
+    """Greedy completions cut at the first newline: the answer of a short-answer (qa) task."""
+    gen = cm.generator()
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        out = gen.generate(prompts[i : i + batch_size], max_new_tokens=max_new_tokens, stop=["\n"])
+        answers.extend(text.strip() for text in out.text)
+    return answers
+
+
 def evaluate_task(cm: ComposedModel, examples: list[dict], kind: str, max_length: int | None = None) -> dict:
-    """{"nll": ..., "accuracy": ... (classification only)} on `examples`."""
-    from .tasks import label_accuracy
+    """{"nll", "n"} plus "accuracy" (classification: best-scoring choice) or "exact_match" (qa: greedy answer)."""
+    from .tasks import exact_match, label_accuracy
 
     metrics = {"nll": response_nll(cm, examples, max_length=max_length), "n": len(examples)}
     if kind == "classification":
         metrics["accuracy"] = label_accuracy(examples, choice_scorer(cm, max_length=max_length))
+    elif kind == "qa":
+        answers = greedy_answers(cm, [e["prompt"] for e in examples])
+        metrics["exact_match"] = exact_match(answers, [e["response"] for e in examples])
     return metrics

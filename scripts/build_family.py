@@ -1,0 +1,343 @@
+"""Build the built-in miniature model family: tokenizers, pretraining, export to models/.
+
+    python scripts/build_family.py                     # everything, resumable
+    python scripts/build_family.py --only mini-l       # one model (its tokenizer/data are built if missing)
+    python scripts/build_family.py --export-only       # re-export finished runs and rewrite family.json
+
+Stages (each skipped when its output exists, so a killed run resumes where it stopped):
+1. byte-level BPE tokenizers trained on gutenberg-en train shards (`main`: 4096 tokens, `x`: 6144 tokens),
+2. token streams: train-00..07 (base pretraining), train-08..11 (mini-m-v2's newer books), valid-00 (held out),
+3. pretraining of each model with AdamW + cosine schedule; checkpoints every --save-every steps in safetensors,
+   a log.jsonl of losses per run,
+4. export: fp16 HF directories in models/<name>, models/family.json (sizes, tokens, wall-clock, held-out loss,
+   vocabulary fingerprints), models/loss_curves.png, and a held-out text slice for the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from transfertune.vocab import vocab_fingerprint  # noqa: E402
+
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+CORPUS_SOURCE = "rcdm-uga/Gutenberg_Text @ a0b16d35a9851168ce9ac649851c17b7ab08d48e (public domain, US)"
+TOKENIZERS = {"main": 4096, "x": 6144}
+SHARDS = {
+    "base": [f"train-{i:02d}.txt" for i in range(8)],
+    "new": [f"train-{i:02d}.txt" for i in range(8, 12)],
+    "valid": ["valid-00.txt"],
+}
+
+
+@dataclass
+class Spec:
+    name: str
+    tokenizer: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tokens: int
+    lr: float
+    data: str = "base"
+    init_from: str | None = None
+    warmup: int = 50
+
+
+CONTEXT = 256
+BATCH = 16
+FAMILY = {  # token budgets sized for 2 CPU cores (~45 min with two runs side by side); --scale for more
+    "mini-s": Spec("mini-s", "main", 64, 4, 4, 2, tokens=1_500_000, lr=3e-3),
+    "mini-m": Spec("mini-m", "main", 128, 6, 4, 2, tokens=1_500_000, lr=2.5e-3),
+    "mini-l": Spec("mini-l", "main", 256, 6, 8, 4, tokens=1_500_000, lr=2e-3),
+    "mini-m-v2": Spec("mini-m-v2", "main", 128, 6, 4, 2, tokens=500_000, lr=1e-3, data="new", init_from="mini-m"),
+    "mini-x": Spec("mini-x", "x", 256, 6, 8, 4, tokens=750_000, lr=2e-3),
+}
+SLICE_CHARS = 40_000  # held-out text shipped in models/ for the regression test
+
+
+def train_tokenizer(corpus: Path, out: Path, vocab_size: int, shard: str) -> None:
+    """Byte-level BPE on one shard: the `x` tokenizer uses another shard and size, so the vocabularies differ."""
+    if (out / "tokenizer.json").is_file():
+        return
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = (corpus / shard).read_text(encoding="utf-8")
+    tok.train_from_iterator((text[i : i + 10_000] for i in range(0, len(text), 10_000)), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, model_max_length=CONTEXT
+    )
+    fast.save_pretrained(out)
+
+
+def load_tokenizer(work: Path, which: str) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast.from_pretrained(work / f"tokenizer-{which}")
+
+
+def encode_split(corpus: Path, work: Path, which: str, split: str, max_tokens: int) -> np.ndarray:
+    """Token ids of a split as a uint16 array (books separated by EOS), cached on disk."""
+    path = work / f"tokens-{which}-{split}.npy"
+    if path.is_file():
+        return np.load(path)
+    tok = load_tokenizer(work, which)
+    ids: list[int] = []
+    for shard in SHARDS[split]:
+        text = (corpus / shard).read_text(encoding="utf-8")
+        chunks = [text[i : i + 20_000] for i in range(0, len(text), 20_000)]
+        for enc in tok.backend_tokenizer.encode_batch(chunks):
+            ids.extend(enc.ids)
+        ids.append(tok.eos_token_id)
+        if len(ids) >= max_tokens:
+            break
+    arr = np.asarray(ids[:max_tokens], dtype=np.uint16)
+    tmp = path.with_suffix(f".tmp{id(arr)}.npy")
+    np.save(tmp, arr)
+    tmp.replace(path)
+    return arr
+
+
+def make_model(spec: Spec, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=int(spec.hidden * 8 / 3 // 8 * 8),
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=CONTEXT, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, rope_theta=10_000.0,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def batch_at(tokens: np.ndarray, step: int, seed: int) -> torch.Tensor:
+    """Random windows, a pure function of (seed, step): resuming replays exactly the same data order."""
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(tokens) - CONTEXT - 1, size=BATCH)
+    return torch.from_numpy(np.stack([tokens[s : s + CONTEXT + 1] for s in starts]).astype(np.int64))
+
+
+def next_token_loss(model, x: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=x[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+
+
+@torch.no_grad()
+def heldout_loss(model, tokens: np.ndarray, blocks: int) -> float:
+    model.eval()
+    n = min(blocks, (len(tokens) - 1) // CONTEXT)
+    total = 0.0
+    for i in range(0, n, 16):
+        rows = [tokens[j * CONTEXT : j * CONTEXT + CONTEXT + 1] for j in range(i, min(n, i + 16))]
+        x = torch.from_numpy(np.stack(rows).astype(np.int64))
+        total += next_token_loss(model, x).item() * len(rows)
+    model.train()
+    return total / n
+
+
+def lr_at(step: int, total: int, spec: Spec) -> float:
+    if step < spec.warmup:
+        return spec.lr * (step + 1) / spec.warmup
+    progress = (step - spec.warmup) / max(1, total - spec.warmup)
+    return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(run: Path, model, opt, step: int, elapsed: float) -> None:
+    tmp = run / "ckpt.tmp"
+    tmp.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              tmp / "model.safetensors")
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, val in opt.state.get(p, {}).items():
+                state[f"{names[id(p)]}::{key}"] = val.reshape(-1) if val.dim() == 0 else val
+    save_file(state, tmp / "optim.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed": elapsed}))
+    final = run / "ckpt"
+    if final.exists():
+        for f in final.iterdir():
+            f.unlink()
+        final.rmdir()
+    tmp.rename(final)
+
+
+def load_checkpoint(run: Path, model, opt) -> tuple[int, float]:
+    ckpt = run / "ckpt"
+    if not (ckpt / "state.json").is_file():
+        return 0, 0.0
+    model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+    model.tie_weights()
+    optim = load_file(ckpt / "optim.safetensors")
+    params = dict(model.named_parameters())
+    for key, val in optim.items():
+        name, field = key.split("::")
+        opt.state[params[name]][field] = val.reshape(()) if field == "step" else val
+    state = json.loads((ckpt / "state.json").read_text())
+    return state["step"], state["elapsed"]
+
+
+def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int) -> Path:
+    run = work / spec.name
+    run.mkdir(parents=True, exist_ok=True)
+    if (run / "final" / "config.json").is_file():
+        return run / "final"
+    tok = load_tokenizer(work, spec.tokenizer)
+    train = encode_split(corpus, work, spec.tokenizer, spec.data, max_tokens=12_000_000)
+    valid = encode_split(corpus, work, spec.tokenizer, "valid", max_tokens=600_000)
+    torch.manual_seed(seed)
+    model = make_model(spec, tok)
+    if spec.init_from:
+        parent = pretrain(FAMILY[spec.init_from], corpus, work, seed, save_every)
+        model = LlamaForCausalLM.from_pretrained(parent, dtype=torch.float32)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=spec.lr, betas=(0.9, 0.95))
+    steps = spec.tokens // (BATCH * CONTEXT)
+    step, elapsed = load_checkpoint(run, model, opt)
+    log = (run / "log.jsonl").open("a")
+    start = time.time() - elapsed
+    bar = tqdm(range(step, steps), initial=step, total=steps, desc=spec.name, mininterval=10)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, spec)
+        x = batch_at(train, step, seed)
+        loss = next_token_loss(model, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        record = {"step": step + 1, "tokens": (step + 1) * BATCH * CONTEXT, "loss": round(loss.item(), 4),
+                  "lr": group["lr"], "elapsed": round(time.time() - start, 1)}
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            record["valid_loss"] = round(heldout_loss(model, valid, 32), 4)
+            bar.set_postfix(loss=record["loss"], valid=record["valid_loss"])
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if (step + 1) % save_every == 0 and step + 1 < steps:
+            save_checkpoint(run, model, opt, step + 1, time.time() - start)
+    model.save_pretrained(run / "final")
+    tok.save_pretrained(run / "final")
+    (run / "final" / "train.json").write_text(json.dumps(
+        {**asdict(spec), "steps": steps, "tokens_seen": steps * BATCH * CONTEXT, "context": CONTEXT,
+         "batch": BATCH, "seed": seed, "wall_clock_s": round(time.time() - start, 1)}))
+    return run / "final"
+
+
+def slice_loss(model, tok, text: str) -> float:
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    blocks = [ids[i : i + CONTEXT] for i in range(0, len(ids) - CONTEXT + 1, CONTEXT)]
+    x = torch.stack(blocks)
+    with torch.no_grad():
+        return model(input_ids=x, labels=x).loss.item()
+
+
+def export(corpus: Path, work: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    valid_text = (corpus / "valid-00.txt").read_text(encoding="utf-8")
+    start = len(valid_text) // 2
+    text_slice = valid_text[start : start + SLICE_CHARS]
+    (out / "heldout-slice.txt").write_text(text_slice, encoding="utf-8")
+    family = {"corpus": CORPUS_SOURCE, "context": CONTEXT, "heldout_slice": "heldout-slice.txt", "models": {}}
+    for name, spec in FAMILY.items():
+        final = work / name / "final"
+        if not (final / "config.json").is_file():
+            continue
+        model = LlamaForCausalLM.from_pretrained(final, dtype=torch.float32)
+        dest = out / name
+        model.to(torch.float16).save_pretrained(dest)
+        tok = PreTrainedTokenizerFast.from_pretrained(final)
+        tok.save_pretrained(dest)
+        exported = LlamaForCausalLM.from_pretrained(dest, dtype=torch.float32).eval()
+        valid = encode_split(corpus, work, spec.tokenizer, "valid", max_tokens=600_000)
+        info = json.loads((final / "train.json").read_text())
+        loss = heldout_loss(exported, valid, 512)
+        family["models"][name] = {
+            "parameters": sum(p.numel() for p in exported.parameters()),
+            "hidden": spec.hidden, "layers": spec.layers, "vocab_size": len(tok),
+            "tokenizer": spec.tokenizer, "vocab_fingerprint": vocab_fingerprint(tok),
+            "tokens_seen": info["tokens_seen"], "data": SHARDS[spec.data], "init_from": spec.init_from,
+            "wall_clock_s": info["wall_clock_s"], "heldout_loss": round(loss, 4),
+            "heldout_ppl": round(math.exp(loss), 2),
+            # loss per token and per byte of the shipped slice: bytes make different tokenizers comparable
+            "slice_loss": round(slice_loss(exported, tok, text_slice), 4),
+        }
+        print(f"{name}: {family['models'][name]}")
+    (out / "family.json").write_text(json.dumps(family, indent=2) + "\n")
+    plot_curves(work, out / "loss_curves.png")
+
+
+def plot_curves(work: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in FAMILY:
+        log = work / name / "log.jsonl"
+        if not log.is_file():
+            continue
+        rows = [json.loads(line) for line in log.read_text().splitlines() if "valid_loss" in line]
+        offset = 0
+        if FAMILY[name].init_from:
+            parent = json.loads((work / FAMILY[name].init_from / "final" / "train.json").read_text())
+            offset = parent["tokens_seen"]
+        ax.plot([offset + r["tokens"] for r in rows], [r["valid_loss"] for r in rows], label=name)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out loss (valid-00, nats/token)")
+    ax.set_title("Built-in miniature family: pretraining on Gutenberg books")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "data" / "gutenberg-en",
+                   help="folder with train-XX.txt / valid-00.txt (the Gutenberg book shards)")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "family", help="checkpoints, logs, token caches")
+    p.add_argument("--out", type=Path, default=ROOT / "models", help="where the exported family goes")
+    p.add_argument("--only", nargs="*", choices=list(FAMILY), help="build only these models")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N optimizer steps")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every token budget (e.g. 10 on a GPU)")
+    p.add_argument("--export-only", action="store_true", help="skip training, export what is finished")
+    args = p.parse_args()
+    if not (args.corpus / "valid-00.txt").is_file():
+        sys.exit(f"build_family: error: {args.corpus} has no valid-00.txt; pass --corpus PATH to gutenberg-en")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(args.corpus, args.work / "tokenizer-main", TOKENIZERS["main"], "train-00.txt")
+    train_tokenizer(args.corpus, args.work / "tokenizer-x", TOKENIZERS["x"], "train-05.txt")
+    if not args.export_only:
+        for name in args.only or list(FAMILY):
+            spec = FAMILY[name]
+            spec.tokens = int(spec.tokens * args.scale)
+            pretrain(spec, args.corpus, args.work, args.seed, args.save_every)
+    export(args.corpus, args.work, args.out)
+
+
+if __name__ == "__main__":
+    main()
