@@ -283,6 +283,47 @@ def export(corpus: Path, work: Path, out: Path) -> None:
         print(f"{name}: {family['models'][name]}")
     (out / "family.json").write_text(json.dumps(family, indent=2) + "\n")
     plot_curves(work, out / "loss_curves.png")
+    write_model_card(family, out / "MODEL_CARD.md")
+
+
+def write_model_card(family: dict, path: Path) -> None:
+    """MODEL_CARD.md from family.json; the demo results section is kept if the card already has one."""
+    rows = []
+    for name, m in family["models"].items():
+        init = f"{m['init_from']} + " if m["init_from"] else ""
+        shards = f"{m['data'][0].removesuffix('.txt')}..{m['data'][-1].removesuffix('.txt')}"
+        rows.append(
+            f"| {name} | {m['parameters'] / 1e6:.2f} M | {m['hidden']} x {m['layers']} | {m['vocab_size']} "
+            f"({m['tokenizer']}) | {init}{m['tokens_seen'] / 1e6:.2f} M ({shards}) | {m['wall_clock_s'] / 60:.1f} min "
+            f"| {m['heldout_loss']:.3f} | {m['heldout_ppl']:.1f} | `{m['vocab_fingerprint']}` |"
+        )
+    kept = ""
+    if path.is_file() and "\n## Demo results" in path.read_text():
+        kept = path.read_text()[path.read_text().index("\n## Demo results"):]
+    path.write_text(f"""# Built-in miniature model family
+
+Five Llama-architecture causal LMs pretrained from scratch on 2 CPU cores by `scripts/build_family.py`
+(`make family`), so that every transfertune claim can be measured without a model hub. They are tiny and
+undertrained: use them to measure transfer, not as assistants.
+
+| model | parameters | hidden x layers | vocabulary | tokens seen (shards) | wall-clock | held-out loss | perplexity | vocab fingerprint |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+- Architecture: `LlamaForCausalLM`, tied input/output embeddings, SwiGLU, RoPE, grouped-query attention,
+  context {family['context']} tokens. Weights stored in fp16 safetensors (load in fp32 on CPU).
+- Tokenizers: byte-level BPE (`tokenizers`), `<|endoftext|>` (end of text, also BOS) and `<|pad|>`.
+  `main` (4096 tokens, trained on train-00) is shared by mini-s/m/l/m-v2; `x` (6144 tokens, trained on
+  train-05) is mini-x's, for cross-vocabulary transfer.
+- Data: {family['corpus']}: 363 English books, header/footer stripped. Base pretraining samples 256-token
+  windows from train-00..07; `mini-m-v2` is `mini-m` continued on train-08..11, books it never saw (a "newer
+  version"). Held-out loss: nats per token on the first 131k tokens of `valid-00.txt` (15 whole books never
+  trained on); per-token losses of mini-x are not comparable with the others (another tokenizer).
+- `heldout-slice.txt` (40k characters of valid-00) and each model's `slice_loss` in `family.json` are what
+  `tests/test_family.py` checks, to catch a broken or swapped checkpoint.
+- Loss curves: `loss_curves.png`. Licence: the weights are derived only from public-domain (US) texts; we
+  release them under the project's licence.
+{kept}""")
 
 
 def plot_curves(work: Path, path: Path) -> None:
@@ -296,7 +337,8 @@ def plot_curves(work: Path, path: Path) -> None:
         log = work / name / "log.jsonl"
         if not log.is_file():
             continue
-        rows = [json.loads(line) for line in log.read_text().splitlines() if "valid_loss" in line]
+        by_step = {r["step"]: r for r in map(json.loads, log.read_text().splitlines()) if "valid_loss" in r}
+        rows = [by_step[k] for k in sorted(by_step)]  # a resumed run re-logs the steps after its checkpoint
         offset = 0
         if FAMILY[name].init_from:
             parent = json.loads((work / FAMILY[name].init_from / "final" / "train.json").read_text())

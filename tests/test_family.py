@@ -1,0 +1,47 @@
+"""The shipped built-in family: every model loads by short name, has the recorded vocabulary, and still has
+the held-out loss its MODEL_CARD states (catches a broken, truncated or swapped checkpoint)."""
+import json
+
+import pytest
+import torch
+
+from transfertune.loading import builtin_model_names, builtin_models_dir, load_base
+from transfertune.vocab import vocab_fingerprint
+
+FAMILY_JSON = builtin_models_dir() / "family.json"
+FAMILY = json.loads(FAMILY_JSON.read_text()) if FAMILY_JSON.is_file() else {"models": {}}
+SHIPPED = ["mini-s", "mini-m", "mini-l", "mini-m-v2", "mini-x"]
+
+
+def slice_loss(model, tok, text: str, context: int) -> float:
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    x = torch.stack([ids[i : i + context] for i in range(0, len(ids) - context + 1, context)])
+    with torch.no_grad():
+        return model(input_ids=x, labels=x).loss.item()
+
+
+def test_whole_family_is_shipped():
+    assert set(SHIPPED) <= set(builtin_model_names())
+    assert set(SHIPPED) <= set(FAMILY["models"])
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_model_loads_with_its_vocabulary_and_heldout_loss(name):
+    record = FAMILY["models"][name]
+    model, tok = load_base(name)
+    assert vocab_fingerprint(tok) == record["vocab_fingerprint"]
+    assert len(tok) == record["vocab_size"]
+    assert sum(p.numel() for p in model.parameters()) == record["parameters"]
+    text = (builtin_models_dir() / FAMILY["heldout_slice"]).read_text(encoding="utf-8")
+    assert slice_loss(model, tok, text, FAMILY["context"]) == pytest.approx(record["slice_loss"], abs=0.02)
+
+
+def test_heldout_loss_falls_strictly_with_size():
+    m = FAMILY["models"]
+    assert m["mini-s"]["parameters"] < m["mini-m"]["parameters"] < m["mini-l"]["parameters"]
+    assert m["mini-s"]["heldout_loss"] > m["mini-m"]["heldout_loss"] > m["mini-l"]["heldout_loss"]
+
+
+def test_same_tokenizer_except_mini_x():
+    fps = {n: FAMILY["models"][n]["vocab_fingerprint"] for n in SHIPPED}
+    assert fps["mini-s"] == fps["mini-m"] == fps["mini-l"] == fps["mini-m-v2"] != fps["mini-x"]
