@@ -65,7 +65,7 @@ FAMILY = {  # token budgets sized for 2 CPU cores (~45 min with two runs side by
     "mini-m": Spec("mini-m", "main", 128, 6, 4, 2, tokens=1_500_000, lr=2.5e-3),
     "mini-l": Spec("mini-l", "main", 256, 6, 8, 4, tokens=1_500_000, lr=2e-3),
     "mini-m-v2": Spec("mini-m-v2", "main", 128, 6, 4, 2, tokens=500_000, lr=1e-3, data="new", init_from="mini-m"),
-    "mini-x": Spec("mini-x", "x", 256, 6, 8, 4, tokens=750_000, lr=2e-3),
+    "mini-x": Spec("mini-x", "x", 256, 6, 8, 4, tokens=500_000, lr=2e-3),
 }
 SLICE_CHARS = 40_000  # held-out text shipped in models/ for the regression test
 

@@ -1,0 +1,288 @@
+"""Composed decoding speed and memory, every method measured side by side in one run.
+
+    python benchmarks/decode.py                       # built-in family: target mini-l, draft mini-s
+    python benchmarks/decode.py --batch-sizes 1 --prompt-lens 64 --new-tokens 16   # quick look
+
+Methods (all decode exactly --new-tokens tokens, end-of-sequence ignored):
+  target       the target base alone (plain cached decoding)
+  value        the value model alone
+  draft        the small base alone (the proxy pair's cost unit)
+  composed     target + value, lock-step with one KV cache each (transfertune)
+  proxy        target + (tuned - untuned) small pair: three models (the tuned weights do not change the cost,
+               so the small base stands in for both)
+  naive        HF `generate` on the target with a LogitsProcessor that re-runs the value model over the whole
+               prefix at every step, without a cache (what the seed papers' released code does)
+  speculative  batch 1: draft with small base + value, verify with target + the same value logits
+
+Limits: a composed step cannot beat running its models back to back, so on CPU
+limit(composed) = t_target + t_value and limit(proxy) = t_target + 2 t_draft per step; the table reports
+ratio = limit / measured (1.0 = at the limit). Speculative decoding is compared with the target alone.
+Writes JSON (--out), a PNG next to it, and with --docs the markdown table into docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from transfertune.composed import ComposedModel  # noqa: E402
+from transfertune.loading import load_base, load_causal_lm  # noqa: E402
+from transfertune.sampling import SamplingParams  # noqa: E402
+from transfertune.speculative import SpeculativeComposedGenerator  # noqa: E402
+from transfertune.value_model import ValueModel  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="mini-l", help="target base (default mini-l)")
+    p.add_argument("--draft", default="mini-s", help="small base: the proxy pair and the speculative draft")
+    p.add_argument("--value", default=str(ROOT / "outputs" / "demo" / "value"),
+                   help="value directory (default: the demo's); without one, an untrained value model on --draft")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--prompt-lens", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per cell; the fastest is kept")
+    p.add_argument("--naive-max-batch", type=int, default=8, help="skip the (slow) naive reference above this")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS measurement")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
+    p.add_argument("--docs", action="store_true", help="also write docs/performance.md")
+    p.add_argument("--rss-probe", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def load_value(args, tokenizer):
+    if Path(args.value, "transfertune.json").is_file():
+        return ValueModel.load(args.value)
+    return ValueModel.create(args.draft, tokenizer=tokenizer, zero_init_head=False)
+
+
+def make_prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
+    """Real text (this file's docstring) cut to `length` tokens, shifted per row so rows differ."""
+    ids = tokenizer(__doc__ * 8)["input_ids"]
+    return [ids[i * 3 : i * 3 + length] for i in range(batch)]
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def lockstep(cm: ComposedModel, prompts, new_tokens: int):
+    gen = cm.generator()
+    gen.eos_ids = set()
+
+    def run():
+        for _ in gen.decode_steps(prompts, new_tokens, SamplingParams()):
+            pass
+
+    return run
+
+
+class ValueRerunProcessor:
+    """The no-cache reference: the value model re-reads the whole prefix at every step."""
+
+    def __init__(self, value_model):
+        self.value_model = value_model
+
+    def __call__(self, input_ids, scores):
+        values = self.value_model(input_ids=input_ids, use_cache=False).logits[:, -1].float()
+        return torch.log_softmax(scores.float(), -1) + values
+
+
+def naive(target, value_model, tokenizer, prompts, new_tokens: int):
+    from transformers import LogitsProcessorList
+
+    ids = torch.tensor(prompts)  # equal-length prompts: no padding
+
+    def run():
+        target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                        logits_processor=LogitsProcessorList([ValueRerunProcessor(value_model)]))
+
+    return run
+
+
+def speculative(cm: ComposedModel, draft, prompts, new_tokens: int, stats: dict):
+    def run():
+        spec = SpeculativeComposedGenerator(cm, draft, draft_len=4)
+        spec.eos_ids = set()
+        spec.generate_ids(prompts[0], new_tokens)
+        stats.update(acceptance=spec.stats.acceptance_rate, mean_draft_len=sum(spec.stats.draft_lengths) /
+                     len(spec.stats.draft_lengths), tokens_per_round=new_tokens / spec.stats.rounds)
+
+    return run
+
+
+def rss_probe(args) -> None:
+    """Child process: peak RSS above the after-import baseline while decoding with one method."""
+    def current_rss_kb() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() // 1024
+
+    baseline = current_rss_kb()
+    base, tok = load_base(args.target)
+    value = load_value(args, tok)
+    method = args.rss_probe
+    cm = {"target": ComposedModel(base, tok, []), "value": ComposedModel(value.model, tok, []),
+          "composed": ComposedModel(base, tok, [value])}[method]
+    if method == "value":
+        del base
+    lockstep(cm, make_prompts(tok, 8, 256), args.new_tokens)()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"method": method, "peak_above_baseline_mb": round((peak - baseline) / 1024, 1)}))
+
+
+def measure_memory(argv: list[str]) -> dict:
+    out = {}
+    for method in ("target", "value", "composed"):
+        res = subprocess.run([sys.executable, __file__, *argv, "--rss-probe", method], capture_output=True,
+                             text=True, check=True)
+        out[method] = json.loads(res.stdout.strip().splitlines()[-1])["peak_above_baseline_mb"]
+    out["composed_over_sum"] = round(out["composed"] / (out["target"] + out["value"]), 3)
+    return out
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.rss_probe:
+        rss_probe(args)
+        return {}
+    target, tok = load_base(args.target)
+    draft = load_causal_lm(args.draft)
+    value = load_value(args, tok)
+    composed = ComposedModel(target, tok, [value], base_name=args.target)
+    singles = {"target": ComposedModel(target, tok, []), "value": ComposedModel(value.model, tok, []),
+               "draft": ComposedModel(draft, tok, [])}
+    proxy = ComposedModel(target, tok, [], proxy=(draft, draft))
+    rows = []
+    from tqdm import tqdm
+
+    cells = [(b, n) for n in args.prompt_lens for b in args.batch_sizes]
+    for batch, plen in tqdm(cells, desc="benchmark cells"):
+        prompts = make_prompts(tok, batch, plen)
+        steps = args.new_tokens
+        t = {name: timed(lockstep(cm, prompts, steps), args.repeats) / steps for name, cm in singles.items()}
+        t["composed"] = timed(lockstep(composed, prompts, steps), args.repeats) / steps
+        t["proxy"] = timed(lockstep(proxy, prompts, steps), args.repeats) / steps
+        if batch <= args.naive_max_batch:
+            t["naive"] = timed(naive(target, value.model, tok, prompts, steps), 1) / steps
+        spec_stats: dict = {}
+        if batch == 1:
+            t["speculative"] = timed(speculative(composed, draft, prompts, steps, spec_stats), args.repeats) / steps
+        row = {"batch": batch, "prompt_len": plen, "new_tokens": steps,
+               "seconds_per_step": {k: round(v, 6) for k, v in t.items()},
+               "tokens_per_second": {k: round(batch / v, 1) for k, v in t.items()},
+               "ratio_to_limit": {
+                   "composed": round((t["target"] + t["value"]) / t["composed"], 3),
+                   "proxy": round((t["target"] + 2 * t["draft"]) / t["proxy"], 3),
+               },
+               "speedup_vs_target_alone": {k: round(t["target"] / t[k], 3)
+                                           for k in ("composed", "proxy", "naive", "speculative") if k in t}}
+        if spec_stats:
+            row["speculative"] = {k: round(v, 3) for k, v in spec_stats.items()}
+        rows.append(row)
+    result = {
+        "command": "python benchmarks/decode.py " + " ".join(argv),
+        "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "target": args.target, "draft": args.draft,
+        "value": args.value if Path(args.value, "transfertune.json").is_file() else f"untrained on {args.draft}",
+        "rows": rows,
+    }
+    if not args.no_memory:
+        result["memory_mb"] = measure_memory([a for a in argv if a != "--docs"])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    table = format_table(result)
+    print(table)
+    plot(result, out.with_suffix(".png"))
+    if args.docs:
+        write_docs(result, table, out)
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        "| batch | prompt | target tok/s | composed tok/s | composed / limit | proxy / limit | naive vs target "
+        "| speculative vs target | acceptance |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        sp = r["speedup_vs_target_alone"]
+        spec = r.get("speculative", {})
+        lines.append(
+            f"| {r['batch']} | {r['prompt_len']} | {r['tokens_per_second']['target']:.0f} "
+            f"| {r['tokens_per_second']['composed']:.0f} | {r['ratio_to_limit']['composed']:.2f} "
+            f"| {r['ratio_to_limit']['proxy']:.2f} | {sp.get('naive', float('nan')):.2f} "
+            f"| {sp.get('speculative', float('nan')):.2f} | {spec.get('acceptance', float('nan')):.2f} |"
+        )
+    if "memory_mb" in result:
+        m = result["memory_mb"]
+        lines.append(f"\nPeak RSS above the import baseline (batch 8, prompt 256): target {m['target']} MB, value "
+                     f"{m['value']} MB, composed {m['composed']} MB = {m['composed_over_sum']:.2f} x (target + value).")
+    return "\n".join(lines).replace("nan", "-")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"b{r['batch']}/p{r['prompt_len']}" for r in rows]
+    methods = ["target", "composed", "proxy", "naive", "speculative"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.16
+    for i, m in enumerate(methods):
+        vals = [r["speedup_vs_target_alone"].get(m, 1.0 if m == "target" else 0) for r in rows]
+        ax.bar([x + (i - 2) * width for x in range(len(rows))], vals, width, label=m)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_ylabel("speed relative to the target alone")
+    ax.set_title(f"Decoding speed, {result['target']} target ({result['device']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_docs(result: dict, table: str, out: Path) -> None:
+    docs = ROOT / "docs" / "performance.md"
+    docs.parent.mkdir(exist_ok=True)
+    docs.write_text(f"""# Composed decoding performance
+
+Made by `{result['command']}` ({result['device']}, torch {result['torch']}); target `{result['target']}`,
+draft `{result['draft']}`, value model: {result['value']}. Raw numbers: `{out.relative_to(ROOT)}`; plot:
+`{out.with_suffix('.png').relative_to(ROOT)}`.
+
+- *composed / limit*: (t_target + t_value) / t_composed per step; 1.0 means composing costs nothing beyond
+  running the two networks. *proxy / limit*: (t_target + 2 t_draft) / t_proxy.
+- *naive vs target*, *speculative vs target*: speed relative to the target base alone with plain decoding.
+- *acceptance*: fraction of drafted tokens the verifier kept (greedy).
+
+{table}
+""")
+
+
+if __name__ == "__main__":
+    main()
