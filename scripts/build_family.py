@@ -242,6 +242,13 @@ def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int) -
     return run / "final"
 
 
+def shards_used(work: Path, spec: Spec) -> list[str]:
+    """Shards the cached token stream came from: each complete shard ends with one EOS separator."""
+    tokens = np.load(work / f"tokens-{spec.tokenizer}-{spec.data}.npy")
+    eos = load_tokenizer(work, spec.tokenizer).eos_token_id
+    return SHARDS[spec.data][: int((tokens == eos).sum()) + 1]
+
+
 def slice_loss(model, tok, text: str) -> float:
     ids = tok(text, return_tensors="pt").input_ids[0]
     blocks = [ids[i : i + CONTEXT] for i in range(0, len(ids) - CONTEXT + 1, CONTEXT)]
@@ -274,7 +281,7 @@ def export(corpus: Path, work: Path, out: Path) -> None:
             "parameters": sum(p.numel() for p in exported.parameters()),
             "hidden": spec.hidden, "layers": spec.layers, "vocab_size": len(tok),
             "tokenizer": spec.tokenizer, "vocab_fingerprint": vocab_fingerprint(tok),
-            "tokens_seen": info["tokens_seen"], "data": SHARDS[spec.data], "init_from": spec.init_from,
+            "tokens_seen": info["tokens_seen"], "data": shards_used(work, spec), "init_from": spec.init_from,
             "wall_clock_s": info["wall_clock_s"], "heldout_loss": round(loss, 4),
             "heldout_ppl": round(math.exp(loss), 2),
             # loss per token and per byte of the shipped slice: bytes make different tokenizers comparable

@@ -72,8 +72,8 @@ def run(args) -> dict:
             for task in tasks:
                 m = evaluate_task(cm, held_out[task], TASKS[task]["kind"], max_length=args.max_length)
                 rows.append({"base": target, "mode": mode, "task": task, **m})
-                acc = f" acc {m['accuracy']:.3f}" if "accuracy" in m else ""
-                print(f"  {target:10s} {mode:7s} {task:24s} nll {m['nll']:.3f}{acc}")
+                extra = "".join(f" {k} {m[k]:.3f}" for k in ("accuracy", "exact_match") if k in m)
+                print(f"  {target:10s} {mode:7s} {task:24s} nll {m['nll']:.3f}{extra}")
     result = {"source": args.source, "targets": args.targets, "tasks": tasks, "split": args.split,
               "steps": args.steps, "train_seconds": round(train_seconds, 1),
               "total_seconds": round(time.time() - t0, 1), "rows": rows}
@@ -81,6 +81,10 @@ def run(args) -> dict:
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print()
     print(format_table(result))
+    result["transfer_wins"] = transfer_wins(result)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("\nwhere transfer beats both the target alone and the source + value:")
+    print("\n".join(f"  {w}" for w in result["transfer_wins"]) or "  none")
     plot(result, out / "results.png")
     print(f"\nwrote {out / 'results.json'} and {out / 'results.png'} ({result['total_seconds']:.0f} s in all)")
     return result
@@ -93,16 +97,38 @@ def _cell(rows, base, mode, task, key):
     return None
 
 
+def _score(rows, base, mode, task):
+    acc = _cell(rows, base, mode, task, "accuracy")
+    return acc if acc is not None else _cell(rows, base, mode, task, "exact_match")
+
+
 def format_table(result: dict) -> str:
-    """Markdown table: one row per (task, base), alone vs composed, for NLL and accuracy."""
-    lines = ["| task | base | NLL alone | NLL + value | acc alone | acc + value |", "|---|---|---|---|---|---|"]
+    """Markdown table: one row per (task, base), alone vs composed: NLL, and accuracy (or exact match)."""
+    lines = ["| task | base | NLL alone | NLL + value | acc/EM alone | acc/EM + value |", "|---|---|---|---|---|---|"]
     rows = result["rows"]
     for task in result["tasks"]:
         for base in result["targets"]:
-            vals = [_cell(rows, base, m, task, k) for k in ("nll", "accuracy") for m in ("alone", "+value")]
+            vals = [_cell(rows, base, m, task, "nll") for m in ("alone", "+value")]
+            vals += [_score(rows, base, m, task) for m in ("alone", "+value")]
             fmt = ["-" if v is None else f"{v:.3f}" for v in vals]
             lines.append(f"| {task} | {base} | {fmt[0]} | {fmt[1]} | {fmt[2]} | {fmt[3]} |")
     return "\n".join(lines)
+
+
+def transfer_wins(result: dict) -> list[str]:
+    """Lines naming (task, target) where target + value has lower NLL than the target alone and than
+    source + value: the value model carried over and the bigger base added to it."""
+    rows, src, wins = result["rows"], result["source"], []
+    for task in result["tasks"]:
+        src_value = _cell(rows, src, "+value", task, "nll")
+        for base in result["targets"]:
+            if base == src:
+                continue
+            alone, composed = _cell(rows, base, "alone", task, "nll"), _cell(rows, base, "+value", task, "nll")
+            if None not in (alone, composed, src_value) and composed < alone and composed < src_value:
+                wins.append(f"{task}: {base} + value NLL {composed:.3f} < {base} alone {alone:.3f} "
+                            f"and < {src} + value {src_value:.3f}")
+    return wins
 
 
 def plot(result: dict, path: Path) -> None:
@@ -132,6 +158,10 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     from .loading import builtin_model_names
 
     missing = [m for m in [args.source, *args.targets] if m not in builtin_model_names()]
