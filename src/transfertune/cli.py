@@ -157,6 +157,23 @@ def cmd_models(args) -> None:
         print(name)
 
 
+def cmd_eval(args) -> None:
+    from .eval_suite import EvalConfig, run_eval
+
+    cfg = EvalConfig(
+        source=args.source, targets=args.targets, tasks=args.tasks, methods=args.methods, split=args.split,
+        eval_examples=args.examples, value_steps=args.value_steps, value_lr=args.value_lr, l1_coef=args.l1,
+        entropy_coef=args.entropy, finetune_steps=args.finetune_steps, target_steps=args.target_steps,
+        batch_size=args.batch_size, max_length=args.max_length, betas=args.beta, alphas=args.alpha, seed=args.seed,
+        cache_dir=args.cache_dir,
+    )
+    result = run_eval(cfg, out=args.output, docs=args.docs)
+    from .eval_suite import format_markdown
+
+    print(format_markdown(result))
+    print(f"\nwrote results.json, results.md and results.png to {args.output or args.cache_dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transfertune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +230,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-eos", action="store_true", help="also score the end-of-sequence token after each response")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
     p.set_defaults(func=cmd_score)
+
+    from .eval_suite import METHODS, EvalConfig
+
+    d = EvalConfig()
+    p = sub.add_parser("eval", help="compare transfer with every baseline on built-in tasks",
+                       description="Evaluate target alone, source (+ fine-tuning / + value), target + value, "
+                                   "proxy-tuning, weight-diff transfer and target fine-tuning (full, LoRA) on "
+                                   "held-out task data. Results and trained models are cached in --cache-dir.")
+    p.add_argument("--source", default=d.source, help=f"small base the value model is trained on (default {d.source})")
+    p.add_argument("--targets", nargs="+", default=d.targets, help="target bases (default: %(default)s)")
+    p.add_argument("--tasks", nargs="+", default=d.tasks, help="built-in tasks (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                   help=f"methods to run (default all: {', '.join(METHODS)})")
+    p.add_argument("--split", default=d.split, choices=["heldout_example", "heldout_template"],
+                   help="held-out split (default heldout_example)")
+    p.add_argument("--examples", type=int, default=d.eval_examples, help="held-out examples per task (default %(default)s)")
+    p.add_argument("--value-steps", type=int, default=d.value_steps, help="value-model training steps (default %(default)s)")
+    p.add_argument("--value-lr", type=float, default=d.value_lr, help="value-model learning rate (default %(default)s)")
+    p.add_argument("--l1", type=float, default=0.0, help="IVL L1 regulariser coefficient (default 0)")
+    p.add_argument("--entropy", type=float, default=0.0, help="PRT entropy regulariser coefficient (default 0)")
+    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
+                   help="fine-tuning steps of the source (proxy-tuning, weight diff; default %(default)s)")
+    p.add_argument("--target-steps", type=int, default=d.target_steps,
+                   help="compute budget of the target fine-tuning oracles, in steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default %(default)s)")
+    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)")
+    p.add_argument("--beta", type=float, nargs="+", default=d.betas, help="beta values to sweep for target + value")
+    p.add_argument("--alpha", type=float, nargs="+", default=d.alphas, help="alpha values for proxy / weight diff")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=d.cache_dir, help="trained models and per-cell results (default %(default)s)")
+    p.add_argument("--output", default=None, help="where results.json/.md/.png go (default: --cache-dir)")
+    p.add_argument("--docs", default=None, metavar="MD", help="also write the report to this markdown file")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="describe a value directory")
     p.add_argument("value_dir", help="value directory written by `transfertune train`")

@@ -77,9 +77,9 @@ def train_value_model(
 ) -> ValueModel:
     """Train a value model against frozen `base` on `data` (a JSONL path or a list of records) and save it
     to `output_dir` as a value directory. `init` defaults to the base itself (the papers' default)."""
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
-    from .data import RightPadCollator, SFTDataset, pad_id_of, read_jsonl, to_prompt_response
+    from .data import RightPadCollator, SFTDataset, pad_id_of
     from .loading import load_base
 
     set_seed(seed)
@@ -94,11 +94,37 @@ def train_value_model(
         beta=beta, l1_coef=l1_coef, entropy_coef=entropy_coef, training_base=base,
     )
     value.check_compatible(tokenizer, base)
-    records = read_jsonl(data) if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__") else [
-        to_prompt_response(r) for r in data
-    ]
-    dataset = SFTDataset(records, tokenizer, max_length)
-    args = TrainingArguments(
+    dataset = SFTDataset(load_records(data), tokenizer, max_length)
+    args = build_training_args(
+        output_dir, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
+        learning_rate=learning_rate, logging_steps=logging_steps, save_steps=save_steps, seed=seed, **training_args,
+    )
+    trainer = ValueTrainer(
+        value, base_model, args=args, train_dataset=dataset, data_collator=RightPadCollator(pad_id_of(tokenizer))
+    )
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    value.model.eval()
+    value.save(output_dir)
+    return value
+
+
+def load_records(data) -> list[dict]:
+    """A JSONL path, or a list of records in any of the accepted formats."""
+    from .data import read_jsonl, to_prompt_response
+
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        return read_jsonl(data)
+    return [to_prompt_response(r) for r in data]
+
+
+def build_training_args(
+    output_dir: str, *, batch_size: int, grad_accum: int, epochs: float, max_steps: int, learning_rate: float,
+    logging_steps: int, save_steps: int | None, seed: int, **training_args,
+):
+    """TrainingArguments with transfertune's defaults: cosine schedule, no reporting, CPU-friendly loading."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum,
@@ -117,10 +143,3 @@ def train_value_model(
         dataloader_pin_memory=training_args.pop("dataloader_pin_memory", False),
         **training_args,
     )
-    trainer = ValueTrainer(
-        value, base_model, args=args, train_dataset=dataset, data_collator=RightPadCollator(pad_id_of(tokenizer))
-    )
-    trainer.train(resume_from_checkpoint=True if resume else None)
-    value.model.eval()
-    value.save(output_dir)
-    return value

@@ -1,0 +1,272 @@
+"""`transfertune eval`: every way of getting a post-trained target, measured side by side on the same data.
+
+For a small source base S, target bases T and tasks, the methods are
+  target          T alone                         source          S alone
+  source_ft       S fine-tuned (full)             source+value    S + value model (the training pair)
+  target+value    T + value model (per beta)      proxy           T + alpha (S_ft - S), three models
+  diff_vector     T + (S_ft - S) in weight space (same architecture only)
+  target_ft       T fine-tuned (full)             target_lora     T fine-tuned with LoRA (the oracles)
+Metrics: held-out response NLL, accuracy (classification) or exact match (qa), inference seconds per token,
+and gap closed = (metric(method) - metric(T)) / (metric(T_ft) - metric(T)).
+Trained artifacts and per-(target, task, method) results are cached under `cache_dir`, so re-runs are cheap.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+METHODS = ("target", "source", "source_ft", "source+value", "target+value", "proxy", "diff_vector",
+           "target_ft", "target_lora")
+
+
+@dataclass
+class EvalConfig:
+    source: str = "mini-s"
+    targets: list[str] = field(default_factory=lambda: ["mini-m", "mini-l", "mini-m-v2"])
+    tasks: list[str] = field(default_factory=lambda: ["amazon_polarity", "sciq", "common_gen"])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    split: str = "heldout_example"
+    eval_examples: int = 80
+    value_steps: int = 200
+    value_lr: float = 2e-3
+    l1_coef: float = 0.0
+    entropy_coef: float = 0.0
+    finetune_steps: int = 200  # source fine-tuning (proxy-tuning, weight diff)
+    target_steps: int = 200  # the compute budget of the target oracles
+    finetune_lr: float = 1e-3
+    lora_lr: float = 3e-3
+    batch_size: int = 16
+    max_length: int = 256
+    betas: list[float] = field(default_factory=lambda: [1.0])
+    alphas: list[float] = field(default_factory=lambda: [1.0])
+    seed: int = 0
+    cache_dir: str = "outputs/eval"
+
+
+def _slug(name: str) -> str:
+    return Path(name).name if "/" in name else name
+
+
+class EvalRunner:
+    def __init__(self, cfg: EvalConfig):
+        self.cfg = cfg
+        self.cache = Path(cfg.cache_dir)
+        unknown = set(cfg.methods) - set(METHODS)
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+
+    # -- trained artifacts ----------------------------------------------------------------------------
+    def _artifact(self, kind: str, model: str, task: str, steps: int, train) -> str:
+        extra = f"-l1{self.cfg.l1_coef}-ent{self.cfg.entropy_coef}" if kind == "value" else ""
+        path = self.cache / "artifacts" / f"{kind}-{_slug(model)}-{task}-{steps}{extra}-seed{self.cfg.seed}"
+        if not (path / "config.json").is_file():
+            train(str(path))
+        return str(path)
+
+    def value_dir(self, task: str) -> str:
+        from .tasks import load_task
+        from .trainer import train_value_model
+
+        c = self.cfg
+        return self._artifact("value", c.source, task, c.value_steps, lambda out: train_value_model(
+            c.source, load_task(task, "train"), out, max_steps=c.value_steps, learning_rate=c.value_lr,
+            batch_size=c.batch_size, max_length=c.max_length, seed=c.seed, l1_coef=c.l1_coef,
+            entropy_coef=c.entropy_coef, warmup_steps=max(1, c.value_steps // 20), weight_decay=0.0,
+            logging_steps=max(1, c.value_steps // 5),
+        ))
+
+    def finetuned(self, model: str, task: str, steps: int, lora: bool = False) -> str:
+        from .finetune import finetune_base
+        from .tasks import load_task
+        from .value_model import LoraSettings
+
+        c = self.cfg
+        return self._artifact("lora" if lora else "ft", model, task, steps, lambda out: finetune_base(
+            model, load_task(task, "train"), out, lora=LoraSettings() if lora else None, max_steps=steps,
+            learning_rate=c.lora_lr if lora else c.finetune_lr, batch_size=c.batch_size, max_length=c.max_length,
+            seed=c.seed, warmup_steps=max(1, steps // 20), logging_steps=max(1, steps // 5),
+        ))
+
+    # -- one (target, task, method) cell -------------------------------------------------------------
+    def composed_for(self, method: str, target: str, task: str, knob: float):
+        from .composed import ComposedModel
+        from .loading import load_base, load_tokenizer
+        from .weight_diff import diff_vector_transfer
+
+        c = self.cfg
+        if method in ("target", "source"):
+            return ComposedModel(*load_base(target if method == "target" else c.source))
+        if method == "source_ft":
+            return ComposedModel(*load_base(self.finetuned(c.source, task, c.finetune_steps)))
+        if method in ("source+value", "target+value"):
+            base = c.source if method == "source+value" else target
+            return ComposedModel.from_pretrained(base, [self.value_dir(task)], beta=knob)
+        if method == "proxy":
+            return ComposedModel.from_pretrained(
+                target, [], proxy=(self.finetuned(c.source, task, c.finetune_steps), c.source), alpha=knob)
+        if method == "diff_vector":
+            model = diff_vector_transfer(target, c.source, self.finetuned(c.source, task, c.finetune_steps),
+                                         alpha=knob)
+            return ComposedModel(model.eval().requires_grad_(False), load_tokenizer(target))
+        if method == "target_ft":
+            return ComposedModel(*load_base(self.finetuned(target, task, c.target_steps)))
+        if method == "target_lora":
+            return ComposedModel(*load_base(self.finetuned(target, task, c.target_steps, lora=True)))
+        raise ValueError(method)
+
+    def cell(self, method: str, target: str, task: str, knob: float) -> dict:
+        from .evaluate import evaluate_task
+        from .tasks import TASKS, load_task
+        from .weight_diff import ArchitectureMismatchError
+
+        c = self.cfg
+        label = f"{method}@{knob:g}" if method in ("target+value", "proxy", "diff_vector") else method
+        path = (self.cache / "results" / _slug(target) / task /
+                f"{label}-{c.split}-{c.eval_examples}-{_slug(c.source)}-v{c.value_steps}-f{c.finetune_steps}"
+                f"-t{c.target_steps}-l1{c.l1_coef}-ent{c.entropy_coef}.json")
+        if path.is_file():
+            return json.loads(path.read_text())
+        row = {"target": target, "task": task, "method": method, "label": label, "knob": knob}
+        try:
+            cm = self.composed_for(method, target, task, knob)
+        except ArchitectureMismatchError as err:
+            row["skipped"] = str(err)
+        else:
+            examples = load_task(task, c.split)[: c.eval_examples]
+            row.update(evaluate_task(cm, examples, TASKS[task]["kind"], max_length=c.max_length))
+            row["seconds_per_token"] = seconds_per_token(cm, examples[:16], c.max_length)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(row, indent=2) + "\n")
+        return row
+
+    def run(self) -> dict:
+        c = self.cfg
+        plan = []
+        for target in c.targets:
+            for task in c.tasks:
+                for method in c.methods:
+                    knobs = c.betas if method == "target+value" else c.alphas if method in ("proxy", "diff_vector") \
+                        else [1.0]
+                    plan += [(method, target, task, k) for k in knobs]
+        rows = [self.cell(*p) for p in tqdm(plan, desc="eval cells")]
+        add_gap_closed(rows)
+        return {"config": asdict(c), "rows": rows}
+
+
+def seconds_per_token(cm, examples: list[dict], max_length: int) -> float:
+    """Wall-clock of scoring a few examples (every model's forward pass) per token processed."""
+    from .data import encode_example
+
+    feats = [encode_example(cm.tokenizer, e, max_length, add_eos=True) for e in examples]
+    start = time.perf_counter()
+    cm.score_features(feats, batch_size=8)
+    return (time.perf_counter() - start) / sum(len(f["input_ids"]) for f in feats)
+
+
+def metric_of(row: dict) -> tuple[str, float] | None:
+    for key in ("accuracy", "exact_match"):
+        if key in row:
+            return key, row[key]
+    return None
+
+
+def add_gap_closed(rows: list[dict]) -> None:
+    """gap_closed_<metric> = (m - m(target)) / (m(target_ft) - m(target)) for every evaluated row."""
+    index = {(r["target"], r["task"], r["label"]): r for r in rows}
+    for r in rows:
+        base, oracle = index.get((r["target"], r["task"], "target")), index.get((r["target"], r["task"], "target_ft"))
+        if not base or not oracle or "nll" not in r:
+            continue
+        for key in ("nll", "accuracy", "exact_match"):
+            if key in r and key in base and key in oracle and oracle[key] != base[key]:
+                r[f"gap_closed_{key}"] = round((r[key] - base[key]) / (oracle[key] - base[key]), 4)
+
+
+def format_markdown(result: dict) -> str:
+    rows = result["rows"]
+    lines = ["| target | task | method | NLL | acc / EM | gap closed (NLL) | gap closed (acc/EM) | s/token |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['target']} | {r['task']} | {r['label']} | n/a: {r['skipped']} |  |  |  |  |")
+            continue
+        m = metric_of(r)
+        gap_m = r.get(f"gap_closed_{m[0]}") if m else None
+        fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
+        lines.append(
+            f"| {r['target']} | {r['task']} | {r['label']} | {r['nll']:.3f} | {fmt(m[1] if m else None)} "
+            f"| {fmt(r.get('gap_closed_nll'), '.2f')} | {fmt(gap_m, '.2f')} | {r['seconds_per_token'] * 1e3:.2f} ms |"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "nll" in r]
+    tasks = result["config"]["tasks"]
+    targets = result["config"]["targets"]
+    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 4), squeeze=False)
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    for ax, task in zip(axes[0], tasks):
+        width = 0.8 / max(1, len(targets))
+        for i, target in enumerate(targets):
+            vals = {r["label"]: r["nll"] for r in rows if r["task"] == task and r["target"] == target}
+            ax.bar([x + i * width for x in range(len(labels))], [vals.get(lbl, 0) for lbl in labels], width,
+                   label=target)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=60, fontsize=7,
+                      ha="right")
+        ax.set_title(f"{task}: held-out NLL (lower is better)", fontsize=9)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for task in tasks:
+        pts = [(t, r.get("gap_closed_nll")) for t in targets for r in rows
+               if r["task"] == task and r["target"] == t and r["method"] == "target+value"]
+        pts = [(t, g) for t, g in pts if g is not None]
+        if pts:
+            ax.plot([t for t, _ in pts], [g for _, g in pts], marker="o", label=task)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.axhline(1, color="gray", lw=0.8, ls="--")
+    ax.set_title("target + value: NLL gap closed vs target", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_eval(cfg: EvalConfig, out: str | None = None, docs: str | None = None) -> dict:
+    """Run, then write results.json, results.md and results.png to `out` (and the markdown to `docs`)."""
+    result = EvalRunner(cfg).run()
+    out_dir = Path(out or cfg.cache_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = format_markdown(result)
+    (out_dir / "results.md").write_text(table + "\n")
+    plot(result, out_dir / "results.png")
+    if docs:
+        write_docs(result, table, Path(docs), out_dir / "results.png")
+    return result
+
+
+def write_docs(result: dict, table: str, path: Path, png: Path) -> None:
+    c = result["config"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"""# Transfer results
+
+Written by `transfertune eval` (config below); do not edit by hand. Plot: `{png}`.
+Source `{c['source']}`; split `{c['split']}` ({c['eval_examples']} examples per task); value model
+{c['value_steps']} steps, source fine-tuning {c['finetune_steps']} steps, target oracles {c['target_steps']} steps.
+
+{table}
+
+```json
+{json.dumps(c, indent=2)}
+```
+""")

@@ -1,0 +1,78 @@
+"""`transfertune eval`: every method runs, gap closed follows its formula, results are cached,
+weight-diff transfer is exact and refuses mismatched architectures."""
+import json
+
+import pytest
+import torch
+
+from transfertune.cli import main as cli_main
+from transfertune.eval_suite import METHODS, EvalConfig, EvalRunner, add_gap_closed
+from transfertune.loading import load_causal_lm
+from transfertune.weight_diff import ArchitectureMismatchError, diff_vector_transfer
+
+
+@pytest.fixture()
+def tiny_task(tmp_path, monkeypatch, yes_no_records):
+    root = tmp_path / "tasks"
+    (root / "yesno").mkdir(parents=True)
+    rows = [{**r, "response": r["response"].strip(), "choices": ["no", "yes"],
+             "label": int(r["response"].strip() == "yes")} for r in yes_no_records]
+    for split, part in (("train", rows[:16]), ("heldout_example", rows[16:]), ("heldout_template", rows[16:])):
+        (root / "yesno" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    (root / "tasks.json").write_text(json.dumps({"yesno": {"kind": "classification", "sizes": {}}}))
+    monkeypatch.setenv("TRANSFERTUNE_TASKS", str(root))
+    return "yesno"
+
+
+def test_every_method_runs_and_is_cached(model_dir, tiny_task, tmp_path, capsys):
+    source = model_dir("llama", hidden=32, seed=5)
+    same_arch = model_dir("llama", hidden=32, seed=6)
+    bigger = model_dir("llama", hidden=48, seed=7)
+    cache = tmp_path / "eval"
+    argv = ["eval", "--source", source, "--targets", same_arch, bigger, "--tasks", tiny_task, "--examples", "6",
+            "--value-steps", "3", "--finetune-steps", "3", "--target-steps", "3", "--batch-size", "4",
+            "--beta", "1", "0.5", "--cache-dir", str(cache), "--docs", str(tmp_path / "results.md")]
+    assert cli_main(argv) == 0
+    result = json.loads((cache / "results.json").read_text())
+    rows = result["rows"]
+    labels = {r["label"] for r in rows}
+    assert {m for m in METHODS if m not in ("target+value", "proxy", "diff_vector")} <= labels
+    assert {"target+value@1", "target+value@0.5", "proxy@1", "diff_vector@1"} <= labels
+    diff_rows = {r["target"]: r for r in rows if r["method"] == "diff_vector"}
+    assert "accuracy" in diff_rows[same_arch]
+    assert "one architecture" in diff_rows[bigger]["skipped"]
+    assert all(r["seconds_per_token"] > 0 for r in rows if "skipped" not in r)
+    assert (cache / "results.png").is_file() and "target+value@0.5" in (tmp_path / "results.md").read_text()
+    # a re-run reads every cell and artifact from the cache: nothing is trained again
+    stamps = {p: p.stat().st_mtime_ns for p in (cache / "artifacts").rglob("*.safetensors")}
+    assert cli_main(argv) == 0
+    assert stamps == {p: p.stat().st_mtime_ns for p in (cache / "artifacts").rglob("*.safetensors")}
+
+
+def test_gap_closed_formula():
+    rows = [
+        {"target": "T", "task": "t", "label": "target", "nll": 3.0, "accuracy": 0.5},
+        {"target": "T", "task": "t", "label": "target_ft", "nll": 1.0, "accuracy": 0.9},
+        {"target": "T", "task": "t", "label": "target+value@1", "nll": 2.5, "accuracy": 0.8},
+    ]
+    add_gap_closed(rows)
+    assert rows[2]["gap_closed_nll"] == pytest.approx(0.25)
+    assert rows[2]["gap_closed_accuracy"] == pytest.approx(0.75)
+    assert rows[1]["gap_closed_nll"] == pytest.approx(1.0)
+
+
+def test_diff_vector_is_exact_and_refuses_other_architectures(model_dir):
+    s, s_ft, t = (model_dir("llama", hidden=32, seed=k) for k in (11, 12, 13))
+    moved = diff_vector_transfer(s, s, s_ft)  # old base + (tuned - old base) = tuned
+    for name, w in moved.state_dict().items():
+        torch.testing.assert_close(w, load_causal_lm(s_ft).state_dict()[name], rtol=0, atol=1e-6)
+    unchanged = diff_vector_transfer(t, s, s)
+    for name, w in unchanged.state_dict().items():
+        assert torch.equal(w, load_causal_lm(t).state_dict()[name])
+    with pytest.raises(ArchitectureMismatchError, match="one architecture"):
+        diff_vector_transfer(model_dir("llama", hidden=48, seed=1), s, s_ft)
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown methods"):
+        EvalRunner(EvalConfig(methods=["magic"]))
