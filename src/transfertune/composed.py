@@ -114,9 +114,13 @@ class ComposedModel:
         return self.score_features([feat])[0]
 
     @torch.no_grad()
-    def score_features(self, feats: list[dict], *, batch_size: int = 8, progress: bool = False) -> list[torch.Tensor]:
+    def score_features(
+        self, feats: list[dict], *, batch_size: int = 8, progress: bool = False, with_greedy: bool = False
+    ) -> list:
+        """Log-probs of the labelled tokens of each feature dict; with_greedy also returns, per token, whether
+        it is the composed argmax (lm-evaluation-harness's `is_greedy`)."""
         collate = RightPadCollator(pad_id_of(self.tokenizer))
-        out: list[torch.Tensor] = []
+        out: list = []
         for start in tqdm(range(0, len(feats), batch_size), desc="scoring", disable=not progress):
             batch = {k: t.to(self.device) for k, t in collate(feats[start : start + batch_size]).items()}
             res = composed_response_logits(
@@ -124,8 +128,10 @@ class ComposedModel:
                 proxy=self.proxy, real_vocab_size=self.real_vocab_size,
             )
             logp = F.log_softmax(res.composed, -1).gather(-1, res.targets[:, None]).squeeze(-1)
+            greedy = res.composed.argmax(-1) == res.targets
             for row in range(len(batch["input_ids"])):
-                out.append(logp[res.rows == row].cpu())
+                sel = res.rows == row
+                out.append((logp[sel].cpu(), greedy[sel].cpu()) if with_greedy else logp[sel].cpu())
         return out
 
     def generator(self):
