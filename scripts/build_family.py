@@ -63,7 +63,7 @@ BATCH = 16
 FAMILY = {  # token budgets sized for 2 CPU cores (~45 min with two runs side by side); --scale for more
     "mini-s": Spec("mini-s", "main", 64, 4, 4, 2, tokens=1_500_000, lr=3e-3),
     "mini-m": Spec("mini-m", "main", 128, 6, 4, 2, tokens=1_500_000, lr=2.5e-3),
-    "mini-l": Spec("mini-l", "main", 256, 6, 8, 4, tokens=1_500_000, lr=2e-3),
+    "mini-l": Spec("mini-l", "main", 256, 6, 8, 4, tokens=2_000_000, lr=2e-3),
     "mini-m-v2": Spec("mini-m-v2", "main", 128, 6, 4, 2, tokens=500_000, lr=1e-3, data="new", init_from="mini-m"),
     "mini-x": Spec("mini-x", "x", 256, 6, 8, 4, tokens=500_000, lr=2e-3),
 }
