@@ -328,6 +328,13 @@ undertrained: use them to measure transfer, not as assistants.
   trained on); per-token losses of mini-x are not comparable with the others (another tokenizer).
 - `heldout-slice.txt` (40k characters of valid-00) and each model's `slice_loss` in `family.json` are what
   `tests/test_family.py` checks, to catch a broken or swapped checkpoint.
+- Wall-clock: two models trained side by side on the 2 cores (one thread each), so times include sharing.
+  mini-l first ran to 1.5 M tokens like mini-s/m but ended behind mini-m (5.16 vs 5.13 on the 32-block probe),
+  so its run was resumed from its step-350 checkpoint with a 2.0 M-token cosine schedule (the curve shows the
+  re-warm). mini-x saw only 0.5 M tokens: it is the least trained member.
+- Bigger is better on books, not on task text: on the t0 task prompts below, the bases alone are all near
+  NLL 6.6-9.4 and mini-l alone is not better than mini-s; at this scale the family's capability gradient is
+  small, which bounds how much a bigger target can add to a transferred value model.
 - Loss curves: `loss_curves.png`. Licence: the weights are derived only from public-domain (US) texts; we
   release them under the project's licence.
 {kept}""")

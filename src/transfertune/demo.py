@@ -30,6 +30,10 @@ def parse_args(argv=None):
     p.add_argument("--split", default="heldout_example", help="held-out split to report (default heldout_example)")
     p.add_argument("--out", default="outputs/demo", help="where the value model, JSON and PNG go")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--update-card", action="store_true",
+                   help="write the table into the built-in family's MODEL_CARD.md (\"## Demo results\")")
+    p.add_argument("--report-only", action="store_true",
+                   help="do not train or evaluate: re-report the results.json already in --out")
     return p.parse_args(argv)
 
 
@@ -116,19 +120,43 @@ def format_table(result: dict) -> str:
 
 
 def transfer_wins(result: dict) -> list[str]:
-    """Lines naming (task, target) where target + value has lower NLL than the target alone and than
-    source + value: the value model carried over and the bigger base added to it."""
+    """Lines naming (task, target, metric) where target + value beats both the target alone and source + value:
+    the value model carried over and the other base added to it."""
     rows, src, wins = result["rows"], result["source"], []
     for task in result["tasks"]:
-        src_value = _cell(rows, src, "+value", task, "nll")
-        for base in result["targets"]:
-            if base == src:
-                continue
-            alone, composed = _cell(rows, base, "alone", task, "nll"), _cell(rows, base, "+value", task, "nll")
-            if None not in (alone, composed, src_value) and composed < alone and composed < src_value:
-                wins.append(f"{task}: {base} + value NLL {composed:.3f} < {base} alone {alone:.3f} "
-                            f"and < {src} + value {src_value:.3f}")
+        for key, lower_better in (("nll", True), ("accuracy", False), ("exact_match", False)):
+            src_value = _cell(rows, src, "+value", task, key)
+            for base in result["targets"]:
+                alone, composed = _cell(rows, base, "alone", task, key), _cell(rows, base, "+value", task, key)
+                if base == src or None in (alone, composed, src_value):
+                    continue
+                better = (lambda a, b: a < b) if lower_better else (lambda a, b: a > b)
+                if better(composed, alone) and better(composed, src_value):
+                    wins.append(f"{task} {key}: {base} + value {composed:.3f} beats {base} alone {alone:.3f} "
+                                f"and {src} + value {src_value:.3f}")
     return wins
+
+
+def update_model_card(result: dict, card: Path) -> None:
+    """Replace the "## Demo results" section of the built-in family's MODEL_CARD.md with this run."""
+    text = card.read_text() if card.is_file() else ""
+    text = text.split("\n## Demo results")[0].rstrip("\n")
+    wins = "\n".join(f"- {w}" for w in result["transfer_wins"]) or "- none"
+    card.write_text(f"""{text}
+
+## Demo results
+
+Written by `make demo` (`python -m transfertune.demo`): one value model trained for {result['steps']} steps on
+`{result['source']}` over the training split of every built-in task ({result['train_seconds']:.0f} s), then
+composed with each base, never fine-tuned. Held-out split `{result['split']}`; NLL is per response token
+(end-of-sequence included); acc/EM is label accuracy (classification) or exact match of the greedy answer (qa).
+Total {result['total_seconds']:.0f} s on 2 CPU cores. Plot: `demo_results.png`.
+
+{format_table(result)}
+
+Where the transferred value model beats both the target alone and the source + value:
+{wins}
+""")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -168,7 +196,20 @@ def main(argv=None) -> int:
     if missing:
         print(f"built-in models missing: {', '.join(missing)}; build them with `make family`")
         return 2
-    run(args)
+    if args.report_only:
+        result = json.loads((Path(args.out) / "results.json").read_text())
+        result["transfer_wins"] = transfer_wins(result)
+        print(format_table(result))
+        print("\n".join(result["transfer_wins"]))
+    else:
+        result = run(args)
+    if args.update_card:
+        from .loading import builtin_models_dir
+
+        import shutil
+
+        update_model_card(result, builtin_models_dir() / "MODEL_CARD.md")
+        shutil.copy(Path(args.out) / "results.png", builtin_models_dir() / "demo_results.png")
     return 0
 
 
