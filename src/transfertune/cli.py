@@ -1,4 +1,4 @@
-"""`transfertune` command line: train, generate, score, info, models."""
+"""`transfertune` command line: train, generate, score, eval, info, vocab-map, models."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,9 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-tuned", metavar="MODEL", help="proxy-tuning: the small fine-tuned model")
     p.add_argument("--proxy-untuned", metavar="MODEL", help="proxy-tuning: the small model before fine-tuning")
     p.add_argument("--alpha", type=float, default=1.0, help="proxy-tuning strength (default 1)")
+    p.add_argument("--vocab-map", choices=["none", "auto", "exact", "align"], default="none",
+                   help="compose a value model trained on another vocabulary through a token map: auto = a map "
+                        "saved in the value directory, else exact string matching (default none: refuse)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
 
@@ -37,6 +40,7 @@ def _load_composed(args):
     return ComposedModel.from_pretrained(
         args.base, args.value, proxy=proxy, weights=args.weight, beta=args.beta, alpha=args.alpha,
         device=args.device, trust_remote_code=args.trust_remote_code,
+        vocab_map=None if args.vocab_map == "none" else args.vocab_map,
     )
 
 
@@ -138,6 +142,50 @@ def cmd_info(args) -> None:
     print(f"regularisers      l1 {cfg.l1_coef}, entropy {cfg.entropy_coef}")
     print(f"stored parameters {n_params:,}")
     print(f"files             {', '.join(files)}")
+    from .cross_vocab import VocabMap
+
+    for vmap in VocabMap.saved(args.value_dir):
+        print(f"vocabulary map    {vmap.describe()}")
+
+
+def _read_texts(paths: list[str]) -> list[str]:
+    """Texts for alignment: JSONL examples (prompt + response, or chat messages) or plain-text paragraphs."""
+    from .data import read_jsonl
+
+    texts = []
+    for path in paths:
+        if path.endswith(".jsonl"):
+            texts += ["".join(m["content"] for m in r["messages"]) if "messages" in r else r["prompt"] + r["response"]
+                      for r in read_jsonl(path)]
+        else:
+            texts += [t for t in Path(path).read_text(encoding="utf-8").split("\n\n") if t.strip()]
+    return texts
+
+
+def cmd_vocab_map(args) -> None:
+    from .cross_vocab import VocabMap
+    from .loading import load_tokenizer
+    from .value_model import ValueConfig
+
+    ValueConfig.load(args.value)
+    value_tok = load_tokenizer(args.value)
+    base_tok = load_tokenizer(args.base, trust_remote_code=args.trust_remote_code)
+    if args.kind == "align":
+        if not args.texts:
+            raise ValueError("--kind align needs --texts FILE [FILE ...] to tokenise with both tokenizers")
+        texts = _read_texts(args.texts)[: args.max_texts]
+        vmap = VocabMap.align(base_tok, value_tok, tqdm_texts(texts))
+    else:
+        vmap = VocabMap.exact(base_tok, value_tok)
+    path = vmap.save(args.value)
+    print(vmap.describe())
+    print(f"saved {path}")
+
+
+def tqdm_texts(texts: list[str]):
+    from tqdm.auto import tqdm
+
+    return tqdm(texts, desc="aligning", unit="text")
 
 
 def _prod(shape) -> int:
@@ -267,6 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a value directory")
     p.add_argument("value_dir", help="value directory written by `transfertune train`")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("vocab-map", help="build and save a token map from a base's vocabulary to a value model's",
+                       description="Build the map that lets a value model trained on one vocabulary be composed "
+                                   "with a base that has another, and save it in the value directory.")
+    p.add_argument("--value", required=True, metavar="DIR", help="value directory")
+    p.add_argument("--base", required=True, help="base model whose tokenizer the map starts from")
+    p.add_argument("--kind", choices=["exact", "align"], default="exact",
+                   help="exact string match, or IVL's DTW alignment over --texts (default exact)")
+    p.add_argument("--texts", nargs="+", metavar="FILE", help="JSONL or text files to align (for --kind align)")
+    p.add_argument("--max-texts", type=int, default=5000, help="align at most this many texts (default 5000)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_vocab_map)
 
     p = sub.add_parser("models", help="list the built-in models")
     p.set_defaults(func=cmd_models)

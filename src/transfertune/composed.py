@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .compose import compose_logits
+from .compose import VocabularyMismatchError, compose_logits
+from .cross_vocab import attach_value
 from .data import IGNORE_INDEX, RightPadCollator, encode_example, pad_id_of
 from .loading import load_base, load_causal_lm, real_vocab_size
 from .sequence import composed_response_logits
@@ -17,6 +18,9 @@ from .vocab import vocab_fingerprint
 
 class ComposedModel:
     """log_softmax(base) + sum_i w_i v_i / beta [+ alpha (log_softmax(tuned) - log_softmax(untuned))].
+
+    A value model trained on another vocabulary is composed through a token map when `vocab_map` is given
+    ("auto", "exact", "align" or a VocabMap; see cross_vocab.py), and refused when it is None.
 
     `models` lists every network that runs at each step, in a fixed order: base, values..., [tuned, untuned].
     """
@@ -32,13 +36,11 @@ class ComposedModel:
         proxy: tuple | None = None,
         alpha: float = 1.0,
         base_name: str = "base",
+        vocab_map=None,
     ):
         self.base = base
         self.tokenizer = tokenizer
-        self.values = [v.model if isinstance(v, ValueModel) else v for v in values]
-        for v in values:
-            if isinstance(v, ValueModel):
-                v.check_compatible(tokenizer, base_name)
+        self.values = [attach_value(v, tokenizer, base_name, vocab_map) for v in values]
         configs = [v.config for v in values if isinstance(v, ValueModel)]
         self.beta = beta if beta is not None else (configs[0].beta if configs else 1.0)
         self.weights = list(weights) if weights is not None else [1.0] * len(self.values)
@@ -68,7 +70,7 @@ class ComposedModel:
             for name in proxy:
                 model, ptok = load_base(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
                 if vocab_fingerprint(ptok) != fp:
-                    raise ValueError(f"proxy model '{name}' does not share the vocabulary of base '{base}'")
+                    raise VocabularyMismatchError(f"proxy model '{name}' does not share the vocabulary of base '{base}'")
                 proxy_models.append(model)
         return cls(base_model, tok, value_models, proxy=proxy_models, base_name=base, **kwargs)
 

@@ -69,6 +69,10 @@ class SpeculativeComposedGenerator:
                  max_draft_len: int = 12, adaptive: bool = True):
         if target.proxy is not None:
             raise ValueError("speculative decoding supports base + value models, not proxy-tuning")
+        from .cross_vocab import CrossVocabValue
+
+        if any(isinstance(v, CrossVocabValue) for v in target.values):
+            raise ValueError("speculative decoding needs value models that share the base's vocabulary")
         if draft_tokenizer is not None and vocab_fingerprint(draft_tokenizer) != vocab_fingerprint(target.tokenizer):
             raise ValueError("the draft base must share the target's vocabulary")
         self.target = target

@@ -77,6 +77,7 @@ class ValueModel(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        self.directory: str | None = None
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -184,7 +185,9 @@ class ValueModel(nn.Module):
         else:
             model = load_causal_lm(str(directory), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         model.to(device).eval().requires_grad_(False)
-        return cls(model, tokenizer, config)
+        value = cls(model, tokenizer, config)
+        value.directory = str(directory)
+        return value
 
 
 def _head_name(model: nn.Module) -> str:
