@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from transfertune.cli import main as cli_main
+from transfertune.cross_vocab import VocabMap
 from transfertune.eval_suite import METHODS, EvalConfig, EvalRunner, add_gap_closed
 from transfertune.loading import load_causal_lm
 from transfertune.weight_diff import ArchitectureMismatchError, diff_vector_transfer
@@ -47,6 +48,26 @@ def test_every_method_runs_and_is_cached(model_dir, tiny_task, tmp_path, capsys)
     stamps = {p: p.stat().st_mtime_ns for p in (cache / "artifacts").rglob("*.safetensors")}
     assert cli_main(argv) == 0
     assert stamps == {p: p.stat().st_mtime_ns for p in (cache / "artifacts").rglob("*.safetensors")}
+
+
+def test_other_vocabulary_target_and_doc_sections(model_dir, tiny_task, tmp_path, other_tokenizer):
+    source = model_dir("llama", hidden=32, seed=5)
+    other = model_dir("llama", name="eval-other-vocab", tok=other_tokenizer, seed=8)
+    docs = tmp_path / "results.md"
+    docs.write_text("# Transfer results\n\n<!-- section: main -->\nkept\n<!-- /section: main -->\n")
+    argv = ["eval", "--source", source, "--targets", other, "--tasks", tiny_task, "--examples", "6",
+            "--methods", "target", "target+value", "proxy", "--value-steps", "3", "--finetune-steps", "3",
+            "--batch-size", "4", "--cache-dir", str(tmp_path / "eval"), "--vocab-map", "align",
+            "--docs", str(docs), "--docs-section", "other-vocab", "--docs-title", "Another tokenizer"]
+    assert cli_main(argv) == 0
+    rows = {r["label"]: r for r in json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]}
+    assert "does not share the vocabulary" in rows["proxy@1"]["skipped"]
+    assert rows["target+value@1"]["nll"] != rows["target"]["nll"]
+    value_dir = next((tmp_path / "eval" / "artifacts").glob("value-*"))
+    assert [m.kind for m in VocabMap.saved(value_dir)] == ["align"]
+    text = docs.read_text()
+    assert "kept" in text and "## Another tokenizer" in text and (tmp_path / "results-other-vocab.png").is_file()
+    assert cli_main(argv) == 0 and docs.read_text().count("## Another tokenizer") == 1
 
 
 def test_gap_closed_formula():

@@ -213,9 +213,9 @@ def cmd_eval(args) -> None:
         eval_examples=args.examples, value_steps=args.value_steps, value_lr=args.value_lr, l1_coef=args.l1,
         entropy_coef=args.entropy, finetune_steps=args.finetune_steps, target_steps=args.target_steps,
         batch_size=args.batch_size, max_length=args.max_length, betas=args.beta, alphas=args.alpha, seed=args.seed,
-        cache_dir=args.cache_dir,
+        cache_dir=args.cache_dir, vocab_map=args.vocab_map,
     )
-    result = run_eval(cfg, out=args.output, docs=args.docs)
+    result = run_eval(cfg, out=args.output, docs=args.docs, section=args.docs_section, title=args.docs_title)
     from .eval_suite import format_markdown
 
     print(format_markdown(result))
@@ -310,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=d.cache_dir, help="trained models and per-cell results (default %(default)s)")
     p.add_argument("--output", default=None, help="where results.json/.md/.png go (default: --cache-dir)")
     p.add_argument("--docs", default=None, metavar="MD", help="also write the report to this markdown file")
+    p.add_argument("--docs-section", default="main", metavar="NAME",
+                   help="section of --docs to write (other sections are kept; default main)")
+    p.add_argument("--docs-title", default=None, help="heading of that section")
+    p.add_argument("--vocab-map", choices=["exact", "align"], default=d.vocab_map,
+                   help="token map for targets with another tokenizer (default exact; align = IVL alignment on "
+                        "the task's training texts)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="describe a value directory")

@@ -45,6 +45,7 @@ class EvalConfig:
     alphas: list[float] = field(default_factory=lambda: [1.0])
     seed: int = 0
     cache_dir: str = "outputs/eval"
+    vocab_map: str = "exact"  # for targets with another tokenizer: "exact" or "align" (IVL, on the task texts)
 
 
 def _slug(name: str) -> str:
@@ -91,6 +92,21 @@ class EvalRunner:
             seed=c.seed, warmup_steps=max(1, steps // 20), logging_steps=max(1, steps // 5),
         ))
 
+    def aligned_map(self, value_dir: str, base: str, task: str) -> None:
+        """Build (once) IVL's aligned token map from the task's training texts, saved in the value dir."""
+        from .cross_vocab import VocabMap
+        from .loading import load_tokenizer
+        from .tasks import load_task
+        from .vocab import vocab_fingerprint
+
+        base_tok, value_tok = load_tokenizer(base), load_tokenizer(value_dir)
+        fp = vocab_fingerprint(base_tok)
+        if fp == vocab_fingerprint(value_tok) or any(
+                m.base_fingerprint == fp and m.kind == "align" for m in VocabMap.saved(value_dir)):
+            return
+        texts = [e["prompt"] + e["response"] for e in load_task(task, "train")]
+        VocabMap.align(base_tok, value_tok, texts).save(value_dir)
+
     # -- one (target, task, method) cell -------------------------------------------------------------
     def composed_for(self, method: str, target: str, task: str, knob: float):
         from .composed import ComposedModel
@@ -104,7 +120,10 @@ class EvalRunner:
             return ComposedModel(*load_base(self.finetuned(c.source, task, c.finetune_steps)))
         if method in ("source+value", "target+value"):
             base = c.source if method == "source+value" else target
-            return ComposedModel.from_pretrained(base, [self.value_dir(task)], beta=knob)
+            value = self.value_dir(task)
+            if c.vocab_map == "align":
+                self.aligned_map(value, base, task)
+            return ComposedModel.from_pretrained(base, [value], beta=knob, vocab_map=c.vocab_map)
         if method == "proxy":
             return ComposedModel.from_pretrained(
                 target, [], proxy=(self.finetuned(c.source, task, c.finetune_steps), c.source), alpha=knob)
@@ -121,19 +140,21 @@ class EvalRunner:
     def cell(self, method: str, target: str, task: str, knob: float) -> dict:
         from .evaluate import evaluate_task
         from .tasks import TASKS, load_task
+        from .compose import VocabularyMismatchError
         from .weight_diff import ArchitectureMismatchError
 
         c = self.cfg
         label = f"{method}@{knob:g}" if method in ("target+value", "proxy", "diff_vector") else method
+        vm = "" if c.vocab_map == "exact" else f"-vm{c.vocab_map}"
         path = (self.cache / "results" / _slug(target) / task /
                 f"{label}-{c.split}-{c.eval_examples}-{_slug(c.source)}-v{c.value_steps}-f{c.finetune_steps}"
-                f"-t{c.target_steps}-l1{c.l1_coef}-ent{c.entropy_coef}.json")
+                f"-t{c.target_steps}-l1{c.l1_coef}-ent{c.entropy_coef}{vm}.json")
         if path.is_file():
             return json.loads(path.read_text())
         row = {"target": target, "task": task, "method": method, "label": label, "knob": knob}
         try:
             cm = self.composed_for(method, target, task, knob)
-        except ArchitectureMismatchError as err:
+        except (ArchitectureMismatchError, VocabularyMismatchError) as err:
             row["skipped"] = str(err)
         else:
             examples = load_task(task, c.split)[: c.eval_examples]
@@ -241,8 +262,10 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_eval(cfg: EvalConfig, out: str | None = None, docs: str | None = None) -> dict:
-    """Run, then write results.json, results.md and results.png to `out` (and the markdown to `docs`)."""
+def run_eval(cfg: EvalConfig, out: str | None = None, docs: str | None = None, section: str = "main",
+             title: str | None = None) -> dict:
+    """Run, then write results.json, results.md and results.png to `out`; with `docs`, also write the table as
+    section `section` of that markdown file (other sections are kept) and the plot beside it."""
     result = EvalRunner(cfg).run()
     out_dir = Path(out or cfg.cache_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,22 +274,45 @@ def run_eval(cfg: EvalConfig, out: str | None = None, docs: str | None = None) -
     (out_dir / "results.md").write_text(table + "\n")
     plot(result, out_dir / "results.png")
     if docs:
-        write_docs(result, table, Path(docs), out_dir / "results.png")
+        write_docs(result, table, Path(docs), out_dir / "results.png", section, title)
     return result
 
 
-def write_docs(result: dict, table: str, path: Path, png: Path) -> None:
+def write_docs(result: dict, table: str, path: Path, png: Path, section: str = "main",
+               title: str | None = None) -> None:
+    import shutil
+
     c = result["config"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"""# Transfer results
+    png_name = f"results-{section}.png"
+    shutil.copyfile(png, path.parent / png_name)
+    body = f"""## {title or section}
 
-Written by `transfertune eval` (config below); do not edit by hand. Plot: `{png}`.
+Written by `transfertune eval` (config below); do not edit by hand. ![{section}]({png_name})
+
 Source `{c['source']}`; split `{c['split']}` ({c['eval_examples']} examples per task); value model
-{c['value_steps']} steps, source fine-tuning {c['finetune_steps']} steps, target oracles {c['target_steps']} steps.
+{c['value_steps']} steps (l1 {c['l1_coef']}, entropy {c['entropy_coef']}), source fine-tuning
+{c['finetune_steps']} steps, target oracles {c['target_steps']} steps.
 
 {table}
+
+<details><summary>config</summary>
 
 ```json
 {json.dumps(c, indent=2)}
 ```
-""")
+</details>
+"""
+    write_doc_section(path, section, body)
+
+
+def write_doc_section(path: Path, section: str, body: str, heading: str = "# Transfer results") -> None:
+    """Replace (or append) the block between `<!-- section: NAME -->` markers, keeping the rest of the file."""
+    start, end = f"<!-- section: {section} -->", f"<!-- /section: {section} -->"
+    text = path.read_text() if path.is_file() else heading + "\n"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
