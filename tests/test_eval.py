@@ -80,6 +80,11 @@ def test_gap_closed_formula():
     assert rows[2]["gap_closed_nll"] == pytest.approx(0.25)
     assert rows[2]["gap_closed_accuracy"] == pytest.approx(0.75)
     assert rows[1]["gap_closed_nll"] == pytest.approx(1.0)
+    rows[1]["accuracy"] = 0.52  # fine-tuning moved accuracy by one example in 50: no ratio over noise
+    for r in rows:
+        r.pop("gap_closed_accuracy", None)
+    add_gap_closed(rows)
+    assert "gap_closed_accuracy" not in rows[2] and rows[2]["gap_closed_nll"] == pytest.approx(0.25)
 
 
 def test_diff_vector_is_exact_and_refuses_other_architectures(model_dir):

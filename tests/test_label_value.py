@@ -65,8 +65,10 @@ def test_language_model_as_zero_shot_classifier(model_dir, tokenizer, tmp_path):
     prompts, choices = ["The cat sat on the", "Answer:"], [[" mat", " park"], [" yes", " no"]]
     logits = clf(prompt=prompts, choices=choices)
     assert logits.shape == (2, 2)
-    want = [float(lp.sum()) for lp in cm.score([prompts[0]] * 2, choices[0], add_eos=True)]
-    torch.testing.assert_close(logits[0], torch.tensor(want))
+    scored = cm.score([prompts[0]] * 2, choices[0], add_eos=True)
+    torch.testing.assert_close(logits[0], torch.tensor([float(lp.mean()) for lp in scored]))
+    summed = LMLabelClassifier(cm, normalize="sum")(prompt=prompts, choices=choices)
+    torch.testing.assert_close(summed[0], torch.tensor([float(lp.sum()) for lp in scored]))
     reward = LabelValueModel(TextRewardBackbone.from_pretrained(base, 2), 2)
     assert torch.count_nonzero(reward(prompt=prompts, choices=choices)) == 0  # zeroed head: starts at the classifier
     records = [{"prompt": p, "choices": c, "labels": 0} for p, c in zip(prompts, choices)] * 8

@@ -195,15 +195,22 @@ def metric_of(row: dict) -> tuple[str, float] | None:
     return None
 
 
+MIN_ACCURACY_GAP = 0.05
+
+
 def add_gap_closed(rows: list[dict]) -> None:
-    """gap_closed_<metric> = (m - m(target)) / (m(target_ft) - m(target)) for every evaluated row."""
+    """gap_closed_<metric> = (m - m(target)) / (m(target_ft) - m(target)) for every evaluated row. Left undefined
+    for accuracy / exact match when fine-tuning moved the target by less than MIN_ACCURACY_GAP: a ratio over a
+    difference of one or two examples is noise."""
     index = {(r["target"], r["task"], r["label"]): r for r in rows}
     for r in rows:
         base, oracle = index.get((r["target"], r["task"], "target")), index.get((r["target"], r["task"], "target_ft"))
         if not base or not oracle or "nll" not in r:
             continue
         for key in ("nll", "accuracy", "exact_match"):
-            if key in r and key in base and key in oracle and oracle[key] != base[key]:
+            if key not in r or key not in base or key not in oracle:
+                continue
+            if abs(oracle[key] - base[key]) >= (MIN_ACCURACY_GAP if key != "nll" else 1e-9):
                 r[f"gap_closed_{key}"] = round((r[key] - base[key]) / (oracle[key] - base[key]), 4)
 
 

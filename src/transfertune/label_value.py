@@ -172,13 +172,16 @@ def stack(rows: list[dict]) -> dict:
 
 
 class LMLabelClassifier(nn.Module):
-    """A causal LM as a zero-shot classifier: the logit of each choice is its total log-prob (+ end of
-    sequence) after the prompt. forward(prompt=[...], choices=[[...], ...]) -> [B, L]."""
+    """A causal LM as a zero-shot classifier: the logit of each choice is its log-prob (+ end of sequence)
+    after the prompt, averaged per token (`normalize="mean"`, the default: choices of different lengths are
+    otherwise tens of nats apart) or summed (`"sum"`). forward(prompt=[...], choices=[[...], ...]) -> [B, L]."""
 
-    def __init__(self, composed, batch_size: int = 32, max_length: int | None = 256):
+    def __init__(self, composed, batch_size: int = 32, max_length: int | None = 256, normalize: str = "mean"):
         super().__init__()
+        if normalize not in ("mean", "sum"):
+            raise ValueError(f"normalize must be 'mean' or 'sum', not {normalize!r}")
         self.composed = composed  # a ComposedModel: a plain base, or a base + value models
-        self.batch_size, self.max_length = batch_size, max_length
+        self.batch_size, self.max_length, self.normalize = batch_size, max_length, normalize
 
     @torch.no_grad()
     def forward(self, prompt: Sequence[str], choices: Sequence[Sequence[str]], **_) -> torch.Tensor:
@@ -189,7 +192,8 @@ class LMLabelClassifier(nn.Module):
         responses = [c for cs in choices for c in cs]
         lps = self.composed.score(prompts, responses, add_eos=True, batch_size=self.batch_size,
                                   max_length=self.max_length)
-        return torch.tensor([float(lp.sum()) for lp in lps]).view(len(prompt), n)
+        reduce = torch.mean if self.normalize == "mean" else torch.sum
+        return torch.tensor([float(reduce(lp)) for lp in lps]).view(len(prompt), n)
 
 
 class TextRewardBackbone(nn.Module):
@@ -198,6 +202,7 @@ class TextRewardBackbone(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, max_length: int = 256):
         super().__init__()
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.tokenizer.truncation_side = "left"  # the question and the choices come last
 
     @staticmethod
     def text_of(prompt: str, choices: Sequence[str]) -> str:
