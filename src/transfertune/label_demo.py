@@ -140,7 +140,7 @@ def run_text(out: Path, task: str, source: str = "mini-s", targets=("mini-s", "m
     base_train = _zero_shot_logits(source, train)
     reward = LabelValueModel(TextRewardBackbone.from_pretrained(source, 2), 2)
     train_label_value(reward, None, [dict(r, classifier_logits=base_train[i]) for i, r in enumerate(train)],
-                      str(out / f"reward-{task}"), max_steps=steps, learning_rate=1e-3, batch_size=16, seed=seed,
+                      str(out / f"reward-{task}"), max_steps=steps, learning_rate=1e-4, batch_size=16, seed=seed,
                       disable_tqdm=True)
     inputs = {"prompt": [r["prompt"] for r in test], "choices": [r["choices"] for r in test]}
     with torch.no_grad():
