@@ -11,6 +11,7 @@ text    the built-in family as zero-shot classifiers over verbalised labels (t0 
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from pathlib import Path
 
@@ -214,7 +215,7 @@ def main(argv=None) -> None:
         docs.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "results.png", docs.parent / "results-labels.png")
         write_doc_section(docs, "labels", "## Portable reward tuning over label sets\n\nWritten by "
-                          f"`python -m transfertune.label_demo {' '.join(argv or [])}`. ![labels](results-labels.png)"
+                          f"`python -m transfertune.label_demo {' '.join(sys.argv[1:] if argv is None else argv)}`. ![labels](results-labels.png)"
                           f"\n\n{body}")
 
 
