@@ -11,8 +11,8 @@ text    the built-in family as zero-shot classifiers over verbalised labels (t0 
 from __future__ import annotations
 
 import argparse
-import sys
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -214,9 +214,9 @@ def main(argv=None) -> None:
         docs = Path(args.docs)
         docs.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "results.png", docs.parent / "results-labels.png")
-        write_doc_section(docs, "labels", "## Portable reward tuning over label sets\n\nWritten by "
-                          f"`python -m transfertune.label_demo {' '.join(sys.argv[1:] if argv is None else argv)}`. ![labels](results-labels.png)"
-                          f"\n\n{body}")
+        command = " ".join(["python -m transfertune.label_demo", *(sys.argv[1:] if argv is None else argv)])
+        write_doc_section(docs, "labels", "## Portable reward tuning over label sets\n\n"
+                          f"Written by `{command}`. ![labels](results-labels.png)\n\n{body}")
 
 
 if __name__ == "__main__":
