@@ -287,15 +287,10 @@ def run_eval(cfg: EvalConfig, out: str | None = None, docs: str | None = None, s
 
 def write_docs(result: dict, table: str, path: Path, png: Path, section: str = "main",
                title: str | None = None) -> None:
-    import shutil
-
     c = result["config"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    png_name = f"results-{section}.png"
-    shutil.copyfile(png, path.parent / png_name)
     body = f"""## {title or section}
 
-Written by `transfertune eval` (config below); do not edit by hand. ![{section}]({png_name})
+Written by `transfertune eval` (config below); do not edit by hand. ![{section}](results-{section}.png)
 
 Source `{c['source']}`; split `{c['split']}` ({c['eval_examples']} examples per task); value model
 {c['value_steps']} steps (l1 {c['l1_coef']}, entropy {c['entropy_coef']}), source fine-tuning
@@ -310,11 +305,18 @@ Source `{c['source']}`; split `{c['split']}` ({c['eval_examples']} examples per 
 ```
 </details>
 """
-    write_doc_section(path, section, body)
+    write_doc_section(path, section, body, png)
 
 
-def write_doc_section(path: Path, section: str, body: str, heading: str = "# Transfer results") -> None:
-    """Replace (or append) the block between `<!-- section: NAME -->` markers, keeping the rest of the file."""
+def write_doc_section(path: Path, section: str, body: str, png: Path | None = None,
+                      heading: str = "# Transfer results") -> None:
+    """Replace (or append) the block between `<!-- section: NAME -->` markers, keeping the rest of the file;
+    `png` is copied beside it as `results-NAME.png`, the name the body links to."""
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if png is not None:
+        shutil.copyfile(png, path.parent / f"results-{section}.png")
     start, end = f"<!-- section: {section} -->", f"<!-- /section: {section} -->"
     text = path.read_text() if path.is_file() else heading + "\n"
     block = f"{start}\n{body.strip()}\n{end}"

@@ -207,16 +207,11 @@ def main(argv=None) -> None:
                        for r in results)
     print(body)
     if args.docs:
-        import shutil
-
         from .eval_suite import write_doc_section
 
-        docs = Path(args.docs)
-        docs.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "results.png", docs.parent / "results-labels.png")
         command = " ".join(["python -m transfertune.label_demo", *(sys.argv[1:] if argv is None else argv)])
-        write_doc_section(docs, "labels", "## Portable reward tuning over label sets\n\n"
-                          f"Written by `{command}`. ![labels](results-labels.png)\n\n{body}")
+        write_doc_section(Path(args.docs), "labels", "## Portable reward tuning over label sets\n\n"
+                          f"Written by `{command}`. ![labels](results-labels.png)\n\n{body}", out / "results.png")
 
 
 if __name__ == "__main__":
