@@ -31,16 +31,24 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from transfertune.probe import arithmetic_accuracy, heldout_arithmetic, knowledge_probe  # noqa: E402
 from transfertune.vocab import vocab_fingerprint  # noqa: E402
+from transfertune.world import arithmetic_text, biographies, load_world, make_entities, save_world  # noqa: E402
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 CORPUS_SOURCE = "rcdm-uga/Gutenberg_Text @ a0b16d35a9851168ce9ac649851c17b7ab08d48e (public domain, US)"
 TOKENIZERS = {"main": 4096, "x": 6144}
 SHARDS = {
-    "base": [f"train-{i:02d}.txt" for i in range(8)],
-    "new": [f"train-{i:02d}.txt" for i in range(8, 12)],
+    "books": [f"train-{i:02d}.txt" for i in range(8)],
+    "books_new": [f"train-{i:02d}.txt" for i in range(8, 12)],
     "valid": ["valid-00.txt"],
 }
+WORLD_SEED = 0
+N_V1, N_V2 = 100, 50  # people in every base's corpus / only in the -v2 siblings' (sized by the pilot, MODEL_CARD)
+RENDERINGS = 60        # distinct biographies written per person (fresh phrasing and order each time)
+WORLD_PATH = ROOT / "data" / "world" / "entities.json"
+BASE_MIX = {"bios_v1": 9, "arith": 4, "books": 3}  # rows of each batch drawn from each stream
+NEW_MIX = {"bios_v2": 6, "bios_v1": 3, "arith": 4, "books_new": 3}
 
 
 @dataclass
@@ -53,35 +61,44 @@ class Spec:
     kv_heads: int
     tokens: int
     lr: float
-    data: str = "base"
+    mix: dict = None
     init_from: str | None = None
     warmup: int = 50
+
+    def __post_init__(self):
+        if self.mix is None:
+            self.mix = dict(BASE_MIX)
 
 
 CONTEXT = 256
 BATCH = 16
-FAMILY = {  # token budgets sized for 2 CPU cores (~45 min with two runs side by side); --scale for more
-    "mini-s": Spec("mini-s", "main", 64, 4, 4, 2, tokens=1_500_000, lr=3e-3),
-    "mini-m": Spec("mini-m", "main", 128, 6, 4, 2, tokens=1_500_000, lr=2.5e-3),
-    "mini-l": Spec("mini-l", "main", 256, 6, 8, 4, tokens=2_000_000, lr=2e-3),
-    "mini-m-v2": Spec("mini-m-v2", "main", 128, 6, 4, 2, tokens=500_000, lr=1e-3, data="new", init_from="mini-m"),
-    "mini-x": Spec("mini-x", "x", 256, 6, 8, 4, tokens=500_000, lr=2e-3),
+FAMILY = {  # head_dim 32 everywhere; token budgets sized for 2 CPU cores (~65 min, two runs side by side)
+    "mini-s": Spec("mini-s", "main", 96, 4, 3, 3, tokens=4_000_000, lr=3e-3),
+    "mini-m": Spec("mini-m", "main", 192, 6, 6, 3, tokens=4_000_000, lr=2.5e-3),
+    "mini-l": Spec("mini-l", "main", 256, 8, 8, 4, tokens=4_000_000, lr=2e-3),
+    "mini-m-v2": Spec("mini-m-v2", "main", 192, 6, 6, 3, tokens=2_000_000, lr=1.5e-3, mix=dict(NEW_MIX),
+                      init_from="mini-m"),
+    "mini-l-v2": Spec("mini-l-v2", "main", 256, 8, 8, 4, tokens=2_000_000, lr=1.2e-3, mix=dict(NEW_MIX),
+                      init_from="mini-l"),
+    "mini-x": Spec("mini-x", "x", 192, 6, 6, 3, tokens=2_000_000, lr=2.5e-3),
 }
 SLICE_CHARS = 40_000  # held-out text shipped in models/ for the regression test
 
 
-def train_tokenizer(corpus: Path, out: Path, vocab_size: int, shard: str) -> None:
-    """Byte-level BPE on one shard: the `x` tokenizer uses another shard and size, so the vocabularies differ."""
+def train_tokenizer(corpus: Path, out: Path, vocab_size: int, shard: str, world_text: str) -> None:
+    """Byte-level BPE on one book shard plus world text, digits split one per token (so arithmetic is learnable);
+    the `x` tokenizer uses another shard and size, so the vocabularies differ."""
     if (out / "tokenizer.json").is_file():
         return
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    text = (corpus / shard).read_text(encoding="utf-8")
+    text = (corpus / shard).read_text(encoding="utf-8") + "\n" + world_text
     tok.train_from_iterator((text[i : i + 10_000] for i in range(0, len(text), 10_000)), trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, model_max_length=CONTEXT
@@ -93,21 +110,36 @@ def load_tokenizer(work: Path, which: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(work / f"tokenizer-{which}")
 
 
+def world_documents(split: str) -> list[str]:
+    """Documents of a synthetic stream: biographies of the v1 or v2 people, or blocks of 16 arithmetic lines."""
+    entities = load_world(WORLD_PATH)
+    if split in ("bios_v1", "bios_v2"):
+        people = [e for e in entities if e.generation == split[-2:]]
+        return biographies(people, RENDERINGS, seed=WORLD_SEED + (1 if split == "bios_v1" else 2))
+    lines = arithmetic_text(200_000, seed=WORLD_SEED + 3).split("\n")
+    return ["\n".join(lines[i : i + 16]) for i in range(0, len(lines), 16)]
+
+
 def encode_split(corpus: Path, work: Path, which: str, split: str, max_tokens: int) -> np.ndarray:
-    """Token ids of a split as a uint16 array (books separated by EOS), cached on disk."""
+    """Token ids of a stream as a uint16 array (documents separated by EOS), cached on disk."""
     path = work / f"tokens-{which}-{split}.npy"
     if path.is_file():
         return np.load(path)
     tok = load_tokenizer(work, which)
     ids: list[int] = []
-    for shard in SHARDS[split]:
-        text = (corpus / shard).read_text(encoding="utf-8")
-        chunks = [text[i : i + 20_000] for i in range(0, len(text), 20_000)]
-        for enc in tok.backend_tokenizer.encode_batch(chunks):
+    if split in SHARDS:
+        for shard in SHARDS[split]:
+            text = (corpus / shard).read_text(encoding="utf-8")
+            chunks = [text[i : i + 20_000] for i in range(0, len(text), 20_000)]
+            for enc in tok.backend_tokenizer.encode_batch(chunks):
+                ids.extend(enc.ids)
+            ids.append(tok.eos_token_id)
+            if len(ids) >= max_tokens:
+                break
+    else:
+        for enc in tok.backend_tokenizer.encode_batch(world_documents(split)):
             ids.extend(enc.ids)
-        ids.append(tok.eos_token_id)
-        if len(ids) >= max_tokens:
-            break
+            ids.append(tok.eos_token_id)
     arr = np.asarray(ids[:max_tokens], dtype=np.uint16)
     tmp = path.with_suffix(f".tmp{id(arr)}.npy")
     np.save(tmp, arr)
@@ -125,11 +157,15 @@ def make_model(spec: Spec, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def batch_at(tokens: np.ndarray, step: int, seed: int) -> torch.Tensor:
-    """Random windows, a pure function of (seed, step): resuming replays exactly the same data order."""
+def batch_at(streams: dict[str, np.ndarray], mix: dict[str, int], step: int, seed: int) -> torch.Tensor:
+    """Random windows, mix[name] rows from each stream; a pure function of (seed, step): resuming replays exactly
+    the same data order."""
     rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, len(tokens) - CONTEXT - 1, size=BATCH)
-    return torch.from_numpy(np.stack([tokens[s : s + CONTEXT + 1] for s in starts]).astype(np.int64))
+    rows = []
+    for name, count in mix.items():
+        tokens = streams[name]
+        rows += [tokens[s : s + CONTEXT + 1] for s in rng.integers(0, len(tokens) - CONTEXT - 1, size=count)]
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
 def next_token_loss(model, x: torch.Tensor) -> torch.Tensor:
@@ -193,18 +229,24 @@ def load_checkpoint(run: Path, model, opt) -> tuple[int, float]:
     return state["step"], state["elapsed"]
 
 
-def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int) -> Path:
+PROBE_PEOPLE = 40  # people per generation probed during training (the export probes more)
+
+
+def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int, probe_every: int = 200) -> Path:
     run = work / spec.name
     run.mkdir(parents=True, exist_ok=True)
     if (run / "final" / "config.json").is_file():
         return run / "final"
     tok = load_tokenizer(work, spec.tokenizer)
-    train = encode_split(corpus, work, spec.tokenizer, spec.data, max_tokens=12_000_000)
+    streams = {name: encode_split(corpus, work, spec.tokenizer, name, max_tokens=12_000_000) for name in spec.mix}
     valid = encode_split(corpus, work, spec.tokenizer, "valid", max_tokens=600_000)
+    people = load_world(WORLD_PATH)
+    probe_sets = {g: [e for e in people if e.generation == g][:PROBE_PEOPLE] for g in ("v1", "v2")}
+    problems = heldout_arithmetic(200)
     torch.manual_seed(seed)
     model = make_model(spec, tok)
     if spec.init_from:
-        parent = pretrain(FAMILY[spec.init_from], corpus, work, seed, save_every)
+        parent = pretrain(FAMILY[spec.init_from], corpus, work, seed, save_every, probe_every)
         model = LlamaForCausalLM.from_pretrained(parent, dtype=torch.float32)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -219,7 +261,7 @@ def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int) -
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, spec)
-        x = batch_at(train, step, seed)
+        x = batch_at(streams, spec.mix, step, seed)
         loss = next_token_loss(model, x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -230,6 +272,13 @@ def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int) -
         if (step + 1) % 100 == 0 or step + 1 == steps:
             record["valid_loss"] = round(heldout_loss(model, valid, 32), 4)
             bar.set_postfix(loss=record["loss"], valid=record["valid_loss"])
+        if (step + 1) % probe_every == 0 or step + 1 == steps:
+            model.eval()
+            for g, group in probe_sets.items():
+                record[f"probe_{g}"] = round(knowledge_probe(model, tok, group)["all"], 4)
+            record["arithmetic"] = round(arithmetic_accuracy(model, tok, problems), 4)
+            model.train()
+            bar.set_postfix(loss=record["loss"], probe=record["probe_v1"], arith=record["arithmetic"])
         log.write(json.dumps(record) + "\n")
         log.flush()
         if (step + 1) % save_every == 0 and step + 1 < steps:
@@ -243,10 +292,13 @@ def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int) -
 
 
 def shards_used(work: Path, spec: Spec) -> list[str]:
-    """Shards the cached token stream came from: each complete shard ends with one EOS separator."""
-    tokens = np.load(work / f"tokens-{spec.tokenizer}-{spec.data}.npy")
-    eos = load_tokenizer(work, spec.tokenizer).eos_token_id
-    return SHARDS[spec.data][: int((tokens == eos).sum()) + 1]
+    """Book shards the cached token streams came from: each complete shard ends with one EOS separator."""
+    used = []
+    for split in (s for s in spec.mix if s in SHARDS):
+        tokens = np.load(work / f"tokens-{spec.tokenizer}-{split}.npy")
+        eos = load_tokenizer(work, spec.tokenizer).eos_token_id
+        used += SHARDS[split][: int((tokens == eos).sum()) + 1]
+    return used
 
 
 def slice_loss(model, tok, text: str) -> float:
@@ -368,6 +420,7 @@ def plot_curves(work: Path, path: Path) -> None:
 
 
 def main() -> None:
+    global WORLD_PATH
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "data" / "gutenberg-en",
                    help="folder with train-XX.txt / valid-00.txt (the Gutenberg book shards)")
@@ -379,20 +432,32 @@ def main() -> None:
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N optimizer steps")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every token budget (e.g. 10 on a GPU)")
     p.add_argument("--export-only", action="store_true", help="skip training, export what is finished")
+    p.add_argument("--no-export", action="store_true", help="train only (pilot runs)")
+    p.add_argument("--world", type=Path, default=WORLD_PATH, help="people of the encyclopedia (made if missing)")
+    p.add_argument("--people", type=int, nargs=2, default=(N_V1, N_V2), metavar=("V1", "V2"),
+                   help="people in every base's corpus / only in the -v2 siblings' (when the world is made)")
+    p.add_argument("--tokens", type=int, help="token budget of every model trained (pilot runs)")
+    p.add_argument("--probe-every", type=int, default=200, help="knowledge/arithmetic probe every N steps")
     args = p.parse_args()
     if not (args.corpus / "valid-00.txt").is_file():
         sys.exit(f"build_family: error: {args.corpus} has no valid-00.txt; pass --corpus PATH to gutenberg-en")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(args.corpus, args.work / "tokenizer-main", TOKENIZERS["main"], "train-00.txt")
-    train_tokenizer(args.corpus, args.work / "tokenizer-x", TOKENIZERS["x"], "train-05.txt")
+    WORLD_PATH = args.world
+    if not WORLD_PATH.is_file():
+        save_world(make_entities(*args.people, seed=WORLD_SEED), WORLD_PATH, WORLD_SEED)
+    people = load_world(WORLD_PATH)
+    world_text = "\n".join(biographies(people, 3, seed=WORLD_SEED) + [arithmetic_text(5000, seed=WORLD_SEED)])
+    train_tokenizer(args.corpus, args.work / "tokenizer-main", TOKENIZERS["main"], "train-00.txt", world_text)
+    train_tokenizer(args.corpus, args.work / "tokenizer-x", TOKENIZERS["x"], "train-05.txt", world_text)
     if not args.export_only:
         for name in args.only or list(FAMILY):
             spec = FAMILY[name]
-            spec.tokens = int(spec.tokens * args.scale)
-            pretrain(spec, args.corpus, args.work, args.seed, args.save_every)
-    export(args.corpus, args.work, args.out)
+            spec.tokens = int((args.tokens or spec.tokens) * args.scale)
+            pretrain(spec, args.corpus, args.work, args.seed, args.save_every, args.probe_every)
+    if not args.no_export:
+        export(args.corpus, args.work, args.out)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,30 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from transfertune.world import (  # noqa: E402
+    ANSWER_TEMPLATES, ATTRIBUTES, QUESTION_TEMPLATES, arithmetic_problem, fill, is_heldout_problem, load_world, solve,
+)
+
 EOT = "<|endoftext|>"
 SPEC = {
     "ag_news": {
         "kind": "classification",
         "train": ["classify", "classify_question_first", "classify_with_choices", "which_section_choices"],
         "heldout": "which_section",
+        # the first 200 rows hold only two of AG's four classes: rows carry the template's full label set
+        # (promptsource's answer choices), so a classifier cannot win by choosing between the two it saw
+        "label_sets": {
+            "classify": ["World politics", "Sports", "Business", "Science and technology"],
+            "classify_question_first": ["World politics", "Sports", "Business", "Science and technology"],
+            "classify_with_choices": ["World politics", "Sports", "Business", "Science and technology"],
+            "which_section_choices": ["World News", "Sports", "Business", "Science and Technology"],
+            "which_section": ["World News", "Sports", "Business", "Science and Technology"],
+        },
     },
     "amazon_polarity": {
         "kind": "classification",
@@ -71,7 +86,9 @@ def build_task(source: Path, task: str, spec: dict, seed: int) -> dict[str, list
     held = set(keys[: round(len(keys) * HELDOUT_FRACTION)])
     splits: dict[str, list[dict]] = {"train": [], "heldout_example": [], "heldout_template": []}
     for template, rows in templates.items():
-        choices = sorted({r["response"] for r in rows}) if spec["kind"] == "classification" else None
+        choices = None
+        if spec["kind"] == "classification":
+            choices = sorted(spec.get("label_sets", {}).get(template) or {r["response"] for r in rows})
         for i, row in enumerate(rows[:n]):
             if len(row["prompt"]) > MAX_PROMPT_CHARS:
                 continue
@@ -84,9 +101,86 @@ def build_task(source: Path, task: str, spec: dict, seed: int) -> dict[str, list
                     splits["heldout_template"].append(record)
             else:
                 splits["heldout_example" if groups[i] in held else "train"].append(record)
-    for name, rows in splits.items():
-        random.Random(f"{seed}-{task}-{name}").shuffle(rows)
     return splits
+
+
+WORLD_TASKS = {
+    "people_qa": {"kind": "qa", "train": "3 question phrasings per attribute", "heldout": "1 phrasing per attribute"},
+    "arithmetic": {"kind": "qa", "train": "word problems 0-3", "heldout": "word problems 4-5"},
+}
+WORD_PROBLEMS = {  # (story, the equation it asks for); the answer writes the equation out, the base computes it
+    "+": ["{who} has {a} apples and buys {b} more. How many apples does {who} have now?",
+          "A shelf holds {a} books. {who} adds {b} books. How many books are on the shelf?",
+          "{who} walked {a} miles on Monday and {b} miles on Tuesday. How many miles in total?",
+          "There are {a} sheep in a field and {b} more arrive. How many sheep are there?",
+          "{who} saved {a} coins and then found {b} coins. How many coins does {who} have?",
+          "A train carries {a} passengers and {b} more get on. How many passengers are on the train?"],
+    "-": ["{who} has {a} apples and gives away {b}. How many apples does {who} have left?",
+          "A shelf holds {a} books. {who} takes {b} books away. How many books are left on the shelf?",
+          "{who} had {a} coins and spent {b}. How many coins are left?",
+          "There are {a} sheep in a field and {b} wander off. How many sheep remain?",
+          "{who} must read {a} pages and has read {b}. How many pages are left to read?",
+          "A train carries {a} passengers and {b} get off. How many passengers stay on the train?"],
+}
+TRAIN_STORIES, HELDOUT_STORIES = range(4), range(4, 6)
+NAMES = ["Mia", "Tom", "Ada", "Ben", "Eva", "Sam", "Ivy", "Leo"]
+
+
+def people_qa(world: Path, seed: int) -> dict[str, list[dict]]:
+    """Closed-book QA about the encyclopedia's people. Splits: train (half of the v1 people, training phrasings),
+    heldout_example (the other v1 people: known to every base, never asked in training), heldout_template
+    (training people, phrasings never trained on), heldout_new (v2 people: only the -v2 bases saw them)."""
+    rng = random.Random(seed)
+    people = load_world(world)
+    v1 = [e for e in people if e.generation == "v1"]
+    v2 = [e for e in people if e.generation == "v2"]
+    train_people, other_people = v1[: len(v1) // 2], v1[len(v1) // 2 :]
+
+    def row(e, attribute, question, template):
+        return {"prompt": fill(question, e, attribute) + "\n", "response": fill(ANSWER_TEMPLATES[attribute], e, attribute),
+                "task": "people_qa", "template": template, "example": e.name, "attribute": attribute,
+                "answer": e.value(attribute), "generation": e.generation}
+
+    splits: dict[str, list[dict]] = {"train": [], "heldout_example": [], "heldout_template": [], "heldout_new": []}
+    for e in train_people:
+        for a in ATTRIBUTES:
+            train_q, held_q = QUESTION_TEMPLATES[a]
+            splits["train"] += [row(e, a, q, f"{a}-{i}") for i, q in enumerate(train_q)]
+            splits["heldout_template"].append(row(e, a, held_q[0], f"{a}-heldout"))
+    for split, group in (("heldout_example", other_people), ("heldout_new", v2)):
+        for e in group:
+            for a in ATTRIBUTES:
+                i = rng.randrange(len(QUESTION_TEMPLATES[a][0]))
+                splits[split].append(row(e, a, QUESTION_TEMPLATES[a][0][i], f"{a}-{i}"))
+    return splits
+
+
+def arithmetic_task(seed: int, train_size: int = 2000, heldout_size: int = 400) -> dict[str, list[dict]]:
+    """Word problems answered by writing out the equation: train on problems the pretraining corpus contains,
+    heldout_example on problems it never contains, heldout_template on stories never trained on."""
+    rng = random.Random(seed)
+
+    def row(problem, story):
+        a, op, b = problem
+        text = WORD_PROBLEMS[op][story].format(who=rng.choice(NAMES), a=a, b=b)
+        return {"prompt": text + "\n", "response": f"{a} {op} {b} = {solve(a, op, b)}", "task": "arithmetic",
+                "template": f"{op}{story}", "example": f"{a}{op}{b}", "answer": str(solve(a, op, b))}
+
+    def problems(n, heldout):
+        seen, out = set(), []
+        while len(out) < n:
+            p = arithmetic_problem(rng)
+            if is_heldout_problem(*p) == heldout and p not in seen:
+                seen.add(p)
+                out.append(p)
+        return out
+
+    train = problems(train_size + heldout_size, heldout=False)
+    return {
+        "train": [row(p, rng.choice(TRAIN_STORIES)) for p in train[:train_size]],
+        "heldout_example": [row(p, rng.choice(TRAIN_STORIES)) for p in problems(heldout_size, heldout=True)],
+        "heldout_template": [row(p, rng.choice(HELDOUT_STORIES)) for p in train[train_size:]],
+    }
 
 
 def main() -> None:
@@ -94,12 +188,16 @@ def main() -> None:
     p.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "data" / "t0-tasks")
     p.add_argument("--out", type=Path, default=ROOT / "data" / "tasks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world", type=Path, default=ROOT / "data" / "world" / "entities.json")
     args = p.parse_args()
+    built = {"people_qa": people_qa(args.world, args.seed), "arithmetic": arithmetic_task(args.seed)}
+    built.update({task: build_task(args.source, task, spec, args.seed) for task, spec in SPEC.items()})
     summary = {}
-    for task, spec in SPEC.items():
-        splits = build_task(args.source, task, spec, args.seed)
+    for task, splits in built.items():
+        spec = WORLD_TASKS.get(task) or SPEC[task]
         (args.out / task).mkdir(parents=True, exist_ok=True)
         for name, rows in splits.items():
+            random.Random(f"{args.seed}-{task}-{name}").shuffle(rows)
             with (args.out / task / f"{name}.jsonl").open("w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         summary[task] = {"kind": spec["kind"], "sizes": {k: len(v) for k, v in splits.items()},

@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=d.tasks, help="built-in tasks (default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
                    help=f"methods to run (default all: {', '.join(METHODS)})")
-    p.add_argument("--split", default=d.split, choices=["heldout_example", "heldout_template"],
+    p.add_argument("--split", default=d.split, choices=["heldout_example", "heldout_template", "heldout_new"],
                    help="held-out split (default heldout_example)")
     p.add_argument("--examples", type=int, default=d.eval_examples, help="held-out examples per task (default %(default)s)")
     p.add_argument("--value-steps", type=int, default=d.value_steps, help="value-model training steps (default %(default)s)")

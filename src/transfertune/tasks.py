@@ -1,7 +1,7 @@
 """The built-in post-training tasks (data/tasks/, built by scripts/make_tasks.py from real t0 NLP tasks).
 
 Splits: `train`, `heldout_example` (unseen examples, seen templates), `heldout_template` (a template never
-trained on). Kinds: `classification` rows carry "choices" and "label"; `qa` rows have a short exact answer;
+trained on); `people_qa` adds `heldout_new` (people only the -v2 bases saw in pretraining). Kinds: `classification` rows carry "choices" and "label"; `qa` rows have a short exact answer;
 `generation` rows are scored by response NLL.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Callable
 from .data import read_jsonl
 from .loading import REPO_ROOT
 
-SPLITS = ("train", "heldout_example", "heldout_template")
+SPLITS = ("train", "heldout_example", "heldout_template", "heldout_new")
 
 
 def tasks_dir() -> Path:
@@ -67,8 +67,9 @@ def list_tasks() -> list[str]:
 def load_task(name: str, split: str = "train") -> list[dict]:
     if name not in TASKS:
         raise KeyError(f"unknown task '{name}'; built-in tasks: {', '.join(TASKS) or f'none found in {tasks_dir()}'}")
-    if split not in SPLITS:
-        raise KeyError(f"unknown split '{split}' of task '{name}'; splits: {', '.join(SPLITS)}")
+    splits = list(TASKS[name]["sizes"])
+    if split not in splits:
+        raise KeyError(f"unknown split '{split}' of task '{name}'; splits: {', '.join(splits)}")
     return read_jsonl(tasks_dir() / name / f"{split}.jsonl")
 
 

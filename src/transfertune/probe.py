@@ -1,0 +1,92 @@
+"""What a base knows before any post-training: a knowledge probe and the arithmetic skill, untuned.
+
+knowledge_probe: for each (person, attribute), score the sentence "<name> grew up in <value>." for *every* value
+of that attribute and count the person as known when the true value has the highest likelihood. Chance is
+1 / (number of values). arithmetic_accuracy: greedy completion of "a + b =" in the pretraining format.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+from tqdm import tqdm
+
+from .world import ATTRIBUTES, PROBE_TEMPLATES, VALUES, Entity, fill, solve
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tok, texts: list[str], batch_size: int = 256) -> list[float]:
+    """Sum of log p(token) over each text, after the BOS/EOS token the pretraining documents start with."""
+    device = next(model.parameters()).device
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    out: list[float] = []
+    for i in range(0, len(texts), batch_size):
+        enc = [[bos] + tok(t, add_special_tokens=False).input_ids for t in texts[i : i + batch_size]]
+        width = max(map(len, enc))
+        ids = torch.full((len(enc), width), tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, e in enumerate(enc):
+            ids[r, : len(e)] = torch.tensor(e)
+            mask[r, : len(e)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        out.extend((logp * mask[:, 1:]).sum(-1).tolist())
+    return out
+
+
+def knowledge_probe(model, tok, entities: list[Entity], attributes=ATTRIBUTES) -> dict[str, float]:
+    """Accuracy per attribute and overall ("all") of ranking the true value first among all its values."""
+    hits: dict[str, list[int]] = {a: [] for a in attributes}
+    for attribute in attributes:
+        values = VALUES[attribute]
+        texts = [fill(PROBE_TEMPLATES[attribute], e, attribute, v) for e in entities for v in values]
+        scores = sequence_logprobs(model, tok, texts)
+        for k, e in enumerate(entities):
+            row = scores[k * len(values) : (k + 1) * len(values)]
+            hits[attribute].append(int(values[max(range(len(values)), key=row.__getitem__)] == e.value(attribute)))
+    result = {a: sum(h) / len(h) for a, h in hits.items()}
+    result["all"] = sum(map(sum, hits.values())) / sum(map(len, hits.values()))
+    return result
+
+
+def probe_chance(attributes=ATTRIBUTES) -> float:
+    return sum(1 / len(VALUES[a]) for a in attributes) / len(attributes)
+
+
+def heldout_arithmetic(n: int, seed: int = 1) -> list[tuple[int, str, int]]:
+    """Problems never written in the pretraining corpus (see world.is_heldout_problem)."""
+    from .world import arithmetic_problem, is_heldout_problem
+
+    rng = random.Random(seed)
+    problems: list[tuple[int, str, int]] = []
+    while len(problems) < n:
+        p = arithmetic_problem(rng)
+        if is_heldout_problem(*p) and p not in problems:
+            problems.append(p)
+    return problems
+
+
+@torch.no_grad()
+def arithmetic_accuracy(model, tok, problems: list[tuple[int, str, int]], batch_size: int = 128,
+                        progress: bool = False) -> float:
+    """Greedy completion of '<a> <op> <b> =' (digits are single tokens in the family's tokenizers)."""
+    device = next(model.parameters()).device
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    correct = 0
+    batches = range(0, len(problems), batch_size)
+    for i in tqdm(batches, desc="arithmetic", disable=not progress):
+        chunk = problems[i : i + batch_size]
+        prompts = [[bos] + tok(f"{a} {op} {b} =", add_special_tokens=False).input_ids for a, op, b in chunk]
+        width = max(map(len, prompts))
+        ids = torch.full((len(chunk), width), tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):  # left padding
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=5,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+        for (a, op, b), row in zip(chunk, out[:, width:]):
+            text = tok.decode(row, skip_special_tokens=True).split("\n")[0].strip()
+            correct += text == str(solve(a, op, b))
+    return correct / len(problems)
