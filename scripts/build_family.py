@@ -31,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from transfertune.probe import arithmetic_accuracy, heldout_arithmetic, knowledge_probe  # noqa: E402
+from transfertune.probe import arithmetic_accuracy, heldout_arithmetic, knowledge_probe, probe_chance  # noqa: E402
 from transfertune.vocab import vocab_fingerprint  # noqa: E402
 from transfertune.world import arithmetic_text, biographies, load_world, make_entities, save_world  # noqa: E402
 
@@ -44,7 +44,7 @@ SHARDS = {
     "valid": ["valid-00.txt"],
 }
 WORLD_SEED = 0
-N_V1, N_V2 = 100, 50  # people in every base's corpus / only in the -v2 siblings' (sized by the pilot, MODEL_CARD)
+N_V1, N_V2 = 400, 100  # people in every base's corpus / only in the -v2 siblings' (sized by the pilot, MODEL_CARD)
 RENDERINGS = 60        # distinct biographies written per person (fresh phrasing and order each time)
 WORLD_PATH = ROOT / "data" / "world" / "entities.json"
 BASE_MIX = {"bios_v1": 9, "arith": 4, "books": 3}  # rows of each batch drawn from each stream
@@ -72,10 +72,12 @@ class Spec:
 
 CONTEXT = 256
 BATCH = 16
-FAMILY = {  # head_dim 32 everywhere; token budgets sized for 2 CPU cores (~65 min, two runs side by side)
-    "mini-s": Spec("mini-s", "main", 96, 4, 3, 3, tokens=4_000_000, lr=3e-3),
-    "mini-m": Spec("mini-m", "main", 192, 6, 6, 3, tokens=4_000_000, lr=2.5e-3),
-    "mini-l": Spec("mini-l", "main", 256, 8, 8, 4, tokens=4_000_000, lr=2e-3),
+# head_dim 32 everywhere. Token budgets grow with size, as in compute-optimal families (tokens ~ parameters),
+# sized for 2 CPU cores (~75 min, two runs side by side).
+FAMILY = {
+    "mini-s": Spec("mini-s", "main", 96, 4, 3, 3, tokens=3_000_000, lr=3e-3),
+    "mini-m": Spec("mini-m", "main", 192, 6, 6, 3, tokens=4_000_000, lr=3e-3),
+    "mini-l": Spec("mini-l", "main", 256, 8, 8, 4, tokens=5_000_000, lr=2.5e-3),
     "mini-m-v2": Spec("mini-m-v2", "main", 192, 6, 6, 3, tokens=2_000_000, lr=1.5e-3, mix=dict(NEW_MIX),
                       init_from="mini-m"),
     "mini-l-v2": Spec("mini-l-v2", "main", 256, 8, 8, 4, tokens=2_000_000, lr=1.2e-3, mix=dict(NEW_MIX),
@@ -315,7 +317,12 @@ def export(corpus: Path, work: Path, out: Path) -> None:
     start = len(valid_text) // 2
     text_slice = valid_text[start : start + SLICE_CHARS]
     (out / "heldout-slice.txt").write_text(text_slice, encoding="utf-8")
-    family = {"corpus": CORPUS_SOURCE, "context": CONTEXT, "heldout_slice": "heldout-slice.txt", "models": {}}
+    people = load_world(WORLD_PATH)
+    family = {"corpus": CORPUS_SOURCE, "context": CONTEXT, "heldout_slice": "heldout-slice.txt",
+              "world": str(WORLD_PATH.relative_to(ROOT)) if WORLD_PATH.is_relative_to(ROOT) else str(WORLD_PATH),
+              "people": {g: sum(e.generation == g for e in people) for g in ("v1", "v2")},
+              "renderings": RENDERINGS, "mix": {"base": BASE_MIX, "new": NEW_MIX},
+              "probe_chance": round(probe_chance(), 4), "models": {}}
     for name, spec in FAMILY.items():
         final = work / name / "final"
         if not (final / "config.json").is_file():
@@ -338,11 +345,25 @@ def export(corpus: Path, work: Path, out: Path) -> None:
             "heldout_ppl": round(math.exp(loss), 2),
             # loss per token and per byte of the shipped slice: bytes make different tokenizers comparable
             "slice_loss": round(slice_loss(exported, tok, text_slice), 4),
+            **knows(exported, tok),
         }
         print(f"{name}: {family['models'][name]}")
     (out / "family.json").write_text(json.dumps(family, indent=2) + "\n")
     plot_curves(work, out / "loss_curves.png")
+    plot_exposures(work, out / "pilot", out / "exposures.png", family["people"]["v1"])
     write_model_card(family, out / "MODEL_CARD.md")
+
+
+def knows(model, tok) -> dict:
+    """What the base knows untuned: knowledge probe on every v1 and v2 person, held-out arithmetic accuracy."""
+    people = load_world(WORLD_PATH)
+    result = {}
+    for g in ("v1", "v2"):
+        probe = knowledge_probe(model, tok, [e for e in people if e.generation == g])
+        result[f"probe_{g}"] = round(probe["all"], 4)
+        result[f"probe_{g}_by_attribute"] = {k: round(v, 4) for k, v in probe.items() if k != "all"}
+    result["arithmetic"] = round(arithmetic_accuracy(model, tok, heldout_arithmetic(400)), 4)
+    return result
 
 
 def write_model_card(family: dict, path: Path) -> None:
@@ -356,14 +377,38 @@ def write_model_card(family: dict, path: Path) -> None:
             f"({m['tokenizer']}) | {init}{m['tokens_seen'] / 1e6:.2f} M ({shards}) | {m['wall_clock_s'] / 60:.1f} min "
             f"| {m['heldout_loss']:.3f} | {m['heldout_ppl']:.1f} | `{m['vocab_fingerprint']}` |"
         )
+    knows_rows = [f"| {name} | {m['parameters'] / 1e6:.2f} M | {m['probe_v1']:.3f} | {m['probe_v2']:.3f} | "
+                  f"{m['arithmetic']:.3f} | {m['heldout_loss']:.3f} |" for name, m in family["models"].items()]
     kept = ""
     if path.is_file() and "\n## Demo results" in path.read_text():
         kept = path.read_text()[path.read_text().index("\n## Demo results"):]
     path.write_text(f"""# Built-in miniature model family
 
-Five Llama-architecture causal LMs pretrained from scratch on 2 CPU cores by `scripts/build_family.py`
-(`make family`), so that every transfertune claim can be measured without a model hub. They are tiny and
-undertrained: use them to measure transfer, not as assistants.
+Llama-architecture causal LMs pretrained from scratch on 2 CPU cores by `scripts/build_family.py`
+(`make family`), so that every transfertune claim can be measured without a model hub. They are tiny: use them
+to measure transfer, not as assistants. Written by the build script from `family.json`; do not edit by hand.
+
+## What each base knows, untuned
+
+The corpus is a small fictional world (`src/transfertune/world.py`, `data/world/entities.json`): biographies of
+{family['people']['v1']} invented people that every base read, {family['people']['v2']} more that only the -v2
+siblings read, two-digit arithmetic in digits and words, and Gutenberg books. Bigger bases learn more of it from
+the same tokens; that difference is what transfer has to carry.
+
+| model | parameters | knowledge probe, v1 people | knowledge probe, v2 people | arithmetic (held-out) | held-out book loss |
+|---|---|---|---|---|---|
+{chr(10).join(knows_rows)}
+
+- Knowledge probe: for each person and attribute, the sentence "<name> grew up in <town>." is scored for every
+  town (likewise every birth year, profession, employer); the person counts as known when the true value is the
+  most likely. Chance: {family['probe_chance']:.3f}. v2 people are new to v1 models (chance there) and known to
+  the -v2 siblings.
+- Arithmetic: greedy completion of "a + b =" / "a - b =" (two-digit operands) on 400 problems that the corpus
+  never contains (one problem in ten is held out by rule, `world.is_heldout_problem`).
+- Both are measured by `scripts/build_family.py` at export; `log.jsonl` curves of the same probes during
+  pretraining are drawn in `loss_curves.png`.
+
+## Models
 
 | model | parameters | hidden x layers | vocabulary | tokens seen (shards) | wall-clock | held-out loss | perplexity | vocab fingerprint |
 |---|---|---|---|---|---|---|---|---|
@@ -371,52 +416,104 @@ undertrained: use them to measure transfer, not as assistants.
 
 - Architecture: `LlamaForCausalLM`, tied input/output embeddings, SwiGLU, RoPE, grouped-query attention,
   context {family['context']} tokens. Weights stored in fp16 safetensors (load in fp32 on CPU).
-- Tokenizers: byte-level BPE (`tokenizers`), `<|endoftext|>` (end of text, also BOS) and `<|pad|>`.
-  `main` (4096 tokens, trained on train-00) is shared by mini-s/m/l/m-v2; `x` (6144 tokens, trained on
-  train-05) is mini-x's, for cross-vocabulary transfer.
-- Data: {family['corpus']}: 363 English books, header/footer stripped. Base pretraining samples 256-token
-  windows from train-00..07; `mini-m-v2` is `mini-m` continued on train-08..11, books it never saw (a "newer
-  version"). Held-out loss: nats per token on the first 131k tokens of `valid-00.txt` (15 whole books never
-  trained on); per-token losses of mini-x are not comparable with the others (another tokenizer).
+- Tokenizers: byte-level BPE (`tokenizers`), digits split one per token, `<|endoftext|>` (end of text, also
+  BOS) and `<|pad|>`. `main` (4096 tokens, trained on train-00 + world text) is shared by mini-s/m/l and the
+  -v2 siblings; `x` (6144 tokens, trained on train-05 + world text) is mini-x's, for cross-vocabulary transfer.
+- Data: each batch of 16 windows of 256 tokens draws {family['mix']['base']} rows from each stream (bios_v1:
+  biographies of the v1 people, {family['renderings']} renderings each, fresh phrasing and attribute order;
+  arith: arithmetic lines; books: {family['corpus']}, train-00..07). The -v2 siblings continue their parent on
+  {family['mix']['new']}: the new people, a replay of the old ones, and books train-08..11 never seen before
+  (a "newer version" with a knowledge update). Held-out loss: nats per token on the first 131k tokens of
+  `valid-00.txt` (15 whole books never trained on); per-token losses of mini-x are not comparable with the
+  others (another tokenizer).
+- Sizing (`models/pilot/*.jsonl`, drawn with the family's own curves in `exposures.png`): with 200 people and up to ~35 exposures per person,
+  mini-s and mini-m stayed at chance on the probe through 300 steps; knowledge is limited by exposures per
+  person, not capacity (a 0.8 M-parameter model holds far more than 100 x 4 facts), so the world was cut to
+  {family['people']['v1']} + {family['people']['v2']} people and the bios share of every batch raised so that
+  each v1 person is written ~300 times within the CPU budget. A few thousand people (as in "Physics of
+  Language Models") would need ~20x the tokens: hours on a GPU, not on 2 cores.
 - `heldout-slice.txt` (40k characters of valid-00) and each model's `slice_loss` in `family.json` are what
   `tests/test_family.py` checks, to catch a broken or swapped checkpoint.
 - Wall-clock: two models trained side by side on the 2 cores (one thread each), so times include sharing.
   mini-l first ran to 1.5 M tokens like mini-s/m but ended behind mini-m (5.16 vs 5.13 on the 32-block probe),
   so its run was resumed from its step-350 checkpoint with a 2.0 M-token cosine schedule (the curve shows the
   re-warm). mini-x saw only 0.5 M tokens: it is the least trained member.
-- Bigger is better on books, not on task text: on the t0 task prompts below, the bases alone are all near
-  NLL 6.6-9.4 and mini-l alone is not better than mini-s; at this scale the family's capability gradient is
-  small, which bounds how much a bigger target can add to a transferred value model.
 - Loss curves: `loss_curves.png`. Licence: the weights are derived only from public-domain (US) texts; we
   release them under the project's licence.
 {kept}""")
 
 
+def _log_rows(log: Path, key: str) -> list[dict]:
+    by_step = {r["step"]: r for r in map(json.loads, log.read_text().splitlines()) if key in r}
+    return [by_step[k] for k in sorted(by_step)]  # a resumed run re-logs the steps after its checkpoint
+
+
 def plot_curves(work: Path, path: Path) -> None:
+    """Held-out book loss, knowledge probe (v1 and v2 people) and arithmetic against training tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in FAMILY:
-        log = work / name / "log.jsonl"
-        if not log.is_file():
-            continue
-        by_step = {r["step"]: r for r in map(json.loads, log.read_text().splitlines()) if "valid_loss" in r}
-        rows = [by_step[k] for k in sorted(by_step)]  # a resumed run re-logs the steps after its checkpoint
-        offset = 0
-        if FAMILY[name].init_from:
-            parent = json.loads((work / FAMILY[name].init_from / "final" / "train.json").read_text())
-            offset = parent["tokens_seen"]
-        ax.plot([offset + r["tokens"] for r in rows], [r["valid_loss"] for r in rows], label=name)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("held-out loss (valid-00, nats/token)")
-    ax.set_title("Built-in miniature family: pretraining on Gutenberg books")
-    ax.legend()
+    panels = [("valid_loss", "held-out book loss (nats/token)"), ("probe_v1", "knowledge probe: v1 people"),
+              ("probe_v2", "knowledge probe: v2 people (new)"), ("arithmetic", "arithmetic, held-out problems")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
+    for ax, (key, title) in zip(axes, panels):
+        for i, name in enumerate(FAMILY):
+            log = work / name / "log.jsonl"
+            if not log.is_file():
+                continue
+            rows = _log_rows(log, key)
+            offset = 0
+            if FAMILY[name].init_from:
+                parent = json.loads((work / FAMILY[name].init_from / "final" / "train.json").read_text())
+                offset = parent["tokens_seen"]
+            ax.plot([offset + r["tokens"] for r in rows], [r[key] for r in rows], label=name, color=f"C{i}")
+        if key.startswith("probe"):
+            ax.axhline(probe_chance(), color="gray", ls=":", lw=1, label="chance")
+        ax.set_xlabel("training tokens")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Built-in family v2: pretraining on the fictional world + books")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+BIO_TOKENS = 73  # mean tokens of one biography (+ EOS) with the main tokenizer
+
+
+def plot_exposures(work: Path, pilot: Path, path: Path, people_v1: int) -> None:
+    """Knowledge probe against exposures per person, by model size and number of people: the sizing pilot
+    (8 of 16 rows were bios then) and the family's own runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = []
+    for name, run in json.loads((pilot / "pilot.json").read_text())["runs"].items():
+        curves.append((f"pilot {name.split('-', 1)[1]}, {run['people']} people", pilot / f"{name}.jsonl",
+                       run["bios_rows"] / BATCH, run["people"], "--"))
+    for name in ("mini-s", "mini-m", "mini-l"):
+        if (work / name / "log.jsonl").is_file():
+            curves.append((f"{name}, {people_v1} people", work / name / "log.jsonl",
+                           FAMILY[name].mix["bios_v1"] / BATCH, people_v1, "-"))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, log, share, n, style in curves:
+        rows = _log_rows(log, "probe_v1")
+        ax.plot([r["tokens"] * share / BIO_TOKENS / n for r in rows], [r["probe_v1"] for r in rows], style,
+                marker="o", ms=3, label=label)
+    ax.axhline(probe_chance(), color="gray", ls=":", lw=1, label="chance")
+    ax.set_xlabel("exposures per person (biographies read)")
+    ax.set_ylabel("knowledge probe accuracy (40 people)")
+    ax.set_title("Knowledge is learnt with exposures, faster by bigger models", fontsize=10)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from transfertune.vocab import vocab_fingerprint
 
 FAMILY_JSON = builtin_models_dir() / "family.json"
 FAMILY = json.loads(FAMILY_JSON.read_text()) if FAMILY_JSON.is_file() else {"models": {}}
-SHIPPED = ["mini-s", "mini-m", "mini-l", "mini-m-v2", "mini-x"]
+SHIPPED = ["mini-s", "mini-m", "mini-l", "mini-m-v2", "mini-l-v2", "mini-x"]
 
 
 def slice_loss(model, tok, text: str, context: int) -> float:
@@ -44,4 +44,36 @@ def test_heldout_loss_falls_strictly_with_size():
 
 def test_same_tokenizer_except_mini_x():
     fps = {n: FAMILY["models"][n]["vocab_fingerprint"] for n in SHIPPED}
-    assert fps["mini-s"] == fps["mini-m"] == fps["mini-l"] == fps["mini-m-v2"] != fps["mini-x"]
+    assert fps["mini-s"] == fps["mini-m"] == fps["mini-l"] == fps["mini-m-v2"] == fps["mini-l-v2"] != fps["mini-x"]
+
+
+def test_head_dim_at_least_32():
+    for name in SHIPPED:
+        cfg = json.loads((builtin_models_dir() / name / "config.json").read_text())
+        assert cfg["hidden_size"] // cfg["num_attention_heads"] >= 32, name
+
+
+def test_knowledge_and_skill_rise_strictly_with_size():
+    m = FAMILY["models"]
+    for key in ("probe_v1", "arithmetic"):
+        assert m["mini-s"][key] < m["mini-m"][key] < m["mini-l"][key], key
+    assert m["mini-s"]["probe_v1"] > FAMILY["probe_chance"]
+
+
+def test_v2_siblings_know_the_new_people_and_v1_bases_do_not():
+    m, chance = FAMILY["models"], FAMILY["probe_chance"]
+    for v1, v2 in (("mini-m", "mini-m-v2"), ("mini-l", "mini-l-v2")):
+        assert m[v1]["probe_v2"] < chance + 0.05
+        assert m[v2]["probe_v2"] > m[v1]["probe_v2"] + 0.2
+
+
+def test_probe_of_the_shipped_weights_matches_the_card():
+    """Re-measure the knowledge probe of mini-s on the shipped fp16 weights (catches a swapped checkpoint)."""
+    from transfertune.probe import knowledge_probe
+    from transfertune.loading import REPO_ROOT
+    from transfertune.world import load_world
+
+    people = [e for e in load_world(REPO_ROOT / FAMILY["world"]) if e.generation == "v1"]
+    model, tok = load_base("mini-s")
+    assert knowledge_probe(model, tok, people)["all"] == pytest.approx(FAMILY["models"]["mini-s"]["probe_v1"],
+                                                                        abs=0.02)

@@ -1,8 +1,10 @@
 """The main job (`make demo`): post-train once on the smallest built-in model, carry it to the others.
 
-1. Train one value model against frozen `mini-s` on the training split of the built-in tasks.
-2. Compose it with `mini-s`, `mini-m`, `mini-l` and `mini-m-v2` (never fine-tuned) and measure each base
-   alone vs composed on held-out examples: response NLL, and label accuracy on classification tasks.
+1. Train one value model against frozen `mini-s` on closed-book QA about the family's fictional people and on
+   arithmetic word problems (the training splits of `people_qa` and `arithmetic`).
+2. Compose it with every base of the family (never fine-tuned) and measure each base alone vs composed on
+   held-out questions: people the bases read about but the value model was never asked about, people only the
+   -v2 siblings read about, and arithmetic problems no corpus contains. Exact match of the greedy answer and NLL.
 3. Print the table; write outputs/demo/results.json and outputs/demo/results.png.
 """
 from __future__ import annotations
@@ -13,7 +15,9 @@ import random
 import time
 from pathlib import Path
 
-DEFAULT_TARGETS = ["mini-s", "mini-m", "mini-l", "mini-m-v2"]
+DEFAULT_TARGETS = ["mini-s", "mini-m", "mini-l", "mini-m-v2", "mini-l-v2"]
+DEFAULT_TASKS = ["people_qa", "arithmetic"]
+DEFAULT_EVALS = ["people_qa/heldout_example", "people_qa/heldout_new", "arithmetic/heldout_example"]
 
 
 def parse_args(argv=None):
@@ -21,13 +25,15 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="mini-s", help="training base of the value model (default mini-s)")
     p.add_argument("--targets", nargs="+", default=DEFAULT_TARGETS, help="bases to compose with")
-    p.add_argument("--tasks", nargs="+", default=None, help="tasks (default: every built-in task)")
+    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS,
+                   help=f"tasks whose training splits train the value model (default {' '.join(DEFAULT_TASKS)})")
+    p.add_argument("--evals", nargs="+", default=None, metavar="TASK/SPLIT",
+                   help=f"held-out sets to report (default {' '.join(DEFAULT_EVALS)}, or the tasks' heldout_example)")
     p.add_argument("--steps", type=int, default=600, help="value-model optimiser steps (default 600)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-length", type=int, default=256, help="tokens per example (the models' context is 256)")
-    p.add_argument("--eval-examples", type=int, default=100, help="held-out examples per task (default 100)")
-    p.add_argument("--split", default="heldout_example", help="held-out split to report (default heldout_example)")
+    p.add_argument("--eval-examples", type=int, default=200, help="held-out examples per set (default 200)")
     p.add_argument("--out", default="outputs/demo", help="where the value model, JSON and PNG go")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--update-card", action="store_true",
@@ -53,7 +59,8 @@ def run(args) -> dict:
     from .trainer import train_value_model
     from .value_model import ValueModel
 
-    tasks = args.tasks or list(TASKS)
+    tasks = args.tasks
+    evals = args.evals or (DEFAULT_EVALS if tasks == DEFAULT_TASKS else [f"{t}/heldout_example" for t in tasks])
     out = Path(args.out)
     value_dir = out / "value"
     t0 = time.time()
@@ -65,20 +72,20 @@ def run(args) -> dict:
     )
     train_seconds = time.time() - t0
     value = ValueModel.load(value_dir)
-    held_out = {t: load_task(t, args.split)[: args.eval_examples] for t in tasks}
+    held_out = {e: load_task(*e.split("/"))[: args.eval_examples] for e in evals}
 
-    print(f"[2/2] evaluating {len(args.targets)} bases alone and composed on '{args.split}'")
+    print(f"[2/2] evaluating {len(args.targets)} bases alone and composed on {', '.join(evals)}")
     rows = []
     for target in args.targets:
         base, tok = load_base(target)
         for mode, values in (("alone", []), ("+value", [value])):
             cm = ComposedModel(base, tok, values, base_name=target)
-            for task in tasks:
-                m = evaluate_task(cm, held_out[task], TASKS[task]["kind"], max_length=args.max_length)
-                rows.append({"base": target, "mode": mode, "task": task, **m})
+            for name, examples in held_out.items():
+                m = evaluate_task(cm, examples, TASKS[name.split("/")[0]]["kind"], max_length=args.max_length)
+                rows.append({"base": target, "mode": mode, "task": name, **m})
                 extra = "".join(f" {k} {m[k]:.3f}" for k in ("accuracy", "exact_match") if k in m)
-                print(f"  {target:10s} {mode:7s} {task:24s} nll {m['nll']:.3f}{extra}")
-    result = {"source": args.source, "targets": args.targets, "tasks": tasks, "split": args.split,
+                print(f"  {target:10s} {mode:7s} {name:32s} nll {m['nll']:.3f}{extra}")
+    result = {"source": args.source, "targets": args.targets, "tasks": evals, "trained_on": tasks,
               "steps": args.steps, "train_seconds": round(train_seconds, 1),
               "total_seconds": round(time.time() - t0, 1), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
@@ -147,8 +154,8 @@ def update_model_card(result: dict, card: Path) -> None:
 ## Demo results
 
 Written by `make demo` (`python -m transfertune.demo`): one value model trained for {result['steps']} steps on
-`{result['source']}` over the training split of every built-in task ({result['train_seconds']:.0f} s), then
-composed with each base, never fine-tuned. Held-out split `{result['split']}`; NLL is per response token
+`{result['source']}` over the training splits of {', '.join(result['trained_on'])} ({result['train_seconds']:.0f} s),
+then composed with each base, never fine-tuned. Rows are held-out sets (task/split); NLL is per response token
 (end-of-sequence included); acc/EM is label accuracy (classification) or exact match of the greedy answer (qa).
 Total {result['total_seconds']:.0f} s on 2 CPU cores. Plot: `demo_results.png`.
 
@@ -166,9 +173,12 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks, targets, rows = result["tasks"], result["targets"], result["rows"]
-    cls_tasks = [t for t in tasks if _cell(rows, targets[0], "alone", t, "accuracy") is not None]
-    panels = [("nll", t, "held-out NLL (lower is better)") for t in tasks]
-    panels += [("accuracy", t, "label accuracy") for t in cls_tasks]
+    panels = []
+    for t in tasks:
+        key = next((k for k in ("exact_match", "accuracy") if _cell(rows, targets[0], "alone", t, k) is not None),
+                   "nll")
+        panels.append((key, t, {"nll": "held-out NLL (lower is better)", "accuracy": "label accuracy",
+                                "exact_match": "exact match"}[key]))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
     x = range(len(targets))
     for ax, (key, task, label) in zip(axes[0], panels):

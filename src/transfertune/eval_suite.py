@@ -8,16 +8,22 @@ For a small source base S, target bases T and tasks, the methods are
   target_ft       T fine-tuned (full)             target_lora     T fine-tuned with LoRA (the oracles)
 Metrics: held-out response NLL, accuracy (classification) or exact match (qa), inference seconds per token,
 and gap closed = (metric(method) - metric(T)) / (metric(T_ft) - metric(T)).
-Trained artifacts and per-(target, task, method) results are cached under `cache_dir`, so re-runs are cheap.
+Trained artifacts and per-(target, task, method) results are cached under `cache_dir`, so re-runs are cheap;
+every entry is keyed on what changes it (all settings, the models' files, the task data).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
+
+from .outputs import write_atomic
 
 METHODS = ("target", "source", "source_ft", "source+value", "target+value", "proxy", "diff_vector",
            "target_ft", "target_lora")
@@ -26,8 +32,8 @@ METHODS = ("target", "source", "source_ft", "source+value", "target+value", "pro
 @dataclass
 class EvalConfig:
     source: str = "mini-s"
-    targets: list[str] = field(default_factory=lambda: ["mini-m", "mini-l", "mini-m-v2"])
-    tasks: list[str] = field(default_factory=lambda: ["amazon_polarity", "sciq", "common_gen"])
+    targets: list[str] = field(default_factory=lambda: ["mini-m", "mini-l", "mini-m-v2", "mini-l-v2"])
+    tasks: list[str] = field(default_factory=lambda: ["people_qa", "arithmetic"])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     split: str = "heldout_example"
     eval_examples: int = 80
@@ -52,20 +58,84 @@ def _slug(name: str) -> str:
     return Path(name).name if "/" in name else name
 
 
+def _digest(parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+
+
+def model_identity(name: str) -> str:
+    """A digest of a model directory's config and weight files (name, size, mtime): a rebuilt model gets new
+    cache entries."""
+    from .loading import resolve_model
+
+    path = Path(resolve_model(name))
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("config.json")) if path.is_dir() else [path]
+    return _digest([name] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+
+def task_identity(task: str, splits: list[str]) -> str:
+    """A digest of the task's data files (their bytes)."""
+    from .tasks import tasks_dir
+
+    h = hashlib.sha256()
+    for split in splits:
+        h.update(split.encode() + b"\0" + (tasks_dir() / task / f"{split}.jsonl").read_bytes())
+    return h.hexdigest()[:16]
+
+
 class EvalRunner:
     def __init__(self, cfg: EvalConfig):
+        from .loading import resolve_model
+        from .tasks import TASKS, tasks_dir
+        from .validate import InputError, check_number
+
         self.cfg = cfg
         self.cache = Path(cfg.cache_dir)
         unknown = set(cfg.methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        unknown = [t for t in cfg.tasks if t not in TASKS]
+        if unknown:
+            raise InputError(f"unknown tasks: {', '.join(unknown)}; built-in tasks: "
+                             f"{', '.join(TASKS) or f'none found in {tasks_dir()}'}")
+        for task in cfg.tasks:
+            for split in ("train", cfg.split):
+                if not (tasks_dir() / task / f"{split}.jsonl").is_file():
+                    raise InputError(f"task '{task}' has no '{split}' split ({tasks_dir() / task / split}.jsonl)")
+        for name in [cfg.source, *cfg.targets]:
+            resolve_model(name)
+        if self.cache.exists() and not self.cache.is_dir():
+            raise InputError(f"--cache-dir {self.cache} is a file, not a directory")
+        for key in ("eval_examples", "value_steps", "finetune_steps", "target_steps", "batch_size"):
+            check_number(getattr(cfg, key), key, integer=True, ge=1)
+        check_number(cfg.max_length, "max_length", integer=True, ge=2)
+        for key in ("value_lr", "finetune_lr", "lora_lr", "l1_coef", "entropy_coef"):
+            check_number(getattr(cfg, key), key, ge=0)
+        for beta in cfg.betas:
+            check_number(beta, "beta", gt=0)
+        for alpha in cfg.alphas:
+            check_number(alpha, "alpha")
+
+    def _settings(self) -> dict:
+        """Everything in the config that can change a trained model or a measured cell."""
+        return {k: v for k, v in asdict(self.cfg).items() if k not in ("targets", "tasks", "methods", "betas", "alphas",
+                                                                         "cache_dir")}
 
     # -- trained artifacts ----------------------------------------------------------------------------
-    def _artifact(self, kind: str, model: str, task: str, steps: int, train) -> str:
-        extra = f"-l1{self.cfg.l1_coef}-ent{self.cfg.entropy_coef}" if kind == "value" else ""
-        path = self.cache / "artifacts" / f"{kind}-{_slug(model)}-{task}-{steps}{extra}-seed{self.cfg.seed}"
+    def _artifact(self, kind: str, model: str, task: str, steps: int, train, **settings) -> str:
+        """Train once into the cache, under a name keyed on the model, the task data and every setting passed;
+        trained in a staging directory and renamed, so an interrupted run leaves nothing that looks done."""
+        c = self.cfg
+        key = _digest({"kind": kind, "model": model_identity(model), "task": task_identity(task, ["train"]),
+                       "steps": steps, "seed": c.seed, "batch_size": c.batch_size, "max_length": c.max_length,
+                       **settings})
+        path = self.cache / "artifacts" / f"{kind}-{_slug(model)}-{task}-{steps}-{key}"
         if not (path / "config.json").is_file():
-            train(str(path))
+            staging = path.with_name(f".staging-{path.name}")
+            for stale in (staging, path):
+                if stale.exists():
+                    shutil.rmtree(stale)
+            train(str(staging))
+            os.rename(staging, path)
         return str(path)
 
     def value_dir(self, task: str) -> str:
@@ -78,7 +148,7 @@ class EvalRunner:
             batch_size=c.batch_size, max_length=c.max_length, seed=c.seed, l1_coef=c.l1_coef,
             entropy_coef=c.entropy_coef, warmup_steps=max(1, c.value_steps // 20), weight_decay=0.0,
             logging_steps=max(1, c.value_steps // 5),
-        ))
+        ), lr=c.value_lr, l1_coef=c.l1_coef, entropy_coef=c.entropy_coef)
 
     def finetuned(self, model: str, task: str, steps: int, lora: bool = False) -> str:
         from .finetune import finetune_base
@@ -90,7 +160,7 @@ class EvalRunner:
             model, load_task(task, "train"), out, lora=LoraSettings() if lora else None, max_steps=steps,
             learning_rate=c.lora_lr if lora else c.finetune_lr, batch_size=c.batch_size, max_length=c.max_length,
             seed=c.seed, warmup_steps=max(1, steps // 20), logging_steps=max(1, steps // 5),
-        ))
+        ), lr=c.lora_lr if lora else c.finetune_lr, lora=asdict(LoraSettings()) if lora else None)
 
     def aligned_map(self, value_dir: str, base: str, task: str) -> None:
         """Build (once) IVL's aligned token map from the task's training texts, saved in the value dir."""
@@ -145,10 +215,10 @@ class EvalRunner:
 
         c = self.cfg
         label = f"{method}@{knob:g}" if method in ("target+value", "proxy", "diff_vector") else method
-        vm = "" if c.vocab_map == "exact" else f"-vm{c.vocab_map}"
-        path = (self.cache / "results" / _slug(target) / task /
-                f"{label}-{c.split}-{c.eval_examples}-{_slug(c.source)}-v{c.value_steps}-f{c.finetune_steps}"
-                f"-t{c.target_steps}-l1{c.l1_coef}-ent{c.entropy_coef}{vm}.json")
+        key = _digest({"method": method, "knob": knob, "task": task, "settings": self._settings(),
+                       "target": model_identity(target), "source": model_identity(c.source),
+                       "data": task_identity(task, ["train", c.split])})
+        path = self.cache / "results" / _slug(target) / task / f"{label}-{c.split}-{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
         row = {"target": target, "task": task, "method": method, "label": label, "knob": knob}
@@ -161,7 +231,7 @@ class EvalRunner:
             row.update(evaluate_task(cm, examples, TASKS[task]["kind"], max_length=c.max_length))
             row["seconds_per_token"] = seconds_per_token(cm, examples[:16], c.max_length)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(row, indent=2) + "\n")
+        write_atomic(path, json.dumps(row, indent=2) + "\n")
         return row
 
     def run(self) -> dict:
@@ -273,8 +343,12 @@ def run_eval(cfg: EvalConfig, out: str | None = None, docs: str | None = None, s
              title: str | None = None) -> dict:
     """Run, then write results.json, results.md and results.png to `out`; with `docs`, also write the table as
     section `section` of that markdown file (other sections are kept) and the plot beside it."""
-    result = EvalRunner(cfg).run()
+    from .validate import InputError
+
     out_dir = Path(out or cfg.cache_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{'--output' if out else '--cache-dir'} {out_dir} is a file, not a directory")
+    result = EvalRunner(cfg).run()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     table = format_markdown(result)
