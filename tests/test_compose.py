@@ -18,10 +18,11 @@ def logits():
     return torch.randn(3, 5, 11, generator=g), torch.randn(3, 5, 11, generator=g)
 
 
-def test_zero_values_give_the_base_distribution_exactly(logits):
+def test_zero_values_give_the_base_distribution(logits):
+    """log_softmax applied twice is not bit-identical to once on every CPU: compare within float32 rounding."""
     base, _ = logits
     out = composed_log_probs(base, [torch.zeros_like(base)])
-    assert torch.equal(out, F.log_softmax(base, -1))
+    torch.testing.assert_close(out, F.log_softmax(base, -1), rtol=1e-6, atol=1e-6)
 
 
 def test_beta_divides_the_values(logits):

@@ -20,7 +20,8 @@ def tiny_task(tmp_path, monkeypatch, yes_no_records):
              "label": int(r["response"].strip() == "yes")} for r in yes_no_records]
     for split, part in (("train", rows[:16]), ("heldout_example", rows[16:]), ("heldout_template", rows[16:])):
         (root / "yesno" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    (root / "tasks.json").write_text(json.dumps({"yesno": {"kind": "classification", "sizes": {}}}))
+    sizes = {"train": 16, "heldout_example": 8, "heldout_template": 8}
+    (root / "tasks.json").write_text(json.dumps({"yesno": {"kind": "classification", "sizes": sizes}}))
     monkeypatch.setenv("TRANSFERTUNE_TASKS", str(root))
     return "yesno"
 
@@ -93,7 +94,7 @@ def test_diff_vector_is_exact_and_refuses_other_architectures(model_dir):
     for name, w in moved.state_dict().items():
         torch.testing.assert_close(w, load_causal_lm(s_ft).state_dict()[name], rtol=0, atol=1e-6)
     unchanged = diff_vector_transfer(t, s, s)
-    for name, w in unchanged.state_dict().items():
+    for name, w in unchanged.state_dict().items():  # t + alpha * (s - s) adds exact zeros: bit-exact by construction
         assert torch.equal(w, load_causal_lm(t).state_dict()[name])
     with pytest.raises(ArchitectureMismatchError, match="one architecture"):
         diff_vector_transfer(model_dir("llama", hidden=48, seed=1), s, s_ft)
@@ -102,3 +103,28 @@ def test_diff_vector_is_exact_and_refuses_other_architectures(model_dir):
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown methods"):
         EvalRunner(EvalConfig(methods=["magic"]))
+
+
+def test_cache_is_keyed_on_everything_that_changes_a_result(model_dir, tiny_task, tmp_path):
+    """Issue #13 item 10: a re-run with another seed, learning rate, batch size, max length or task data trains
+    and measures again instead of serving the old cell under the new label."""
+    source = model_dir("llama", hidden=32, seed=5)
+    cache = tmp_path / "eval"
+    argv = ["eval", "--source", source, "--targets", source, "--tasks", tiny_task, "--examples", "4",
+            "--methods", "target+value", "--value-steps", "2", "--batch-size", "4", "--cache-dir", str(cache)]
+
+    def run(*extra):
+        assert cli_main(argv + list(extra)) == 0
+        return {p.name for p in (cache / "artifacts").iterdir()}, {p.name for p in (cache / "results").rglob("*.json")}
+
+    first = run()
+    assert [len(x) for x in first] == [1, 1] and run() == first
+    seen = first
+    for extra in (["--seed", "1"], ["--value-lr", "0.1"], ["--batch-size", "2"], ["--max-length", "64"]):
+        now = run(*extra)
+        assert all(len(n - s) == 1 for n, s in zip(now, seen)), extra
+        seen = now
+    train = tmp_path / "tasks" / tiny_task / "train.jsonl"
+    train.write_text(train.read_text().replace("awful", "dreadful"))
+    now = run()
+    assert all(len(n - s) == 1 for n, s in zip(now, seen))

@@ -7,7 +7,8 @@ from transfertune.tasks import SPLITS, TASKS, exact_match, label_accuracy, load_
 def test_every_task_has_its_splits_and_kinds():
     assert {"classification", "qa", "generation"} <= {TASKS[t]["kind"] for t in TASKS}
     for task in TASKS:
-        for split in SPLITS:
+        assert set(TASKS[task]["sizes"]) <= set(SPLITS)
+        for split in TASKS[task]["sizes"]:
             rows = load_task(task, split)
             assert len(rows) == TASKS[task]["sizes"][split] > 0
             assert all(r["prompt"] and r["response"] and "<|endoftext|>" not in r["response"] for r in rows)
@@ -26,6 +27,33 @@ def test_splits_are_disjoint_by_example_and_by_template():
         assert not {r["template"] for r in held_tpl} & train_templates
         train_pairs = {(r["prompt"], r["response"]) for r in train}
         assert not train_pairs & {(r["prompt"], r["response"]) for r in held_ex}
+
+
+def test_people_qa_splits_separate_people_and_generations():
+    """Held-out people were never asked about in training; heldout_new asks only about people of the v2 corpus."""
+    train_people = {r["example"] for r in load_task("people_qa", "train")}
+    held = load_task("people_qa", "heldout_example")
+    assert not train_people & {r["example"] for r in held}
+    assert {r["generation"] for r in held} == {"v1"}
+    assert {r["generation"] for r in load_task("people_qa", "heldout_new")} == {"v2"}
+    assert {r["example"] for r in load_task("people_qa", "heldout_template")} <= train_people
+    for r in held:
+        assert r["response"].startswith(r["example"]) and r["response"].endswith(r["answer"] + ".")
+
+
+def test_arithmetic_answers_are_right_and_heldout_problems_never_in_the_corpus():
+    from transfertune.world import is_heldout_problem
+
+    for split, heldout in (("train", False), ("heldout_example", True)):
+        for r in load_task("arithmetic", split):
+            a, op, b, _, c = r["response"].split()
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(r["answer"])
+            assert is_heldout_problem(int(a), op, int(b)) == heldout
+
+
+def test_ag_news_rows_carry_all_four_classes():
+    for r in load_task("ag_news", "heldout_example"):
+        assert len(r["choices"]) == 4
 
 
 def test_classification_rows_have_their_label_among_choices():

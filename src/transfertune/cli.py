@@ -1,4 +1,4 @@
-"""`transfertune` command line: train, generate, score, eval, info, vocab-map, models."""
+"""`transfertune` command line: train, generate, score, serve, eval, info, vocab-map, models."""
 from __future__ import annotations
 
 import argparse
@@ -7,19 +7,26 @@ import os
 import sys
 from pathlib import Path
 
+from .validate import InputError, flag_type
+
+NUMBER = flag_type()
+POSITIVE = flag_type(gt=0)
+NON_NEGATIVE = flag_type(ge=0)
+COUNT = flag_type(integer=True, ge=1)
+
 
 def _add_compose_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base model: built-in short name (e.g. mini-l), local dir or HF id")
     p.add_argument("--value", action="append", default=[], metavar="DIR",
                    help="value directory to compose with the base (repeat for several)")
-    p.add_argument("--weight", action="append", type=float, default=None, metavar="W",
+    p.add_argument("--weight", action="append", type=NUMBER, default=None, metavar="W",
                    help="weight of each --value, in order (default 1 each)")
-    p.add_argument("--beta", type=float, default=None,
+    p.add_argument("--beta", type=POSITIVE, default=None,
                    help="divide value logits by beta (default: the beta stored in the value directory); "
                         "smaller beta = stronger post-training effect")
     p.add_argument("--proxy-tuned", metavar="MODEL", help="proxy-tuning: the small fine-tuned model")
     p.add_argument("--proxy-untuned", metavar="MODEL", help="proxy-tuning: the small model before fine-tuning")
-    p.add_argument("--alpha", type=float, default=1.0, help="proxy-tuning strength (default 1)")
+    p.add_argument("--alpha", type=NUMBER, default=1.0, help="proxy-tuning strength (default 1)")
     p.add_argument("--vocab-map", choices=["none", "auto", "exact", "align"], default="none",
                    help="compose a value model trained on another vocabulary through a token map: auto = a map "
                         "saved in the value directory, else exact string matching (default none: refuse)")
@@ -53,8 +60,8 @@ def cmd_train(args) -> None:
         args.base, args.data, args.output, init=args.init, zero_init_head=not args.no_zero_init_head, lora=lora,
         beta=args.beta, l1_coef=args.l1, entropy_coef=args.entropy, epochs=args.epochs, max_steps=args.max_steps,
         learning_rate=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
-        seed=args.seed, save_steps=args.save_steps, resume=args.resume, trust_remote_code=args.trust_remote_code,
-        logging_steps=args.logging_steps,
+        seed=args.seed, save_steps=args.save_steps, resume=args.resume, overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code, logging_steps=args.logging_steps,
     )
     print(f"value model saved to {args.output}")
 
@@ -65,26 +72,50 @@ def _read_prompts(args) -> list[str]:
     if args.prompt_file:
         path = Path(args.prompt_file)
         if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {path}")
+            raise FileNotFoundError(f"--prompt-file not found: {path}")
         if path.suffix == ".jsonl":
-            from .data import read_jsonl
+            from .data import read_prompts
 
-            return [r["prompt"] for r in read_jsonl(path)]
-        return [line.rstrip("\n").replace("\\n", "\n") for line in path.open(encoding="utf-8") if line.strip()]
+            prompts = read_prompts(path)
+        else:
+            prompts = [line.rstrip("\n").replace("\\n", "\n") for line in _text_lines(path) if line.strip()]
+        if not prompts:
+            raise InputError(f"--prompt-file {path} holds no prompts")
+        return prompts
+    if sys.stdin is None or sys.stdin.closed:
+        raise InputError("no prompt: give one as an argument or with --prompt-file (standard input is closed)")
     if sys.stdin.isatty():
-        raise ValueError("give a prompt as an argument, with --prompt-file, or on standard input")
-    text = sys.stdin.read()
+        raise InputError("give a prompt as an argument, with --prompt-file, or on standard input")
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError:
+        raise InputError("standard input is not UTF-8 text") from None
     if not text.strip():
-        raise ValueError("standard input is empty: no prompt to generate from")
+        raise InputError("standard input is empty: no prompt to generate from")
     return [text]
+
+
+def _text_lines(path: Path) -> list[str]:
+    from .data import DataFormatError
+
+    lines = []
+    for n, raw in enumerate(path.read_bytes().splitlines(keepends=True), start=1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataFormatError(f"{path}: line {n} is not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
+    return lines
 
 
 def cmd_generate(args) -> None:
     from .sampling import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    gen = _load_composed(args).generator()
     prompts = _read_prompts(args)
+    gen = _load_composed(args).generator()
+    limit = gen.composed.context_length
+    if limit is not None and args.max_new_tokens >= limit:
+        print(f"note: generation stops at the context of {limit} tokens (prompt + new tokens)", file=sys.stderr)
     if args.stream:
         for prompt in prompts:
             for piece in gen.stream(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop):
@@ -101,51 +132,74 @@ def cmd_generate(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from .data import read_jsonl, render_chat
+    from .data import DataFormatError, iter_jsonl, read_jsonl, render_chat
+    from .validate import ContextLengthError
 
-    cm = _load_composed(args)
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir():
+            raise InputError(f"--output {out} is a directory: give a file to write")
+        if out.exists() and Path(args.data).exists() and out.samefile(args.data):
+            raise InputError(f"--output {out} is the --data file: scoring would overwrite its input")
     records = read_jsonl(args.data)
+    lines = [n for n, r in iter_jsonl(args.data)]
+    cm = _load_composed(args)
     pairs = [render_chat(cm.tokenizer, r["messages"]) if "messages" in r else (r["prompt"], r["response"])
              for r in records]
-    logps = cm.score([p for p, _ in pairs], [r for _, r in pairs], add_eos=args.add_eos,
-                     batch_size=args.batch_size, progress=True)
+    try:
+        feats, truncated = cm.encode([p for p, _ in pairs], [r for _, r in pairs], add_eos=args.add_eos)
+    except ContextLengthError as err:
+        raise DataFormatError(f"{args.data}: line {lines[err.index]}: {str(err).split(': ', 1)[1]}") from None
+    if truncated:
+        print(f"note: {len(truncated)} prompt{'s' if len(truncated) > 1 else ''} lost tokens from the left to fit "
+              f"the context of {cm.context_length} tokens (lines {', '.join(str(lines[i]) for i in truncated[:10])}"
+              f"{', ...' if len(truncated) > 10 else ''})", file=sys.stderr)
+    logps = cm.score_features(feats, batch_size=args.batch_size, progress=True)
     rows = [{"logprob": float(lp.sum()), "tokens": lp.numel(), "nll": float(-lp.mean()) if lp.numel() else 0.0,
              "token_logprobs": [round(float(x), 5) for x in lp]} for lp in logps]
     n = sum(r["tokens"] for r in rows)
     mean_nll = -sum(r["logprob"] for r in rows) / max(n, 1)
     if args.output:
-        tmp = Path(str(args.output) + ".tmp")
-        with tmp.open("w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, args.output)
-    print(json.dumps({"examples": len(rows), "tokens": n, "mean_nll": round(mean_nll, 5)}))
+        from .outputs import write_atomic
+
+        write_atomic(args.output, "".join(json.dumps(r) + "\n" for r in rows))
+    print(json.dumps({"examples": len(rows), "tokens": n, "mean_nll": round(mean_nll, 5),
+                      "truncated_prompts": len(truncated)}))
 
 
 def cmd_info(args) -> None:
+    """Describe a value directory. Every string from it is printed with control characters escaped."""
+    from safetensors import safe_open
+
+    from .cross_vocab import MAP_PREFIX, VocabMap
+    from .outputs import manifest
+    from .validate import check_safetensors, printable as clean
     from .value_model import ValueConfig
 
     cfg = ValueConfig.load(args.value_dir)
-    files = sorted(p.name for p in Path(args.value_dir).iterdir())
-    weights = [Path(args.value_dir, f) for f in files if f.endswith(".safetensors")]
+    directory = Path(args.value_dir)
+    own = manifest(directory)
+    files = sorted(p.name for p in directory.iterdir() if p.name in own)
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir()
+                    if p.name not in own and not p.name.startswith((".", MAP_PREFIX)))
     n_params = 0
-    from safetensors import safe_open
-
-    for w in weights:
-        with safe_open(str(w), "pt") as f:
-            n_params += sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
-    print(f"value directory   {args.value_dir}")
-    print(f"kind              {'LoRA adapter' if cfg.lora else 'full weights'} (init: {cfg.init})")
-    print(f"trained against   {cfg.training_base}")
-    print(f"vocabulary        {cfg.vocab_size} tokens, fingerprint {cfg.vocab_fingerprint}")
-    print(f"beta / scheme     {cfg.beta} / {cfg.scheme}")
-    print(f"regularisers      l1 {cfg.l1_coef}, entropy {cfg.entropy_coef}")
+    for name in files:
+        if name.endswith(".safetensors"):
+            check_safetensors(directory / name)
+            with safe_open(str(directory / name), "pt") as f:
+                n_params += sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+    print(f"value directory   {clean(args.value_dir)}")
+    print(f"kind              {'LoRA adapter' if cfg.lora else 'full weights'} (init: {clean(cfg.init)})")
+    print(f"trained against   {clean(cfg.training_base)}")
+    print(f"vocabulary        {clean(cfg.vocab_size)} tokens, fingerprint {clean(cfg.vocab_fingerprint)}")
+    print(f"beta / scheme     {clean(cfg.beta)} / {clean(cfg.scheme)}")
+    print(f"regularisers      l1 {clean(cfg.l1_coef)}, entropy {clean(cfg.entropy_coef)}")
     print(f"stored parameters {n_params:,}")
-    print(f"files             {', '.join(files)}")
-    from .cross_vocab import VocabMap
-
+    print(f"files             {clean(', '.join(files))}")
+    if others:
+        print(f"also here         {clean(', '.join(others))} (not part of the value model)")
     for vmap in VocabMap.saved(args.value_dir):
-        print(f"vocabulary map    {vmap.describe()}")
+        print(f"vocabulary map    {clean(vmap.describe())}")
 
 
 def _read_texts(paths: list[str]) -> list[str]:
@@ -158,7 +212,9 @@ def _read_texts(paths: list[str]) -> list[str]:
             texts += ["".join(m["content"] for m in r["messages"]) if "messages" in r else r["prompt"] + r["response"]
                       for r in read_jsonl(path)]
         else:
-            texts += [t for t in Path(path).read_text(encoding="utf-8").split("\n\n") if t.strip()]
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--texts file not found: {path}")
+            texts += [t for t in "".join(_text_lines(Path(path))).split("\n\n") if t.strip()]
     return texts
 
 
@@ -167,17 +223,30 @@ def cmd_vocab_map(args) -> None:
     from .loading import load_tokenizer
     from .value_model import ValueConfig
 
+    from .vocab import vocab_fingerprint
+
     ValueConfig.load(args.value)
-    value_tok = load_tokenizer(args.value)
-    base_tok = load_tokenizer(args.base, trust_remote_code=args.trust_remote_code)
+    texts = []
     if args.kind == "align":
         if not args.texts:
-            raise ValueError("--kind align needs --texts FILE [FILE ...] to tokenise with both tokenizers")
+            raise InputError("--kind align needs --texts FILE [FILE ...] to tokenise with both tokenizers")
         texts = _read_texts(args.texts)[: args.max_texts]
+        if not texts:
+            raise InputError(f"--texts {' '.join(args.texts)}: no text to align")
+    value_tok = load_tokenizer(args.value)
+    base_tok = load_tokenizer(args.base, trust_remote_code=args.trust_remote_code)
+    base_fp = vocab_fingerprint(base_tok)
+    same = [m for m in VocabMap.saved(args.value) if m.base_fingerprint == base_fp and m.kind == args.kind]
+    if same and not args.overwrite:
+        raise InputError(f"{args.value} already holds an {args.kind} map for this base ({same[0].describe()}): "
+                         f"pass --overwrite to replace it")
+    if args.kind == "align":
         vmap = VocabMap.align(base_tok, value_tok, tqdm_texts(texts))
+        if not vmap.stats["aligned"]:
+            raise InputError(f"--texts {' '.join(args.texts)}: the alignment matched no tokens; nothing saved")
     else:
         vmap = VocabMap.exact(base_tok, value_tok)
-    path = vmap.save(args.value)
+    path = vmap.save(args.value, overwrite=args.overwrite)
     print(vmap.describe())
     print(f"saved {path}")
 
@@ -222,6 +291,17 @@ def cmd_eval(args) -> None:
     print(f"\nwrote results.json, results.md and results.png to {args.output or args.cache_dir}")
 
 
+def cmd_serve(args) -> None:
+    try:
+        from .serving import serve
+    except ImportError as err:
+        raise ValueError(f"serving needs FastAPI and uvicorn: pip install 'transfertune[serve]' ({err})") from None
+
+    name = args.served_model_name or "+".join([args.base, *(Path(v).name for v in args.value)])
+    serve(_load_composed(args), host=args.host, port=args.port, api_key=args.api_key, model_name=name,
+          max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transfertune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,27 +310,33 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a value model with the composed SFT loss (response tokens only).")
     p.add_argument("--base", required=True, help="frozen training base (short name, dir or HF id)")
     p.add_argument("--data", required=True, help='JSONL of {"prompt","response"}, {"prompt","completion"} or {"messages"}')
-    p.add_argument("--output", required=True, help="value directory to write")
+    p.add_argument("--output", required=True,
+                   help="value directory to write: new or empty (see --overwrite, --resume)")
     p.add_argument("--init", default=None,
                    help="LM the value model starts from (default: the base itself); 'random:MODEL' = MODEL's config, fresh weights")
     p.add_argument("--no-zero-init-head", action="store_true",
                    help="keep the init LM's output layer (default zeroes it so training starts at the base distribution)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (+ the output layer) instead of all weights")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default 32)")
-    p.add_argument("--beta", type=float, default=1.0, help="value scale used in training and stored as the default (1)")
-    p.add_argument("--l1", type=float, default=0.0, help="IVL norm penalty coefficient on mean |value logit| (0 = off)")
-    p.add_argument("--entropy", type=float, default=0.0, help="PRT entropy bonus coefficient on softmax(values) (0 = off)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
-    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimiser steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, cosine schedule (default 1e-4)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per device per step (default 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    p.add_argument("--max-length", type=int, default=512, help="truncate examples to this many tokens (default 512)")
+    p.add_argument("--lora-r", type=COUNT, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=COUNT, default=32, help="LoRA alpha (default 32)")
+    p.add_argument("--beta", type=POSITIVE, default=1.0, help="value scale used in training and stored as the default (1)")
+    p.add_argument("--l1", type=NON_NEGATIVE, default=0.0, help="IVL norm penalty coefficient on mean |value logit| (0 = off)")
+    p.add_argument("--entropy", type=NON_NEGATIVE, default=0.0, help="PRT entropy bonus coefficient on softmax(values) (0 = off)")
+    p.add_argument("--epochs", type=POSITIVE, default=1.0, help="passes over the data (default 1)")
+    p.add_argument("--max-steps", type=flag_type(integer=True, ge=-1), default=-1,
+                   help="stop after this many optimiser steps (overrides --epochs; -1 = off)")
+    p.add_argument("--lr", type=NON_NEGATIVE, default=1e-4, help="peak learning rate, cosine schedule (default 1e-4)")
+    p.add_argument("--batch-size", type=COUNT, default=8, help="examples per device per step (default 8)")
+    p.add_argument("--grad-accum", type=COUNT, default=1, help="gradient accumulation steps (default 1)")
+    p.add_argument("--max-length", type=flag_type(integer=True, ge=2), default=None,
+                   help="truncate examples to this many tokens (default: the base's context, at most 512)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--save-steps", type=int, default=None, help="write a resumable checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output")
-    p.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default 10)")
+    p.add_argument("--save-steps", type=COUNT, default=None, help="write a resumable checkpoint every N steps")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --output from its last complete checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what transfertune wrote in a non-empty --output (other files are refused)")
+    p.add_argument("--logging-steps", type=COUNT, default=10, help="log the loss every N steps (default 10)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
     p.set_defaults(func=cmd_train)
 
@@ -259,14 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compose_args(p)
     p.add_argument("prompt", nargs="?", help="prompt text (else --prompt-file or standard input)")
     p.add_argument("--prompt-file", help="one prompt per line (\\n for newlines), or a JSONL with a prompt field")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample only among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--max-new-tokens", type=COUNT, default=64,
+                   help="tokens to generate at most (default 64; never past the context length)")
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy (default); >0 samples")
+    p.add_argument("--top-k", type=flag_type(integer=True, ge=0), default=0,
+                   help="sample only among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=flag_type(gt=0, le=1), default=1.0, help="nucleus sampling mass (default 1 = off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed for reproducible output")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    p.add_argument("--batch-size", type=COUNT, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=cmd_generate)
 
@@ -274,9 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score each JSONL example's response given its prompt under the composed model.")
     _add_compose_args(p)
     p.add_argument("--data", required=True, help="JSONL of prompt/response (or completion, or messages)")
-    p.add_argument("--output", help="write per-example log-probs here (JSONL)")
+    p.add_argument("--output", help="write per-example log-probs here (JSONL; not the --data file)")
     p.add_argument("--add-eos", action="store_true", help="also score the end-of-sequence token after each response")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
+    p.add_argument("--batch-size", type=COUNT, default=8, help="examples per forward pass (default 8)")
     p.set_defaults(func=cmd_score)
 
     from .eval_suite import METHODS, EvalConfig
@@ -293,19 +381,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"methods to run (default all: {', '.join(METHODS)})")
     p.add_argument("--split", default=d.split, choices=["heldout_example", "heldout_template", "heldout_new"],
                    help="held-out split (default heldout_example)")
-    p.add_argument("--examples", type=int, default=d.eval_examples, help="held-out examples per task (default %(default)s)")
-    p.add_argument("--value-steps", type=int, default=d.value_steps, help="value-model training steps (default %(default)s)")
-    p.add_argument("--value-lr", type=float, default=d.value_lr, help="value-model learning rate (default %(default)s)")
-    p.add_argument("--l1", type=float, default=0.0, help="IVL L1 regulariser coefficient (default 0)")
-    p.add_argument("--entropy", type=float, default=0.0, help="PRT entropy regulariser coefficient (default 0)")
-    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
+    p.add_argument("--examples", type=COUNT, default=d.eval_examples, help="held-out examples per task (default %(default)s)")
+    p.add_argument("--value-steps", type=COUNT, default=d.value_steps, help="value-model training steps (default %(default)s)")
+    p.add_argument("--value-lr", type=NON_NEGATIVE, default=d.value_lr, help="value-model learning rate (default %(default)s)")
+    p.add_argument("--l1", type=NON_NEGATIVE, default=0.0, help="IVL L1 regulariser coefficient (default 0)")
+    p.add_argument("--entropy", type=NON_NEGATIVE, default=0.0, help="PRT entropy regulariser coefficient (default 0)")
+    p.add_argument("--finetune-steps", type=COUNT, default=d.finetune_steps,
                    help="fine-tuning steps of the source (proxy-tuning, weight diff; default %(default)s)")
-    p.add_argument("--target-steps", type=int, default=d.target_steps,
+    p.add_argument("--target-steps", type=COUNT, default=d.target_steps,
                    help="compute budget of the target fine-tuning oracles, in steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default %(default)s)")
-    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)")
-    p.add_argument("--beta", type=float, nargs="+", default=d.betas, help="beta values to sweep for target + value")
-    p.add_argument("--alpha", type=float, nargs="+", default=d.alphas, help="alpha values for proxy / weight diff")
+    p.add_argument("--batch-size", type=COUNT, default=d.batch_size, help="training batch size (default %(default)s)")
+    p.add_argument("--max-length", type=flag_type(integer=True, ge=2), default=d.max_length,
+                   help="tokens per example (default %(default)s)")
+    p.add_argument("--beta", type=POSITIVE, nargs="+", default=d.betas, help="beta values to sweep for target + value")
+    p.add_argument("--alpha", type=NUMBER, nargs="+", default=d.alphas, help="alpha values for proxy / weight diff")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=d.cache_dir, help="trained models and per-cell results (default %(default)s)")
     p.add_argument("--output", default=None, help="where results.json/.md/.png go (default: --cache-dir)")
@@ -330,9 +419,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["exact", "align"], default="exact",
                    help="exact string match, or IVL's DTW alignment over --texts (default exact)")
     p.add_argument("--texts", nargs="+", metavar="FILE", help="JSONL or text files to align (for --kind align)")
-    p.add_argument("--max-texts", type=int, default=5000, help="align at most this many texts (default 5000)")
+    p.add_argument("--max-texts", type=COUNT, default=5000, help="align at most this many texts (default 5000)")
+    p.add_argument("--overwrite", action="store_true", help="replace a saved map of this kind for this base")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_vocab_map)
+
+    p = sub.add_parser("serve", help="serve the composed model over an OpenAI-compatible HTTP API",
+                       description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
+                                   "/health) with continuous batching; requests may set `beta` and `weights`.")
+    _add_compose_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("TRANSFERTUNE_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 (default: $TRANSFERTUNE_API_KEY, else none)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: base+value names)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together at most (default 32)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="sequences allowed to wait; past it requests get 429 (default 256)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + completion tokens at most (default: the models' context window)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list the built-in models")
     p.set_defaults(func=cmd_models)
@@ -346,8 +452,11 @@ def main(argv=None) -> int:
 
     try:
         args.func(args)
-    except (DataFormatError, VocabularyMismatchError, FileNotFoundError, ValueError) as err:
-        print(f"transfertune {args.command}: error: {err}", file=sys.stderr)
+    except (DataFormatError, VocabularyMismatchError, ValueError, OSError) as err:
+        from .validate import printable
+
+        message = "\n".join(printable(line) for line in str(err).splitlines())
+        print(f"transfertune {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -8,6 +8,7 @@ the residual scheme of Inverse Value Learning and eq. 6 of Portable Reward Tunin
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -56,18 +57,50 @@ def compose_logits(
 
     `proxy` is a (tuned_logits, untuned_logits) pair of a small model after and before fine-tuning.
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
+    if not beta > 0 or not math.isfinite(beta):
+        raise ValueError(f"beta must be a positive finite number, got {beta}")
     weights = [1.0] * len(value_logits) if weights is None else list(weights)
     if len(weights) != len(value_logits):
         raise ValueError(f"{len(value_logits)} value models but {len(weights)} weights")
+    scales = [w / beta for w in weights]
+    return _compose(base_logits, value_logits, scales, vocab_maps, proxy, alpha, real_vocab_size)
+
+
+def compose_logits_per_row(
+    base_logits: torch.Tensor,
+    value_logits: Sequence[torch.Tensor] = (),
+    *,
+    weights: torch.Tensor | Sequence[Sequence[float]],
+    beta: torch.Tensor | Sequence[float],
+    vocab_maps: Sequence[VocabMap | None] | None = None,
+    proxy: tuple[torch.Tensor, torch.Tensor] | None = None,
+    alpha: float = 1.0,
+    real_vocab_size: int | None = None,
+) -> torch.Tensor:
+    """`compose_logits` with its own beta [B] and value weights [B, n_values] for each batch row (a server
+    mixing requests with different steering strengths in one batch)."""
+    rows, n = base_logits.shape[0], len(value_logits)
+    beta = torch.as_tensor(beta, dtype=torch.float64).reshape(-1)
+    weights = torch.as_tensor(weights, dtype=torch.float64).reshape(rows, n)
+    if beta.numel() != rows:
+        raise ValueError(f"{rows} rows but {beta.numel()} betas")
+    if not bool(((beta > 0) & torch.isfinite(beta)).all()):
+        raise ValueError(f"beta must be positive finite numbers, got {beta.tolist()}")
+    # w / beta in float64 then float32: the same number a Python scalar w / beta becomes in compose_logits
+    shape = (rows,) + (1,) * (base_logits.dim() - 1)
+    scales = [(weights[:, i] / beta).float().reshape(shape).to(base_logits.device) for i in range(n)]
+    return _compose(base_logits, value_logits, scales, vocab_maps, proxy, alpha, real_vocab_size)
+
+
+def _compose(base_logits, value_logits, scales, vocab_maps, proxy, alpha, real_vocab_size) -> torch.Tensor:
+    """The formula itself; each scale (w / beta) is a float or a tensor broadcasting over the rows."""
     vocab_maps = [None] * len(value_logits) if vocab_maps is None else list(vocab_maps)
     size = base_logits.shape[-1]
 
     composed = F.log_softmax(base_logits.float(), dim=-1)
-    for v, w, vmap in zip(value_logits, weights, vocab_maps):
+    for v, scale, vmap in zip(value_logits, scales, vocab_maps):
         v = v.float() if vmap is None else vmap(v.float())
-        composed = composed + (w / beta) * match_vocab_size(v, size, real_vocab_size)
+        composed = composed + scale * match_vocab_size(v, size, real_vocab_size)
     if proxy is not None:
         tuned, untuned = (match_vocab_size(x.float(), size, real_vocab_size) for x in proxy)
         composed = composed + alpha * (F.log_softmax(tuned, dim=-1) - F.log_softmax(untuned, dim=-1))

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .compose import VocabularyMismatchError, compose_logits
+from .compose import VocabularyMismatchError, compose_logits, compose_logits_per_row
 from .cross_vocab import attach_value
 from .data import IGNORE_INDEX, RightPadCollator, encode_example, pad_id_of
-from .loading import load_base, load_causal_lm, real_vocab_size
+from .loading import context_length, load_base, load_causal_lm, real_vocab_size
 from .sequence import composed_response_logits
+from .validate import ContextLengthError, check_number
 from .value_model import ValueModel
 from .vocab import vocab_fingerprint
 
@@ -47,6 +48,12 @@ class ComposedModel:
         self.proxy = tuple(proxy) if proxy is not None else None
         self.alpha = alpha
         self.real_vocab_size = real_vocab_size(tokenizer)
+        if len(self.weights) != len(self.values):
+            raise ValueError(f"{len(self.values)} value models but {len(self.weights)} weights")
+        for i, w in enumerate(self.weights, start=1):
+            check_number(w, f"weight {i}")
+        check_number(self.beta, "beta", gt=0)
+        check_number(alpha, "alpha")
 
     @classmethod
     def from_pretrained(
@@ -82,33 +89,65 @@ class ComposedModel:
     def device(self) -> torch.device:
         return next(self.base.parameters()).device
 
-    def compose(self, step_logits: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Composed logits from one logits tensor per model, in the order of `models`."""
+    @property
+    def context_length(self) -> int | None:
+        """Tokens (prompt + generated) every model can attend over; None when no config says."""
+        limits = [context_length(m) or context_length(getattr(m, "model", None)) for m in self.models]
+        return min((n for n in limits if n), default=None)
+
+    def compose(self, step_logits: Sequence[torch.Tensor], *, weights=None, beta=None) -> torch.Tensor:
+        """Composed logits from one logits tensor per model, in the order of `models`.
+
+        `weights` / `beta` override the model's own: a list and a float for the whole batch, or tensors
+        [B, n_values] / [B] giving each row its own (requests with different settings batched together).
+        """
         n = len(self.values)
         base, values, rest = step_logits[0], step_logits[1 : 1 + n], step_logits[1 + n :]
-        return compose_logits(
-            base,
-            values,
-            weights=self.weights,
-            beta=self.beta,
-            proxy=tuple(rest) if self.proxy is not None else None,
-            alpha=self.alpha,
-            real_vocab_size=self.real_vocab_size,
-        )
+        weights = self.weights if weights is None else weights
+        beta = self.beta if beta is None else beta
+        common = dict(proxy=tuple(rest) if self.proxy is not None else None, alpha=self.alpha,
+                      real_vocab_size=self.real_vocab_size)
+        if isinstance(weights, torch.Tensor) or isinstance(beta, torch.Tensor):
+            rows = base.shape[0]
+            if not isinstance(weights, torch.Tensor):
+                weights = torch.tensor([list(weights)] * rows, dtype=torch.float64)
+            if not isinstance(beta, torch.Tensor):
+                beta = torch.full((rows,), float(beta), dtype=torch.float64)
+            return compose_logits_per_row(base, values, weights=weights, beta=beta, **common)
+        return compose_logits(base, values, weights=weights, beta=beta, **common)
 
     def score(
         self, prompts: Sequence[str], responses: Sequence[str], *, add_eos: bool = False,
         max_length: int | None = None, **kwargs,
     ) -> list[torch.Tensor]:
         """Per-token log-probs of each response given its prompt, under the composed distribution."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        feats = [
-            encode_example(self.tokenizer, {"prompt": p, "response": r}, max_length, add_eos=add_eos)
-            for p, r in zip(prompts, responses)
-        ]
+        feats, _ = self.encode(prompts, responses, add_eos=add_eos, max_length=max_length)
         return self.score_features(feats, **kwargs)
 
+    def encode(
+        self, prompts: Sequence[str], responses: Sequence[str], *, add_eos: bool = False, max_length: int | None = None,
+    ) -> tuple[list[dict], list[int]]:
+        """(features to score, indices of the examples whose prompt lost tokens from the left to fit).
+
+        `max_length` defaults to the context length. A response that does not fit with one prompt token is a
+        ContextLengthError: scoring a cut response would report a number for text it never saw."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        limit = max_length or self.context_length
+        feats, truncated = [], []
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            feat = encode_example(self.tokenizer, {"prompt": p, "response": r}, None, add_eos=add_eos)
+            n = len(feat["input_ids"])
+            if limit is not None and n > limit:
+                n_response = sum(1 for x in feat["labels"] if x != IGNORE_INDEX)
+                if n_response > limit - 1:
+                    raise ContextLengthError(
+                        f"example {i + 1}: the response is {n_response} tokens; with a prompt token it does not "
+                        f"fit in the context of {limit} tokens", index=i)
+                feat = {k: v[n - limit:] for k, v in feat.items()}
+                truncated.append(i)
+            feats.append(feat)
+        return feats, truncated
     def score_ids(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> torch.Tensor:
         """Per-token log-probs of exact token ids (no re-tokenisation)."""
         feat = {"input_ids": list(prompt_ids) + list(response_ids),

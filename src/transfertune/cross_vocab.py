@@ -7,7 +7,8 @@
          sequences by dynamic time warping with an edit-distance cost, count co-occurring (base, value) pairs
          and keep the most frequent value token per base token. Base tokens the texts never show fall back to
          the exact match.
-A map is built once and saved in the value directory (`vocab_map-<base fingerprint>.safetensors`).
+A map is built once and saved in the value directory (`vocab_map-<base fingerprint>-<kind>.safetensors`); a
+saved map is never replaced silently.
 
 `CrossVocabValue` makes such a value model look like a same-vocabulary one to the rest of the library: it
 decodes the base tokens to text, runs the value model on its own tokenisation of that text (one KV cache per
@@ -160,28 +161,55 @@ class VocabMap:
         return cls(index, "align", vocab_fingerprint(base_tok), vocab_fingerprint(value_tok), stats)
 
     # -- persistence ----------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Save as `vocab_map-<base fingerprint>-<kind>.safetensors` (written to a temporary file, then renamed).
+        A saved map of the same base and kind is replaced only with overwrite=True (FileExistsError otherwise);
+        maps of other kinds are kept."""
+        from safetensors.torch import save as save_bytes
 
-        path = Path(directory) / f"{MAP_PREFIX}{self.base_fingerprint}.safetensors"
+        from .outputs import write_atomic
+
+        same = [p for p, m in _saved_with_paths(directory)
+                if m.base_fingerprint == self.base_fingerprint and m.kind == self.kind]
+        if same and not overwrite:
+            raise FileExistsError(f"{same[0]} already holds {self.kind} map for this base; replacing it needs "
+                                  f"overwrite (`transfertune vocab-map ... --overwrite`)")
+        path = Path(directory) / f"{MAP_PREFIX}{self.base_fingerprint}-{self.kind}.safetensors"
         meta = {"kind": self.kind, "base_fingerprint": self.base_fingerprint,
                 "value_fingerprint": self.value_fingerprint, "stats": json.dumps(self.stats)}
-        save_file({"index": self.index.to(torch.int64).contiguous()}, str(path), metadata=meta)
+        write_atomic(path, save_bytes({"index": self.index.to(torch.int64).contiguous()}, metadata=meta))
+        for old in same:
+            if old != path:
+                old.unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "VocabMap":
         from safetensors import safe_open
 
+        from .validate import InputError, check_safetensors
+
+        check_safetensors(path)
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
+            meta = f.metadata() or {}
+            if "index" not in f.keys() or not {"kind", "base_fingerprint", "value_fingerprint"} <= set(meta):
+                raise InputError(f"{path} is not a transfertune vocabulary map (no index or metadata)")
             index = f.get_tensor("index")
-        return cls(index, meta["kind"], meta["base_fingerprint"], meta["value_fingerprint"],
-                   json.loads(meta.get("stats", "{}")))
+        try:
+            stats = json.loads(meta.get("stats", "{}"))
+        except ValueError:
+            stats = {}
+        return cls(index, meta["kind"], meta["base_fingerprint"], meta["value_fingerprint"], stats)
 
     @classmethod
     def saved(cls, directory: str | Path) -> list["VocabMap"]:
-        return [cls.load(p) for p in sorted(Path(directory).glob(f"{MAP_PREFIX}*.safetensors"))]
+        return [m for _, m in _saved_with_paths(directory)]
+
+
+def _saved_with_paths(directory: str | Path | None) -> list[tuple[Path, VocabMap]]:
+    if not directory or not Path(directory).is_dir():
+        return []
+    return [(p, VocabMap.load(p)) for p in sorted(Path(directory).glob(f"{MAP_PREFIX}*.safetensors"))]
 
 
 def _exact_index(base_tok, value_tok) -> tuple[torch.Tensor, int]:
@@ -347,7 +375,7 @@ class CrossVocabValue(nn.Module):
                 if keep == 0:
                     rs.cache = None
                 elif keep < len(rs.fed):
-                    rs.cache.crop(keep)
+                    keep_first(rs.cache, keep)
                 out = self.model(input_ids=torch.tensor([ids[keep:]], device=self.device),
                                  past_key_values=rs.cache if rs.cache is not None else DynamicCache(),
                                  use_cache=True, logits_to_keep=1)
@@ -361,6 +389,16 @@ class CrossVocabValue(nn.Module):
         return _Output(self.vocab_map(logits), state)
 
 
+def keep_first(cache, length: int) -> None:
+    """Crop a KV cache to its first `length` positions. transformers 5 `crop` takes the number of positions to
+    drop as a negative int (a positive one is refused); 4.x read a negative int the same way."""
+    drop = cache.get_seq_length() - length
+    if drop < 0:
+        raise ValueError(f"cannot keep {length} positions of a cache holding {cache.get_seq_length()}")
+    if drop:
+        cache.crop(-drop)
+
+
 def resolve_vocab_map(value, base_tokenizer, how: str | VocabMap | None) -> VocabMap:
     """The map for composing `value` (a ValueModel) with a base: `how` is "auto" (a map saved in the value
     directory, else exact), "exact", "align" (must have been built, e.g. by `transfertune vocab-map`), or a
@@ -369,9 +407,11 @@ def resolve_vocab_map(value, base_tokenizer, how: str | VocabMap | None) -> Voca
         return how
     base_fp = vocab_fingerprint(base_tokenizer)
     directory = getattr(value, "directory", None)
-    saved = next((m for m in (VocabMap.saved(directory) if directory else []) if m.base_fingerprint == base_fp), None)
-    if saved is not None and how in ("auto", saved.kind):
-        return saved
+    saved = {m.kind: m for m in VocabMap.saved(directory) if m.base_fingerprint == base_fp}
+    if how == "auto" and saved:
+        return saved.get("align") or saved.get("exact") or next(iter(saved.values()))
+    if how in saved:
+        return saved[how]
     if how == "align":
         raise VocabularyMismatchError(
             f"no aligned vocabulary map for this base in {directory}: build one with "

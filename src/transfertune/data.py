@@ -20,13 +20,19 @@ class DataFormatError(ValueError):
     """A data file or one of its lines is not in a form transfertune reads."""
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def iter_jsonl(path: str | Path):
+    """(line number, JSON object) for each non-blank line; a missing file, bytes that are not UTF-8, bad JSON or
+    a non-object line is a DataFormatError naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise DataFormatError(f"data file not found: {path}")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+        raise DataFormatError(f"data file not found: {path}" if not path.exists() else f"{path} is not a file")
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(f"{path}: line {n} is not UTF-8 text (byte 0x{raw[err.start]:02x} at "
+                                      f"column {err.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -35,13 +41,37 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 raise DataFormatError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
             if not isinstance(record, dict):
                 raise DataFormatError(f"{path}: line {n} is not a JSON object")
-            try:
-                records.append(to_prompt_response(record))
-            except DataFormatError as err:
-                raise DataFormatError(f"{path}: line {n}: {err}") from None
+            yield n, record
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Examples in any accepted form, normalised by `to_prompt_response`; an empty file is an error."""
+    records = []
+    for n, record in iter_jsonl(path):
+        try:
+            records.append(to_prompt_response(record))
+        except DataFormatError as err:
+            raise DataFormatError(f"{path}: line {n}: {err}") from None
     if not records:
         raise DataFormatError(f"{path} has no examples")
     return records
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts of a JSONL file: a "prompt" string per line (a response, if any, is ignored)."""
+    prompts = []
+    for n, record in iter_jsonl(path):
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str):
+            got = "missing" if prompt is None else f"got {_type_name(prompt)}"
+            raise DataFormatError(f"{path}: line {n}: prompt must be a string ({got})")
+        prompts.append(prompt)
+    return prompts
+
+
+def _type_name(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), type(value).__name__)
 
 
 def to_prompt_response(record: dict) -> dict:
@@ -55,13 +85,17 @@ def to_prompt_response(record: dict) -> dict:
         if msgs[-1]["role"] != "assistant":
             raise DataFormatError('the last of "messages" must have role "assistant"')
         return {"messages": msgs}
-    response = record.get("response", record.get("completion"))
+    key = "response" if "response" in record else "completion"
+    response = record.get(key)
     prompt = record.get("prompt")
-    if not isinstance(prompt, str) or not isinstance(response, str):
+    if prompt is None or response is None:
         raise DataFormatError(
             'expected string fields "prompt" and "response" (or "completion"), or a "messages" list; '
             f"got keys {sorted(record)}"
         )
+    for name, value in (("prompt", prompt), (key, response)):
+        if not isinstance(value, str):
+            raise DataFormatError(f"{name} must be a string, got {_type_name(value)}")
     for marker in EOT_MARKERS:
         if response.endswith(marker):
             response = response[: -len(marker)]

@@ -69,6 +69,7 @@ def run(args) -> dict:
         args.source, train_records(tasks, args.seed), str(value_dir), max_steps=args.steps,
         batch_size=args.batch_size, learning_rate=args.lr, max_length=args.max_length, seed=args.seed,
         warmup_steps=max(1, args.steps // 20), logging_steps=max(1, args.steps // 10), weight_decay=0.0,
+        overwrite=True,  # the demo's own output directory: re-running the demo replaces its value model
     )
     train_seconds = time.time() - t0
     value = ValueModel.load(value_dir)

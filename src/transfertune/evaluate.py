@@ -24,11 +24,13 @@ def choice_scorer(cm: ComposedModel, batch_size: int = 32, max_length: int | Non
 
 
 def greedy_answers(cm: ComposedModel, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 16) -> list[str]:
-    """Greedy completions cut at the first newline: the answer of a short-answer (qa) task."""
+    """Greedy completions cut at the first newline: the answer of a short-answer (qa) task. A prompt longer
+    than the context loses tokens from the left, as it does when scored."""
     gen = cm.generator()
     answers = []
     for i in range(0, len(prompts), batch_size):
-        out = gen.generate(prompts[i : i + batch_size], max_new_tokens=max_new_tokens, stop=["\n"])
+        out = gen.generate(prompts[i : i + batch_size], max_new_tokens=max_new_tokens, stop=["\n"],
+                           truncate_prompts=True)
         answers.extend(text.strip() for text in out.text)
     return answers
 

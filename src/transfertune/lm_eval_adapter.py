@@ -93,7 +93,7 @@ class TransfertuneLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
             res = gen.generate([context], max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
-                               sampling=SamplingParams(temperature=temperature), stop=until)
+                               sampling=SamplingParams(temperature=temperature), stop=until, truncate_prompts=True)
             out.append(res.text[0])
         return out
 

@@ -14,12 +14,12 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        from .validate import check_number, check_optional
+
+        check_number(self.temperature, "temperature", ge=0)
+        check_number(self.top_p, "top_p", gt=0, le=1)
+        check_number(self.top_k, "top_k", integer=True, ge=0)
+        check_optional(self.seed, "seed", integer=True)
 
     @property
     def greedy(self) -> bool:
@@ -52,3 +52,14 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         return logits.argmax(-1)
     probs = filter_logits(logits, params).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """`sample_next` with its own parameters (and seeded generator) for each row of a batch."""
+    tokens = logits.argmax(-1)
+    for row, (p, gen) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            tokens[row] = sample_next(logits[row : row + 1], p, gen)[0]
+    return tokens

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .composed import ComposedModel
+from .cross_vocab import keep_first
 from .data import encode_prompt
 from .sampling import SamplingParams, filter_logits
 from .vocab import vocab_fingerprint
@@ -134,7 +135,7 @@ class SpeculativeComposedGenerator:
             new = drafted[:accepted] + [next_token]
             committed += 1 + accepted
             for cache in (t_cache, d_cache, *v_caches):
-                cache.crop(committed - cache.get_seq_length())  # a negative count drops that many tokens
+                keep_first(cache, committed)
             pending = next_token
             for t in new:
                 out.append(t)

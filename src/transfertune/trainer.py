@@ -8,6 +8,10 @@ Only the value model is trained; the base is frozen, in eval mode, under no_grad
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict
+
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
@@ -66,46 +70,117 @@ def train_value_model(
     learning_rate: float = 1e-4,
     batch_size: int = 8,
     grad_accum: int = 1,
-    max_length: int = 512,
+    max_length: int | None = None,
     seed: int = 0,
     logging_steps: int = 10,
     save_steps: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     trust_remote_code: bool = False,
     base_model=None,
     **training_args,
 ) -> ValueModel:
     """Train a value model against frozen `base` on `data` (a JSONL path or a list of records) and save it
-    to `output_dir` as a value directory. `init` defaults to the base itself (the papers' default)."""
+    to `output_dir` as a value directory. `init` defaults to the base itself (the papers' default);
+    `max_length` to the base's context (at most 512 tokens).
+
+    `output_dir` must be new or empty; `resume=True` continues the unfinished run recorded there (from its
+    last complete checkpoint), `overwrite=True` replaces a directory transfertune wrote (see outputs.py).
+    Everything is checked before any model loads."""
     from transformers import set_seed
 
     from .data import RightPadCollator, SFTDataset, pad_id_of
-    from .loading import load_base
+    from .loading import load_base, portable_name, resolve_model
+    from .outputs import claim_output
 
-    set_seed(seed)
-    if base_model is None:
-        base_model, tokenizer = load_base(base, trust_remote_code=trust_remote_code)
-    else:
-        from .loading import load_tokenizer
+    check_training_numbers(beta=beta, l1_coef=l1_coef, entropy_coef=entropy_coef, epochs=epochs,
+                           max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
+                           grad_accum=grad_accum, max_length=max_length, logging_steps=logging_steps,
+                           save_steps=save_steps)
+    records = load_records(data)
+    init = init or base
+    init_source = init.split(":", 1)[1] if init.startswith("random:") else init
+    reads = {"--base": resolve_model(base), "--init": resolve_model(init_source)}
+    settings = {
+        "base": portable_name(base), "init": init if init.startswith("random:") else portable_name(init),
+        "data_sha256": records_digest(records), "lora": asdict(lora) if lora is not None else None,
+        "zero_init_head": zero_init_head, "beta": beta, "l1_coef": l1_coef, "entropy_coef": entropy_coef,
+        "learning_rate": learning_rate, "batch_size": batch_size, "grad_accum": grad_accum,
+        "max_length": max_length, "seed": seed,
+    }
+    with claim_output(output_dir, settings=settings, overwrite=overwrite, resume=resume, reads=reads) as claim:
+        set_seed(seed)
+        if base_model is None:
+            base_model, tokenizer = load_base(base, trust_remote_code=trust_remote_code)
+        else:
+            from .loading import load_tokenizer
 
-        tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
-    value = ValueModel.create(
-        init or base, zero_init_head=zero_init_head, lora=lora, trust_remote_code=trust_remote_code,
-        beta=beta, l1_coef=l1_coef, entropy_coef=entropy_coef, training_base=base,
-    )
-    value.check_compatible(tokenizer, base)
-    dataset = SFTDataset(load_records(data), tokenizer, max_length)
-    args = build_training_args(
-        output_dir, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
-        learning_rate=learning_rate, logging_steps=logging_steps, save_steps=save_steps, seed=seed, **training_args,
-    )
-    trainer = ValueTrainer(
-        value, base_model, args=args, train_dataset=dataset, data_collator=RightPadCollator(pad_id_of(tokenizer))
-    )
-    trainer.train(resume_from_checkpoint=True if resume else None)
-    value.model.eval()
-    value.save(output_dir)
+            tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
+        value = ValueModel.create(
+            init, zero_init_head=zero_init_head, lora=lora, trust_remote_code=trust_remote_code,
+            beta=beta, l1_coef=l1_coef, entropy_coef=entropy_coef, training_base=portable_name(base),
+        )
+        value.config.extra["run_id"] = claim.run_id
+        value.check_compatible(tokenizer, base)
+        max_length = fit_context(max_length, {f"base '{base}'": base_model, f"init '{init}'": value.model})
+        dataset = SFTDataset(records, tokenizer, max_length)
+        args = build_training_args(
+            output_dir, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
+            learning_rate=learning_rate, logging_steps=logging_steps, save_steps=save_steps, seed=seed,
+            **training_args,
+        )
+        trainer = ValueTrainer(
+            value, base_model, args=args, train_dataset=dataset, data_collator=RightPadCollator(pad_id_of(tokenizer))
+        )
+        trainer.train(resume_from_checkpoint=claim.resume_from)
+        value.model.eval()
+        if args.should_save:
+            value.save(output_dir)
+            claim.finish()
     return value
+
+
+DEFAULT_MAX_LENGTH = 512
+
+
+def fit_context(max_length: int | None, models: dict) -> int:
+    """`max_length`, or by default the shortest context of `models` (at most DEFAULT_MAX_LENGTH); a value past
+    a model's context is refused (positions past it are garbage, or an index error)."""
+    from .loading import context_length
+    from .validate import InputError
+
+    limits = {name: context_length(m) for name, m in models.items() if context_length(m)}
+    if max_length is None:
+        return min([DEFAULT_MAX_LENGTH, *limits.values()])
+    for name, limit in limits.items():
+        if max_length > limit:
+            raise InputError(f"max_length {max_length} is more than the context of {name} ({limit} tokens): "
+                             f"use --max-length {limit} or less")
+    return max_length
+
+
+def check_training_numbers(*, beta, l1_coef, entropy_coef, epochs, max_steps, learning_rate, batch_size,
+                           grad_accum, max_length, logging_steps, save_steps) -> None:
+    from .validate import InputError, check_number, check_optional
+
+    check_number(beta, "beta", gt=0)
+    check_number(l1_coef, "l1_coef", ge=0)
+    check_number(entropy_coef, "entropy_coef", ge=0)
+    check_number(epochs, "epochs", gt=0)
+    check_number(max_steps, "max_steps", integer=True, ge=-1)
+    if max_steps == 0:
+        raise InputError("max_steps must be >= 1 (or -1: use epochs), got 0")
+    check_number(learning_rate, "learning_rate", ge=0)
+    check_number(batch_size, "batch_size", integer=True, ge=1)
+    check_number(grad_accum, "grad_accum", integer=True, ge=1)
+    check_optional(max_length, "max_length", integer=True, ge=2)
+    check_number(logging_steps, "logging_steps", integer=True, ge=1)
+    check_optional(save_steps, "save_steps", integer=True, ge=1)
+
+
+def records_digest(records: list[dict]) -> str:
+    blob = json.dumps(records, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()
 
 
 def load_records(data) -> list[dict]:

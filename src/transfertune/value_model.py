@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import __version__
 from .compose import VocabularyMismatchError
-from .loading import load_causal_lm, load_tokenizer, resolve_model
+from .loading import load_causal_lm, load_tokenizer, portable_name, resolve_model
+from .validate import InputError, check_number, check_weight_files, pickled_weights, read_json_file
 from .vocab import vocab_fingerprint
 
 CONFIG_NAME = "transfertune.json"
@@ -45,6 +46,7 @@ class ValueConfig:
     vocab_size: int | None = None
     transfertune_version: str = __version__
     extra: dict = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # what the directory holds: the rest is not this model's
 
     def save(self, directory: str | Path) -> None:
         data = asdict(self)
@@ -54,11 +56,24 @@ class ValueConfig:
     def load(cls, directory: str | Path) -> "ValueConfig":
         path = Path(directory, CONFIG_NAME)
         if not path.is_file():
-            raise FileNotFoundError(f"{directory} is not a value directory: {CONFIG_NAME} is missing")
-        data = json.loads(path.read_text())
-        lora = data.pop("lora", None)
+            hint = " (a save was interrupted?)" if Path(directory).is_dir() and any(
+                Path(directory).glob("*.safetensors")) else ""
+            raise FileNotFoundError(f"{directory} is not a value directory: {CONFIG_NAME} is missing{hint}")
+        data = read_json_file(path, CONFIG_NAME)
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known, lora=LoraSettings(**lora) if lora else None)
+        lora = known.pop("lora", None)
+        expected = {"beta": (int, float), "scheme": str, "init": str, "training_base": (str, type(None)),
+                    "vocab_fingerprint": (str, type(None)), "vocab_size": (int, type(None)), "extra": dict,
+                    "files": list, "lora": (dict, type(None)), "l1_coef": (int, float), "entropy_coef": (int, float)}
+        for key, types in expected.items():
+            value = lora if key == "lora" else known.get(key)
+            if (key in known or key == "lora") and (isinstance(value, bool) or not isinstance(value, types)):
+                raise InputError(f"{path}: \"{key}\" has the wrong type ({type(value).__name__}: {value!r})")
+        check_number(known.get("beta", 1.0), f"{path}: \"beta\"", gt=0)
+        try:
+            return cls(**known, lora=LoraSettings(**lora) if lora else None)
+        except TypeError as err:
+            raise InputError(f"{path}: malformed \"lora\" settings ({err})") from None
 
 
 def _zero_output_head(model: nn.Module) -> None:
@@ -126,7 +141,7 @@ class ValueModel(nn.Module):
             )
             model = get_peft_model(model, peft_config)
         config = ValueConfig(
-            init=init,
+            init=("random:" if random_init else "") + portable_name(source),
             zero_init_head=zero_init_head,
             lora=lora,
             vocab_fingerprint=vocab_fingerprint(tokenizer),
@@ -156,11 +171,18 @@ class ValueModel(nn.Module):
 
     # -- persistence --------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
+        """Write the value directory atomically (see outputs.staged_directory): weights of the other kind
+        (a LoRA adapter over full weights, or the reverse) left by an earlier save are removed."""
+        from .outputs import manifest, staged_directory
+
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
-        self.config.save(directory)
+        stale = manifest(directory) | {"model.safetensors", "model.safetensors.index.json", "adapter_config.json",
+                                        "adapter_model.safetensors", "adapter_model.bin", "pytorch_model.bin"}
+        with staged_directory(directory, replaces=stale) as staging:
+            self.model.save_pretrained(staging, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging)
+            self.config.files = sorted(p.name for p in staging.iterdir()) + [CONFIG_NAME]
+            self.config.save(staging)
 
     @classmethod
     def load(
@@ -173,13 +195,20 @@ class ValueModel(nn.Module):
     ) -> "ValueModel":
         directory = Path(directory)
         config = ValueConfig.load(directory)
+        _check_files(directory, config)
         tokenizer = load_tokenizer(str(directory), trust_remote_code=trust_remote_code)
+        found = vocab_fingerprint(tokenizer)
+        if config.vocab_fingerprint is not None and found != config.vocab_fingerprint:
+            raise VocabularyMismatchError(
+                f"{directory}: {CONFIG_NAME} records vocabulary fingerprint {config.vocab_fingerprint}, but the "
+                f"directory's own tokenizer has {found} ({len(tokenizer)} tokens): the files do not belong together")
         if config.lora is not None:
             from peft import PeftModel
 
             overrides = {"tie_word_embeddings": False} if config.zero_init_head else {}
             backbone = load_causal_lm(
-                config.init, dtype=dtype, device=device, trust_remote_code=trust_remote_code, **overrides
+                _lora_base(config.init, directory), dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                **overrides,
             )
             model = PeftModel.from_pretrained(backbone, str(directory))
         else:
@@ -188,6 +217,48 @@ class ValueModel(nn.Module):
         value = cls(model, tokenizer, config)
         value.directory = str(directory)
         return value
+
+
+def _check_files(directory: Path, config: ValueConfig) -> None:
+    """The weights must be safetensors, readable, and of the kind transfertune.json records."""
+    pickles = pickled_weights(directory)
+    if pickles:
+        raise InputError(f"{directory} holds pickled weights ({', '.join(pickles)}): transfertune loads value "
+                         f"models from safetensors only (pickles can run code when loaded)")
+    check_weight_files(directory, "value models")
+    if config.lora is not None:
+        need, stale = ["adapter_model.safetensors", "adapter_config.json"], None
+    else:
+        need = ["model.safetensors.index.json" if (directory / "model.safetensors.index.json").is_file()
+                else "model.safetensors", "config.json"]
+        stale = "adapter_config.json" if (directory / "adapter_config.json").exists() else None
+    missing = [n for n in need if not (directory / n).is_file()]
+    if missing:
+        kind = "a LoRA adapter" if config.lora is not None else "full weights"
+        raise InputError(f"{directory}: {CONFIG_NAME} records {kind}, but {', '.join(missing)} is missing")
+    if stale:
+        raise InputError(f"{directory}: {CONFIG_NAME} records full weights, but the directory also holds "
+                         f"{stale} (left by an earlier LoRA training?): remove it, it would be loaded instead")
+
+
+def _lora_base(init: str, directory: Path) -> str:
+    """The model a LoRA adapter applies to: a built-in name, an absolute path, a path relative to the value
+    directory (never to the current one), or a Hugging Face id in the local cache."""
+    from .loading import _hub_cache_snapshot, builtin_models_dir
+
+    path = Path(init).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if "/" not in init and (builtin_models_dir() / init / "config.json").is_file():
+        return init
+    if (directory / path).exists():
+        return str(directory / path)
+    cached = _hub_cache_snapshot(init)
+    if cached:
+        return cached
+    raise InputError(f"{directory}: the LoRA adapter's base '{init}' is not a built-in model, a path relative to "
+                     f"the value directory or a cached Hugging Face id; set \"init\" in {CONFIG_NAME} to its "
+                     f"absolute path")
 
 
 def _head_name(model: nn.Module) -> str:

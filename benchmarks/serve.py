@@ -1,0 +1,360 @@
+"""`transfertune serve` under load: throughput, time to first token, errors, and a fuzzing run.
+
+    python benchmarks/serve.py                    # built-in mini-l base + an untrained value model on mini-s
+    python benchmarks/serve.py --docs             # also write the table into docs/serving.md
+    python benchmarks/serve.py --base B --value runs/v --clients 1 8 --requests 2 --new-tokens 16 --fuzz 50
+
+What it does, all on 127.0.0.1:
+  1. direct: the same batches through ComposedGenerator in this process (c prompts decoded together, for each
+     client count c), end-of-sequence ignored, so every row makes exactly --new-tokens tokens.
+  2. starts `transfertune serve` in a subprocess (a free port) and, for each client count c, runs c concurrent
+     streaming clients that each send --requests requests one after the other (`ignore_eos`, --new-tokens
+     tokens each); tokens/s over the whole run, time to first token (first text chunk) per request, errors.
+     c = 1 is "one at a time"; every other row is also compared with it.
+  3. fuzzing: a second server (--max-model-len 48 keeps answers short) gets --fuzz request bodies drawn from its
+     own OpenAPI schema (serving/fuzz.py, hypothesis); counts 5xx, then checks that a greedy completion still
+     equals ComposedGenerator's. Every server it starts, it stops.
+
+Without --value the value model is untrained: mini-s's own weights with their output layer as values
+(`ValueModel.create(--value-init, zero_init_head=False)`), which costs exactly what a trained value model of that
+size costs; the text is not meant to be good. Writes --out (JSON), a PNG beside it, and with --docs the table
+into docs/serving.md between the `<!-- section: serve-bench -->` markers.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from transfertune.composed import ComposedModel  # noqa: E402
+from transfertune.data import encode_prompt  # noqa: E402
+from transfertune.loading import load_tokenizer  # noqa: E402
+from transfertune.value_model import ValueModel  # noqa: E402
+
+SECTION = "serve-bench"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="mini-l", help="base model (default mini-l)")
+    p.add_argument("--value", action="append", default=[], metavar="DIR",
+                   help="value directory (repeatable); default: an untrained value model from --value-init")
+    p.add_argument("--value-init", default="mini-s", help="weights of the untrained value model (default mini-s)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients (default 1 8 32)")
+    p.add_argument("--requests", type=int, default=8, help="requests per client, one after another (default 8)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens per request (default 64)")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
+    p.add_argument("--fuzz", type=int, default=1000, help="fuzzed requests (default 1000; 0 = skip)")
+    p.add_argument("--fuzz-seconds", type=float, default=900, help="stop fuzzing after this long (default 900)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads, here and in the server (0: default)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
+    p.add_argument("--docs", action="store_true", help="write the table into docs/serving.md")
+    return p.parse_args(argv)
+
+
+def value_dirs(args, tokenizer, tmp: Path) -> tuple[list[str], str]:
+    if args.value:
+        return args.value, ", ".join(args.value)
+    value = ValueModel.create(args.value_init, tokenizer=tokenizer, zero_init_head=False,
+                              training_base=args.value_init)
+    value.save(tmp / "value")
+    return [str(tmp / "value")], f"untrained ({args.value_init} weights, output layer kept)"
+
+
+def make_prompts(tokenizer, n: int, length: int) -> list[str]:
+    """Texts of about `length` tokens (this file's docstring), shifted so that no two are the same."""
+    ids = tokenizer(__doc__ * 8)["input_ids"]
+    return [tokenizer.decode(ids[i * 5 : i * 5 + length]) for i in range(n)]
+
+
+def direct(cm: ComposedModel, prompts: list[str], clients: list[int], new_tokens: int) -> dict[int, float]:
+    gen = cm.generator()
+    gen.eos_ids = set()
+    gen.generate(prompts[:1], max_new_tokens=4)  # warm-up
+    out = {}
+    for c in clients:
+        start = time.perf_counter()
+        gen.generate(prompts[:c], max_new_tokens=new_tokens)
+        out[c] = c * new_tokens / (time.perf_counter() - start)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`transfertune serve` in a subprocess on 127.0.0.1; a context manager that always stops it."""
+
+    def __init__(self, base: str, values: list[str], *extra: str, threads: int = 0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "transfertune.cli", "serve", "--base", base, "--port", str(self.port),
+                    "--served-model-name", "bench", *[a for v in values for a in ("--value", v)], *extra]
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        if threads:
+            self.env["OMP_NUM_THREADS"] = str(threads)
+
+    def __enter__(self):
+        import httpx
+
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"server exited: {self.log.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError("server did not start in 300 s")
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+async def stream_one(client, url: str, prompt: str, new_tokens: int) -> tuple[float | None, int, str | None]:
+    """(time to first token, tokens, error) of one streaming completion."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    start, ttft, tokens, done = time.perf_counter(), None, 0, False
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                return None, 0, f"HTTP {resp.status_code}"
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                if ttft is not None and '"usage"' not in line and '"error"' not in line:
+                    continue  # the client only parses what it measures, to leave the CPU to the server
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return ttft, tokens, chunk["error"]["message"]
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                    ttft = time.perf_counter() - start
+    except Exception as err:  # counted, not raised: the run reports its errors
+        return ttft, tokens, f"{type(err).__name__}: {err}"
+    if not done or tokens != new_tokens:
+        return ttft, tokens, f"incomplete: {tokens} of {new_tokens} tokens"
+    return ttft, tokens, None
+
+
+async def load(url: str, prompts: list[str], clients: int, requests: int, new_tokens: int) -> dict:
+    import httpx
+
+    async def client_loop(c: int, http):
+        results = []
+        for r in range(requests):
+            results.append(await stream_one(http, url, prompts[(c * requests + r) % len(prompts)], new_tokens))
+        return results
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        start = time.perf_counter()
+        per_client = await asyncio.gather(*(client_loop(c, http) for c in range(clients)))
+        wall = time.perf_counter() - start
+    results = [r for rs in per_client for r in rs]
+    ttfts = sorted(t for t, _, _ in results if t is not None)
+    errors = [e for _, _, e in results if e]
+    tokens = sum(n for _, n, _ in results)
+    return {"clients": clients, "requests": len(results), "errors": len(errors), "error_examples": errors[:3],
+            "tokens": tokens, "seconds": round(wall, 3), "tokens_per_second": round(tokens / wall, 1),
+            "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1) if ttfts else None,
+            "ttft_p95_ms": round(1000 * ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 1) if ttfts else None}
+
+
+def fuzz(url: str, count: int, seconds: float) -> dict:
+    """`count` schema-drawn requests, one after another; statuses counted, nothing raised."""
+    import httpx
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    from transfertune.serving.fuzz import requests
+
+    statuses: dict[int, int] = {}
+    examples_5xx = []
+    deadline = time.monotonic() + seconds
+    with httpx.Client(timeout=120) as http:
+        schema = http.get(f"{url}/openapi.json").json()
+
+        @settings(max_examples=count, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(requests(schema))
+        def one(case):
+            if sum(statuses.values()) >= count or time.monotonic() > deadline:
+                return
+            route, body = case
+            try:
+                status = http.post(f"{url}{route}", json=body).status_code
+            except httpx.HTTPError as err:
+                status = 599
+                examples_5xx.append({"body": body, "error": str(err)})
+            statuses[status] = statuses.get(status, 0) + 1
+            if status >= 500 and len(examples_5xx) < 5:
+                examples_5xx.append({"route": route, "body": body, "status": status})
+
+        while sum(statuses.values()) < count and time.monotonic() < deadline:
+            one()
+    sent = sum(statuses.values())
+    return {"requests": sent, "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "5xx": sum(v for k, v in statuses.items() if k >= 500), "examples_5xx": examples_5xx}
+
+
+def check_answer(url: str, cm: ComposedModel, prompt: str) -> bool:
+    import httpx
+
+    body = {"model": "bench", "prompt": prompt, "max_tokens": 8, "temperature": 0}
+    got = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    return got == cm.generator().generate([prompt], max_new_tokens=8).text[0]
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = load_tokenizer(args.base)
+    with tempfile.TemporaryDirectory() as tmp:
+        values, value_note = value_dirs(args, tok, Path(tmp))
+        cm = ComposedModel.from_pretrained(args.base, values)
+        prompts = make_prompts(tok, max(args.clients) * args.requests, args.prompt_len)
+        prompt_tokens = round(statistics.mean(len(encode_prompt(tok, p)) for p in prompts), 1)
+        print(f"direct ComposedGenerator at batch {args.clients} ...", flush=True)
+        direct_tps = direct(cm, prompts, args.clients, args.new_tokens)
+        rows = []
+        with Server(args.base, values, "--max-batch", str(max(args.clients)), "--max-queue", "1024",
+                    threads=args.threads) as server:
+            asyncio.run(load(server.url, prompts, 1, 1, 4))  # warm-up
+            for c in args.clients:
+                print(f"{c} streaming client(s) x {args.requests} requests ...", flush=True)
+                row = asyncio.run(load(server.url, prompts, c, args.requests, args.new_tokens))
+                row["direct_tokens_per_second"] = round(direct_tps[c], 1)
+                row["server_over_direct"] = round(row["tokens_per_second"] / direct_tps[c], 3)
+                rows.append(row)
+        one = next((r for r in rows if r["clients"] == 1), None)
+        for r in rows:
+            r["speedup_vs_one_at_a_time"] = round(r["tokens_per_second"] / one["tokens_per_second"], 2) if one else None
+        fuzz_result = None
+        if args.fuzz:
+            print(f"fuzzing with {args.fuzz} requests ...", flush=True)
+            with Server(args.base, values, "--max-model-len", "48", threads=args.threads) as server:
+                fuzz_result = fuzz(server.url, args.fuzz, args.fuzz_seconds)
+                fuzz_result["correct_after"] = check_answer(server.url, cm, prompts[0])
+    result = {
+        "command": "python benchmarks/serve.py " + " ".join(argv),
+        "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                  f"{torch.get_num_threads()} torch threads",
+        "torch": torch.__version__, "base": args.base, "value": value_note, "new_tokens": args.new_tokens,
+        "prompt_tokens": prompt_tokens, "requests_per_client": args.requests, "rows": rows, "fuzz": fuzz_result,
+    }
+    return report(result, args)
+
+
+def report(result: dict, args) -> dict:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    table = format_table(result)
+    print(table)
+    plot(result, out.with_suffix(".png"))
+    if args.docs:
+        write_docs(result, table, out)
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = ["| clients | requests | server tok/s | direct tok/s (same batch) | server / direct | vs one at a time "
+             "| TTFT p50 ms | TTFT p95 ms | errors |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['clients']} | {r['requests']} | {r['tokens_per_second']:.0f} "
+                     f"| {r['direct_tokens_per_second']:.0f} | {r['server_over_direct']:.2f} "
+                     f"| {r['speedup_vs_one_at_a_time'] or 0:.2f} | {r['ttft_p50_ms']} | {r['ttft_p95_ms']} "
+                     f"| {r['errors']} |")
+    f = result.get("fuzz")
+    if f:
+        lines.append(f"\nFuzzing: {f['requests']} requests drawn from the OpenAPI schema, statuses {f['statuses']}, "
+                     f"{f['5xx']} 5xx; a greedy completion afterwards "
+                     f"{'matched' if f['correct_after'] else 'DID NOT match'} ComposedGenerator.")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["tokens_per_second"] for r in rows], 0.4, label="server (streaming clients)")
+    ax.bar([i + 0.2 for i in x], [r["direct_tokens_per_second"] for r in rows], 0.4, label="ComposedGenerator")
+    ax.set_xticks(list(x), [f"{r['clients']} client(s)" for r in rows])
+    ax.set_ylabel("tokens / s")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{result['base']} + value, {result['new_tokens']} tokens/request", fontsize=9)
+    ax2.bar([i - 0.2 for i in x], [r["ttft_p50_ms"] or 0 for r in rows], 0.4, label="p50")
+    ax2.bar([i + 0.2 for i in x], [r["ttft_p95_ms"] or 0 for r in rows], 0.4, label="p95")
+    ax2.set_xticks(list(x), [f"{r['clients']}" for r in rows])
+    ax2.set_xlabel("concurrent clients")
+    ax2.set_ylabel("time to first token (ms)")
+    ax2.legend(fontsize=8)
+    fig.suptitle(result["device"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_docs(result: dict, table: str, out: Path) -> None:
+    from transfertune.eval_suite import write_doc_section
+
+    def shown(path: Path) -> str:
+        return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+
+    body = f"""Made by `{result['command']}` ({result['device']}, torch {result['torch']}); base `{result['base']}`,
+value model: {result['value']}; prompts of about {result['prompt_tokens']} tokens, {result['new_tokens']} tokens per
+request (end-of-sequence ignored), {result['requests_per_client']} requests per client. Raw numbers:
+`{shown(out)}`; plot: `{shown(out.with_suffix('.png'))}`.
+
+- *server tok/s*: completion tokens of all requests / wall time, streaming clients on 127.0.0.1.
+- *direct tok/s*: the same number of prompts decoded together by `ComposedGenerator.generate` in one process
+  (no HTTP, no scheduling); *server / direct* is the server's own overhead.
+- *vs one at a time*: against the 1-client row (requests served strictly one after another).
+- *TTFT*: time to the first streamed text, per request.
+
+{table}"""
+    write_doc_section(ROOT / "docs" / "serving.md", SECTION, body, heading="# Serving")
+
+
+if __name__ == "__main__":
+    main()

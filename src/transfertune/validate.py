@@ -1,0 +1,126 @@
+"""Checks on what a user hands transfertune, in one place: numbers, prompt files, weight files, JSON files.
+
+A failed check raises `InputError` (a ValueError) whose message names the parameter, flag or file (and line).
+The command line prints it and exits with status 2; argparse flags use `flag_type`, so a bad flag value is
+refused before anything runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+MAX_JSON_BYTES = 1 << 20  # transfertune.json and run records are a few hundred bytes
+
+
+class InputError(ValueError):
+    """An input transfertune refuses: a bad number, file or name. The message says which and why."""
+
+
+class ContextLengthError(InputError):
+    """A prompt or response longer than a model can attend over; `index` is the example it is about."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+def _problem(value, *, integer: bool, gt=None, ge=None, le=None) -> str | None:
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be an integer, got {value!r}"
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    if gt is not None and not value > gt:
+        return f"must be > {gt}, got {value!r}"
+    if ge is not None and not value >= ge:
+        return f"must be >= {ge}, got {value!r}"
+    if le is not None and not value <= le:
+        return f"must be <= {le}, got {value!r}"
+    return None
+
+
+def check_number(value, name: str, *, integer: bool = False, gt=None, ge=None, le=None):
+    """`value` if it is a finite number (an int when `integer`) within the bounds, else an InputError."""
+    problem = _problem(value, integer=integer, gt=gt, ge=ge, le=le)
+    if problem:
+        raise InputError(f"{name} {problem}")
+    return value
+
+
+def check_optional(value, name: str, **bounds):
+    return None if value is None else check_number(value, name, **bounds)
+
+
+def flag_type(*, integer: bool = False, **bounds):
+    """An argparse `type=`: parses the text and applies `check_number`; argparse adds the flag's name."""
+
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if integer else 'a number'}, got {text!r}")
+        problem = _problem(value, integer=integer, **bounds)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = "integer" if integer else "number"
+    return parse
+
+
+def read_json_file(path: str | Path, what: str) -> dict:
+    """A JSON object from a small file; a missing, huge, non-UTF-8 or malformed file is an InputError."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise InputError(f"{path} is {size:,} bytes: too large to be a {what} (at most {MAX_JSON_BYTES:,})")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path} is not UTF-8 text (byte {err.start}): not a {what}") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Open a safetensors file's header: a truncated or corrupt file is named instead of failing deep in a load."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) for bad files
+        raise InputError(f"{path} is not a readable safetensors file ({err}): it is truncated or corrupt") from None
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def pickled_weights(directory: str | Path) -> list[str]:
+    return sorted(p.name for p in Path(directory).glob("*") if p.suffix in PICKLE_SUFFIXES and "model" in p.name)
+
+
+def check_weight_files(directory: str | Path, what: str) -> None:
+    """`directory` must hold readable safetensors weights: pickles are never loaded (they can run code)."""
+    directory = Path(directory)
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights and pickled_weights(directory):
+        raise InputError(f"{directory} holds only pickled weights ({', '.join(pickled_weights(directory))}): "
+                         f"transfertune loads {what} from safetensors only; convert them to .safetensors")
+    for path in weights:
+        check_safetensors(path)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text) -> str:
+    """`text` on one line, with control characters (escape sequences, newlines, bidi overrides) shown as escapes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                        str(text))

@@ -1,0 +1,498 @@
+"""`transfertune serve`: the OpenAI-compatible server, its continuous batching, and real clients against it.
+
+Every server here runs in-process on 127.0.0.1 (uvicorn in a thread, or FastAPI's TestClient without
+sockets), with tiny models saved to temporary directories; every load or fuzz loop is bounded.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from transfertune.compose import compose_logits, compose_logits_per_row  # noqa: E402
+from transfertune.composed import ComposedModel  # noqa: E402
+from transfertune.cross_vocab import CrossVocabValue, VocabMap  # noqa: E402
+from transfertune.data import encode_prompt  # noqa: E402
+from transfertune.loading import load_causal_lm  # noqa: E402
+from transfertune.sampling import SamplingParams  # noqa: E402
+from transfertune.serving import Engine, Row, create_app  # noqa: E402
+from transfertune.serving.app import APIError  # noqa: E402
+from transfertune.value_model import ValueModel  # noqa: E402
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+PROMPTS = ["The cat sat", "It was the best of times, it was", "Answer:"]
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def dirs(model_dir, tokenizer, tmp_path_factory):
+    """A base (with a chat template) and two value directories, saved like `transfertune train` saves them."""
+    chat_tok = copy.deepcopy(tokenizer)
+    chat_tok.chat_template = CHAT_TEMPLATE
+    base = model_dir("llama", name="serve-base", hidden=48, seed=1, tok=chat_tok)
+    values = []
+    for seed in (10, 11):
+        torch.manual_seed(seed)
+        v = ValueModel.create(f"random:{model_dir('llama', seed=seed)}", tokenizer=tokenizer, zero_init_head=False,
+                              beta=0.8, training_base="serve-base")
+        path = tmp_path_factory.mktemp(f"value{seed}")
+        v.save(path)
+        values.append(str(path))
+    return base, values
+
+
+@pytest.fixture(scope="module")
+def cm(dirs):
+    base, values = dirs
+    return ComposedModel.from_pretrained(base, values, weights=[1.0, 0.5])
+
+
+@contextmanager
+def running(app):
+    """Serve `app` with uvicorn on 127.0.0.1 (a free port) in a thread; stop it afterwards."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def url(cm):
+    with running(create_app(cm, model_name=NAME)) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(cm, prompt: str, n: int, **kw):
+    return cm.generator().generate([prompt], max_new_tokens=n, **kw)
+
+
+# -- the batching layer ------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "cross-vocab"])
+def test_rows_join_and_leave_between_steps_like_solo_runs(model_dir, tokenizer, other_tokenizer, arch):
+    """A row that joins a running batch late, or outlives rows that left, decodes as it would alone."""
+    if arch == "cross-vocab":  # a value model with its own tokenizer keeps per-row state instead of a KV cache
+        value = CrossVocabValue(load_causal_lm(model_dir("llama", seed=10, tok=other_tokenizer)), other_tokenizer,
+                                tokenizer, VocabMap.exact(tokenizer, other_tokenizer))
+        cm = ComposedModel(load_causal_lm(model_dir("llama", hidden=48, seed=1)), tokenizer, [value], beta=0.8)
+    else:
+        cm = ComposedModel(load_causal_lm(model_dir(arch, hidden=48, seed=1)), tokenizer,
+                           [load_causal_lm(model_dir(arch, seed=10))], beta=0.8)
+    gen = cm.generator()
+    gen.eos_ids = set()
+    ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
+
+    def solo(prompt_ids, steps):
+        return [lg[0] for _, lg in gen.decode_steps([prompt_ids], steps, SamplingParams())]
+
+    batch = gen.new_batch()
+    batch.join([ids[0], ids[1]])  # rows 0, 1 from step 0; row 2 joins at step 3; row 0 leaves after step 4
+    seen = {0: [], 1: [], 2: []}
+    rows = [0, 1]
+    for step in range(8):
+        if step == 3:
+            batch.join([ids[2]])
+            rows.append(2)
+        logits = cm.compose(batch.step())
+        for r, lg in zip(rows, logits):
+            seen[r].append(lg)
+        if step == 4:
+            keep = [i for i, r in enumerate(rows) if r != 0]
+            rows = [rows[i] for i in keep]
+            batch.keep(keep)
+            logits = logits[keep]
+        batch.feed(logits.argmax(-1))
+    for r, n in ((0, 5), (1, 8), (2, 5)):
+        torch.testing.assert_close(torch.stack(seen[r]), torch.stack(solo(ids[r], n)), atol=1e-4, rtol=1e-4)
+
+
+def test_per_row_composition_equals_scalar_composition():
+    torch.manual_seed(0)
+    base, v1, v2 = torch.randn(3, 4, 50).unbind(0)
+    betas, weights = [0.5, 1.0, 2.0, 0.8], [[1.0, 0.0], [0.5, 0.5], [1.0, 2.0], [0.2, 1.0]]
+    rows = compose_logits_per_row(base, [v1, v2], weights=weights, beta=betas)
+    for i in range(4):
+        one = compose_logits(base[i : i + 1], [v1[i : i + 1], v2[i : i + 1]], weights=weights[i], beta=betas[i])
+        assert torch.equal(rows[i : i + 1], one)
+    with pytest.raises(ValueError, match="beta"):
+        compose_logits_per_row(base, [v1, v2], weights=weights, beta=[1.0, 0.0, 1.0, 1.0])
+
+
+def test_engine_queue_is_bounded(cm):
+    engine = Engine(cm, max_batch=2, max_queue=3)  # not started: nothing leaves the queue
+    engine.submit([Row([1, 2], 4) for _ in range(3)])
+    with pytest.raises(RuntimeError, match="busy"):
+        engine.submit([Row([1, 2], 4)])
+
+
+def test_engine_batches_rows_with_their_own_settings(cm):
+    """Rows admitted in the same step, each with its own beta, weights, stop and length, all decode as they
+    would alone (this drives the engine by hand: no thread, no HTTP)."""
+    engine = Engine(cm, max_batch=8)
+    settings = [(None, None, 6), (0.3, None, 9), (0.3, (0.0, 2.0), 4), (2.0, (1.0, -1.0), 7)]
+    rows = [Row(encode_prompt(cm.tokenizer, PROMPTS[i % 3]), n, beta=b, weights=w, ignore_eos=True)
+            for i, (b, w, n) in enumerate(settings)]
+    engine.submit(rows)
+    engine._admit()
+    steps = 0
+    while engine._rows:
+        engine._step()
+        steps += 1
+    assert steps == 9
+    for i, ((beta, weights, n), row) in enumerate(zip(settings, rows)):
+        alone = ComposedModel(cm.base, cm.tokenizer, cm.values, weights=weights or cm.weights, beta=beta or cm.beta)
+        gen = alone.generator()
+        gen.eos_ids = set()
+        assert row.text.tokens == gen.generate([PROMPTS[i % 3]], max_new_tokens=n).token_ids[0]
+
+
+class Flaky(torch.nn.Module):
+    """A model whose next call fails when `fail` is set."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.fail = model, model.config, False
+
+    def forward(self, **kwargs):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("out of memory (simulated)")
+        return self.model(**kwargs)
+
+
+def test_a_failed_step_is_a_500_and_the_server_keeps_serving(cm):
+    flaky = Flaky(cm.base)
+    same = ComposedModel(flaky, cm.tokenizer, cm.values, weights=cm.weights, beta=cm.beta)
+    with TestClient(create_app(same, model_name=NAME)) as c:
+        flaky.fail = True
+        resp = c.post("/v1/completions", json={"prompt": "The", "max_tokens": 4})
+        assert resp.status_code == 500 and resp.json()["error"]["type"] == "server_error"
+        ok = c.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == greedy(cm, PROMPTS[0], 6).text[0]
+
+
+# -- real clients ------------------------------------------------------------------------------------
+def test_openai_completions_match_generate_and_score(client, cm):
+    for prompt in PROMPTS:
+        ref = greedy(cm, prompt, 10)
+        out = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0, logprobs=3)
+        choice = out.choices[0]
+        assert choice.text == ref.text[0]
+        assert choice.finish_reason == ("length" if ref.finish_reason[0] == "length" else "stop")
+        assert out.usage.prompt_tokens == len(encode_prompt(cm.tokenizer, prompt))
+        assert out.usage.completion_tokens == len(ref.token_ids[0]) + (ref.finish_reason[0] == "eos")
+        expected = cm.score_ids(encode_prompt(cm.tokenizer, prompt), ref.token_ids[0])
+        got = torch.tensor(choice.logprobs.token_logprobs[: len(ref.token_ids[0])])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        for lp, top in zip(choice.logprobs.token_logprobs, choice.logprobs.top_logprobs):
+            assert len(top) <= 3 and max(top.values()) == lp  # greedy: the chosen token is the top one
+        stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0, stream=True)
+        chunks = list(stream)
+        assert "".join(c.choices[0].text for c in chunks) == ref.text[0]
+        assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+
+
+def test_echo_prompt_logprobs_match_score(client, cm):
+    prompt, cont = "The dog ran to the", " park and back"
+    ids = encode_prompt(cm.tokenizer, prompt + cont)
+    out = client.completions.create(model=NAME, prompt=prompt + cont, max_tokens=0, echo=True, logprobs=1)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == prompt + cont and lp.token_logprobs[0] is None and len(lp.tokens) == len(ids)
+    expected = cm.score_ids(ids[:1], ids[1:])
+    torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:]), expected, atol=1e-4, rtol=1e-4)
+    # token ids and a batch of prompts, as lm-evaluation-harness's local-completions sends them
+    raw = httpx.post(f"{client.base_url}completions", json={"model": NAME, "prompt": [ids, ids[:4]], "max_tokens": 1,
+                                                             "logprobs": 1, "echo": True, "temperature": 0}).json()
+    first = raw["choices"][0]["logprobs"]["token_logprobs"]
+    assert len(first) == len(ids) + 1 and len(raw["choices"][1]["logprobs"]["token_logprobs"]) == 5
+    torch.testing.assert_close(torch.tensor(first[1:-1]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_lm_eval_local_completions_loglikelihood(url, cm, dirs):
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")  # lm-eval's API models need lm-eval[api]
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(base_url=f"{url}/v1/completions", model=NAME, tokenizer_backend="huggingface",
+                             tokenizer=dirs[0], max_retries=1, max_length=200)
+    pairs = [("The cat sat on the", " mat."), ("Question: is the review positive? Answer:", " yes")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    results = lm.loglikelihood(requests, disable_tqdm=True)
+    for (ctx, cont), (logprob, _) in zip(pairs, results):
+        ctx_ids = cm.tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        cont_ids = cm.tokenizer(ctx + cont, add_special_tokens=False)["input_ids"][len(ctx_ids):]
+        expected = float(cm.score_ids(ctx_ids, cont_ids).sum())
+        assert logprob == pytest.approx(expected, abs=1e-3)
+
+
+def test_openai_chat_uses_the_chat_template(client, cm):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is the review positive?"}]
+    prompt = cm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ref = greedy(cm, prompt, 8)
+    out = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                         top_logprobs=2)
+    assert out.choices[0].message.content == ref.text[0] and out.choices[0].message.role == "assistant"
+    got = torch.tensor([t.logprob for t in out.choices[0].logprobs.content][: len(ref.token_ids[0])])
+    torch.testing.assert_close(got, cm.score_ids(encode_prompt(cm.tokenizer, prompt), ref.token_ids[0]),
+                               atol=1e-4, rtol=1e-4)
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text[0]
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_per_request_beta_and_weights_mixed_in_one_batch(client, cm, dirs):
+    """Concurrent requests with different beta / weights decode together; each gets its own composition."""
+    settings = [(None, None), (0.2, None), (0.2, [0.0, 2.0]), (5.0, [1.0, 1.0])]
+    prompt = PROMPTS[1]
+
+    def ask(setting):
+        beta, weights = setting
+        extra = {k: v for k, v in (("beta", beta), ("weights", weights)) if v is not None}
+        return client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, logprobs=0,
+                                         extra_body=extra).choices[0]
+
+    with ThreadPoolExecutor(len(settings)) as pool:
+        outs = list(pool.map(ask, settings))
+    texts = set()
+    for (beta, weights), out in zip(settings, outs):
+        ref_cm = ComposedModel(cm.base, cm.tokenizer, cm.values, weights=weights or cm.weights,
+                               beta=beta or cm.beta)
+        ref = greedy(ref_cm, prompt, 12)
+        assert out.text == ref.text[0]
+        expected = ref_cm.score_ids(encode_prompt(cm.tokenizer, prompt), ref.token_ids[0])
+        torch.testing.assert_close(torch.tensor(out.logprobs.token_logprobs[: len(expected)]), expected,
+                                   atol=1e-4, rtol=1e-4)
+        texts.add(out.text)
+    assert len(texts) > 1, "a per-request beta / weights must change the output"
+
+
+def test_sampling_is_seeded_per_request(client):
+    ask = lambda seed: client.completions.create(model=NAME, prompt="The", max_tokens=8, temperature=1.0, top_p=0.9,
+                                                 seed=seed, n=2)
+    a, b, c = ask(7), ask(7), ask(8)
+    assert [x.text for x in a.choices] == [x.text for x in b.choices]
+    assert a.choices[0].text != a.choices[1].text or a.choices[0].text != c.choices[0].text
+
+
+def test_stop_strings_and_models_and_health(client, url, cm):
+    ref = greedy(cm, PROMPTS[0], 12).text[0]
+    stop = ref[3:5]
+    out = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop])
+    assert out.choices[0].text == greedy(cm, PROMPTS[0], 12, stop=[stop]).text[0]
+    assert out.choices[0].finish_reason == "stop"
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_concurrent_streaming_clients_all_complete(client, cm):
+    ref = {p: greedy(cm, p, 16).text[0] for p in PROMPTS}
+
+    def one(i):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0, stream=True)
+        chunks = list(stream)
+        return prompt, "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(12)))
+    assert all(text == ref[p] and reason in ("length", "stop") for p, text, reason in results)
+
+
+class Slow(torch.nn.Module):
+    """A model that takes at least 20 ms a call, so that a request is still decoding when its client leaves."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, **kwargs):
+        time.sleep(0.02)
+        return self.model(**kwargs)
+
+
+def test_client_disconnect_frees_its_row(cm):
+    app = create_app(ComposedModel(Slow(cm.base), cm.tokenizer, cm.values), model_name=NAME)
+    engine = app.state.server.engine
+    engine.eos_ids = set()
+    with running(app) as url:
+        body = {"prompt": "The", "max_tokens": 200, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as resp:
+            next(resp.iter_lines())
+            assert engine.load["running"] == 1
+        deadline = time.monotonic() + 10
+        while engine.load["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.load["running"] == 0 and engine.load["rows_done"] == 0
+        assert engine.load["tokens"] < 100  # it left long before its 200 tokens
+
+
+# -- errors, auth, overload --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def test_client(cm):
+    with TestClient(create_app(cm, model_name=NAME, max_model_len=64)) as c:
+        yield c
+
+
+BAD = [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100}, 400, "context_length_exceeded"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, None),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, None),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, None),
+    ("/v1/completions", {"prompt": "x", "logprobs": 99}, 400, None),
+    ("/v1/completions", {"prompt": "x", "beta": 0}, 400, None),
+    ("/v1/completions", {"prompt": "x", "weights": [1.0]}, 400, None),
+    ("/v1/completions", {"prompt": [], "max_tokens": 1}, 400, None),
+    ("/v1/completions", {"prompt": [99999], "max_tokens": 1}, 400, None),
+    ("/v1/completions", {"prompt": "\ud800", "max_tokens": 1}, 400, None),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 1.0}, 400, None),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model_not_found"),
+    ("/v1/completions", {"max_tokens": 1}, 400, None),
+    ("/v1/completions", [1, 2], 400, None),
+    ("/v1/chat/completions", {"messages": []}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 400}]}, 400, "context_length_exceeded"),
+]
+
+
+@pytest.mark.parametrize("route,body,status,code", BAD)
+def test_bad_input_is_a_4xx_in_openai_format(test_client, route, body, status, code):
+    resp = test_client.post(route, content=json.dumps(body, allow_nan=False).encode(),
+                            headers={"content-type": "application/json"})
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code:
+        assert err["code"] == code
+    assert test_client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_malformed_json_and_unknown_route(test_client):
+    resp = test_client.post("/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and "error" in resp.json()
+    assert test_client.get("/v1/nothing").status_code == 404 and "error" in test_client.get("/v1/nothing").json()
+
+
+def test_chat_without_a_template_is_a_clear_400(model_dir, tokenizer):
+    cm = ComposedModel(load_causal_lm(model_dir("llama", seed=1)), tokenizer, [])
+    with TestClient(create_app(cm)) as c:
+        resp = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "no_chat_template"
+
+
+def test_api_key_is_required_when_set(cm):
+    with TestClient(create_app(cm, model_name=NAME, api_key="s3cret")) as c:
+        body = {"prompt": "x", "max_tokens": 1}
+        assert c.post("/v1/completions", json=body).status_code == 401
+        wrong = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert c.get("/v1/models").status_code == 401
+        assert c.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/health").status_code == 200
+
+
+def test_full_queue_answers_429(cm):
+    app = create_app(cm, model_name=NAME, max_queue=2)
+    c = TestClient(app)  # no lifespan: the engine is not running, so the queue does not drain
+    app.state.server.engine.submit([Row([1], 1), Row([1], 1)])
+    resp = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    assert resp.status_code == 429 and resp.json()["error"]["code"] == "server_overloaded"
+    assert resp.headers["retry-after"] == "1"
+
+
+def test_fuzzed_requests_never_5xx(test_client, cm):
+    """Bodies drawn from the server's own OpenAPI schema (sometimes broken): no 5xx, and it still answers right."""
+    pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+
+    from transfertune.serving.fuzz import requests
+
+    statuses = []
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(requests(test_client.app.openapi()))
+    def fuzz(case):
+        route, body = case
+        resp = test_client.post(route, json=body)
+        statuses.append(resp.status_code)
+        assert resp.status_code < 500, (body, resp.text)
+        if resp.status_code >= 400:
+            assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+
+    fuzz()
+    assert len(statuses) == 200 and statuses.count(200) > 10  # the valid paths were exercised too
+    out = test_client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0})
+    assert out.json()["choices"][0]["text"] == greedy(cm, PROMPTS[0], 8).text[0]
+
+
+def test_serve_command_starts_a_server(dirs):
+    """`transfertune serve` in a subprocess, queried by the openai client, then stopped."""
+    base, values = dirs
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "transfertune.cli", "serve", "--base", base, "--value", values[0],
+                             "--port", str(port), "--api-key", "k", "--served-model-name", "cli"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        out = c.completions.create(model="cli", prompt="The cat", max_tokens=4, temperature=0)
+        assert out.choices[0].finish_reason in ("length", "stop") and out.usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bad", max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_api_error_shape():
+    err = APIError(400, "bad", param="x", code="c").body()
+    assert err == {"error": {"message": "bad", "type": "invalid_request_error", "param": "x", "code": "c"}}
