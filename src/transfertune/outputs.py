@@ -152,9 +152,11 @@ class Claim:
     run_id: str
     resume_from: str | None = None  # the checkpoint to continue from
 
-    def finish(self) -> None:
+    def finish(self, processes: int = 1) -> None:
+        """Mark the run finished, recording how many processes trained it."""
         record = read_run(self.directory) or {}
-        write_atomic(self.directory / RUN_NAME, json.dumps({**record, "finished": True}, indent=2) + "\n")
+        write_atomic(self.directory / RUN_NAME,
+                     json.dumps({**record, "finished": True, "processes": processes}, indent=2) + "\n")
 
 
 def read_run(directory: Path) -> dict | None:

@@ -45,7 +45,15 @@ class ValueTrainer(Trainer):
             loss = loss + share * cfg.l1_coef * l1_penalty(value)
         if cfg.entropy_coef:
             loss = loss - share * cfg.entropy_coef * value_entropy(value)
+        if self._tokens_counted_across_processes(num_items_in_batch):
+            # n_tokens counts every process's tokens and DDP averages the gradients over processes: undo the mean
+            loss = loss * self.accelerator.num_processes
         return (loss, {"composed_logits": res.composed}) if return_outputs else loss
+
+    def _tokens_counted_across_processes(self, num_items_in_batch) -> bool:
+        """Whether the Trainer summed `num_items_in_batch` over all processes (as it does before its own loss)."""
+        return (num_items_in_batch is not None and self.args.average_tokens_across_devices
+                and self.args.world_size > 1)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Checkpoints and the final save are value directories (weights or adapter + transfertune.json)."""
@@ -98,6 +106,12 @@ def train_value_model(
                            grad_accum=grad_accum, max_length=max_length, logging_steps=logging_steps,
                            save_steps=save_steps)
     records = load_records(data)
+    args = build_training_args(
+        output_dir, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
+        learning_rate=learning_rate, logging_steps=logging_steps, save_steps=save_steps, seed=seed,
+        **training_args,
+    )
+    check_distributed(args)
     init = init or base
     init_source = init.split(":", 1)[1] if init.startswith("random:") else init
     reads = {"--base": resolve_model(base), "--init": resolve_model(init_source)}
@@ -124,11 +138,6 @@ def train_value_model(
         value.check_compatible(tokenizer, base)
         max_length = fit_context(max_length, {f"base '{base}'": base_model, f"init '{init}'": value.model})
         dataset = SFTDataset(records, tokenizer, max_length)
-        args = build_training_args(
-            output_dir, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
-            learning_rate=learning_rate, logging_steps=logging_steps, save_steps=save_steps, seed=seed,
-            **training_args,
-        )
         trainer = ValueTrainer(
             value, base_model, args=args, train_dataset=dataset, data_collator=RightPadCollator(pad_id_of(tokenizer))
         )
@@ -136,8 +145,23 @@ def train_value_model(
         value.model.eval()
         if args.should_save:
             value.save(output_dir)
-            claim.finish()
+            claim.finish(processes=args.world_size)
     return value
+
+
+def check_distributed(args) -> None:
+    """Refuse a launch of several processes that the Trainer does not train together: each would train
+    alone and write the same --output. `accelerate launch --multi_gpu` / `torchrun` on a machine without GPUs
+    need ACCELERATE_USE_CPU=true to train over gloo."""
+    import os
+
+    from .validate import InputError
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size != launched:
+        raise InputError(f"launched as {launched} processes, but the Trainer found no way to train them together "
+                         f"(world size {args.world_size}): on CPUs set ACCELERATE_USE_CPU=true (gloo backend); "
+                         f"otherwise every process would write the same --output")
 
 
 DEFAULT_MAX_LENGTH = 512

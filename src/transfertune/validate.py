@@ -27,7 +27,7 @@ class ContextLengthError(InputError):
         self.index = index
 
 
-def _problem(value, *, integer: bool, gt=None, ge=None, le=None) -> str | None:
+def _problem(value, *, integer: bool, gt=None, ge=None, le=None, lt=None) -> str | None:
     if integer:
         if isinstance(value, bool) or not isinstance(value, int):
             return f"must be an integer, got {value!r}"
@@ -39,12 +39,14 @@ def _problem(value, *, integer: bool, gt=None, ge=None, le=None) -> str | None:
         return f"must be >= {ge}, got {value!r}"
     if le is not None and not value <= le:
         return f"must be <= {le}, got {value!r}"
+    if lt is not None and not value < lt:
+        return f"must be < {lt}, got {value!r}"
     return None
 
 
-def check_number(value, name: str, *, integer: bool = False, gt=None, ge=None, le=None):
+def check_number(value, name: str, *, integer: bool = False, gt=None, ge=None, le=None, lt=None):
     """`value` if it is a finite number (an int when `integer`) within the bounds, else an InputError."""
-    problem = _problem(value, integer=integer, gt=gt, ge=ge, le=le)
+    problem = _problem(value, integer=integer, gt=gt, ge=ge, le=le, lt=lt)
     if problem:
         raise InputError(f"{name} {problem}")
     return value
@@ -69,6 +71,32 @@ def flag_type(*, integer: bool = False, **bounds):
 
     parse.__name__ = "integer" if integer else "number"
     return parse
+
+
+def check_label_row(record: dict, labels: list[str] | None) -> dict:
+    """A classification row completed: "choices" (its own, else `labels`), "label" as an index into them, and a
+    "response" (by default the labelled choice). The label may be an index, one of the choices, or only the
+    response. The message of a refused row names the field; the caller adds the file and line."""
+    choices = record.get("choices", labels)
+    if choices is None:
+        raise InputError('no label set: give "choices" in every row, or --labels')
+    if (not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices)
+            or len(set(choices)) < len(choices)):
+        raise InputError(f'"choices" must be a list of at least 2 different strings, got {printable(choices)[:80]}')
+    label = record.get("label", record.get("response", record.get("completion")))
+    if isinstance(label, int) and not isinstance(label, bool):
+        if not 0 <= label < len(choices):
+            raise InputError(f'"label" {label} is not an index into the {len(choices)} choices')
+        index = label
+    elif isinstance(label, str):
+        if label not in choices:
+            raise InputError(f"label {printable(label)!r} is not one of the choices ({', '.join(choices)})")
+        index = choices.index(label)
+    else:
+        got = "none" if label is None else f"got {type(label).__name__}"
+        raise InputError(f'needs a "label" (an index into the choices, or one of them) or a "response" ({got})')
+    response = record.get("response", record.get("completion", choices[index]))
+    return {**record, "choices": choices, "label": index, "response": response}
 
 
 def read_json_file(path: str | Path, what: str) -> dict:
