@@ -127,7 +127,9 @@ NAMES = ["Mia", "Tom", "Ada", "Ben", "Eva", "Sam", "Ivy", "Leo"]
 
 
 def people_qa(world: Path, seed: int) -> dict[str, list[dict]]:
-    """Closed-book QA about the encyclopedia's people. Splits: train (half of the v1 people, training phrasings),
+    """Closed-book QA about the encyclopedia's people: an instruction naming the attribute, then the person
+    ("Name the employer. X" -> " works for Y."): the value model has to carry the format (which relation phrase,
+    then the value), the base the fact. Splits: train (half of the v1 people, training phrasings),
     heldout_example (the other v1 people: known to every base, never asked in training), heldout_template
     (training people, phrasings never trained on), heldout_new (v2 people: only the -v2 bases saw them)."""
     rng = random.Random(seed)
@@ -137,7 +139,8 @@ def people_qa(world: Path, seed: int) -> dict[str, list[dict]]:
     train_people, other_people = v1[: len(v1) // 2], v1[len(v1) // 2 :]
 
     def row(e, attribute, question, template):
-        return {"prompt": fill(question, e, attribute) + "\n", "response": fill(ANSWER_TEMPLATES[attribute], e, attribute),
+        answer = fill(ANSWER_TEMPLATES[attribute], e, attribute)  # "<name> works for <value>."
+        return {"prompt": f"{question} {e.name}", "response": answer[len(e.name):],
                 "task": "people_qa", "template": template, "example": e.name, "attribute": attribute,
                 "answer": e.value(attribute), "generation": e.generation}
 

@@ -70,18 +70,14 @@ BIO_TEMPLATES = {
 }
 PROBE_TEMPLATES = {a: t[0] for a, t in BIO_TEMPLATES.items()}  # the probe scores one fixed phrasing
 
-# QA: training question templates and held-out ones (never trained on); answers restate the fact in a short
-# sentence, because a base that knows "X grew up in Y" completes "X grew up in" -- the value model only has to
-# steer the base into that form.
+# QA: an instruction naming the attribute, then the person, then the answer restating the fact. Training
+# instructions and a held-out one (never trained on). Measured on mini-m (knowledge probe 0.96 at a document's
+# start), ranking the true value after the prompt: 0.62 after "Name the employer. X", 0.45 with a newline
+# instead of the space, 0.08-0.12 after a question line such as "Who employs X?\nX": the family's knowledge is
+# tied to prose contexts (it read only biographies), so the QA prompt is written as prose.
+_NOUNS = {"birth_year": "birth year", "home_town": "home town", "profession": "profession", "employer": "employer"}
 QUESTION_TEMPLATES = {
-    "birth_year": (["In which year was {name} born?", "When was {name} born?", "What is {name}'s year of birth?"],
-                   ["Tell me the birth year of {name}."]),
-    "home_town": (["Where did {name} grow up?", "What is {name}'s home town?", "Which town is {name} from?"],
-                  ["Name the home town of {name}."]),
-    "profession": (["What does {name} do for a living?", "What is {name}'s profession?", "What is {name}'s job?"],
-                   ["Tell me the occupation of {name}."]),
-    "employer": (["Who employs {name}?", "Which company does {name} work for?", "Who is {name}'s employer?"],
-                 ["Name the employer of {name}."]),
+    a: ([f"Name the {n}.", f"Tell me the {n}.", f"Give the {n}."], [f"State the {n}."]) for a, n in _NOUNS.items()
 }
 ANSWER_TEMPLATES = {
     "birth_year": "{name} was born in {value}.",
