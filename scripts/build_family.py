@@ -325,9 +325,6 @@ def export(corpus: Path, work: Path, out: Path, only: list[str] | None = None) -
               "people": {g: sum(e.generation == g for e in people) for g in ("v1", "v2")},
               "renderings": RENDERINGS, "mix": {"base": BASE_MIX, "new": NEW_MIX},
               "probe_chance": round(probe_chance(), 4), "models": {}}
-    if only and (out / "family.json").is_file():
-        kept = json.loads((out / "family.json").read_text())["models"]
-        family["models"] = {n: m for n, m in kept.items() if n in FAMILY and "probe_v1" in m}
     for name, spec in FAMILY.items():
         final = work / name / "final"
         if not (final / "config.json").is_file() or (only and name not in only):
@@ -353,6 +350,9 @@ def export(corpus: Path, work: Path, out: Path, only: list[str] | None = None) -
             **knows(exported, tok),
         }
         print(f"{name}: {family['models'][name]}")
+    if only and (out / "family.json").is_file():  # read at the end: another export may have run meanwhile
+        kept = json.loads((out / "family.json").read_text())["models"]
+        family["models"] = {**{n: m for n, m in kept.items() if "probe_v1" in m}, **family["models"]}
     family["models"] = {n: family["models"][n] for n in FAMILY if n in family["models"]}
     (out / "family.json").write_text(json.dumps(family, indent=2) + "\n")
     plot_curves(work, out / "loss_curves.png")
