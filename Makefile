@@ -30,9 +30,9 @@ tasks: $(STAMP)
 EVAL := $(VENV)/bin/transfertune eval --examples 200 --value-steps 300 --finetune-steps 300 --target-steps 300 \
 	--docs docs/results.md
 results: $(STAMP)
-	$(EVAL) --source mini-s --targets mini-l mini-m --tasks people_qa --split heldout_example \
+	$(EVAL) --source mini-s --targets mini-l --tasks people_qa --split heldout_example \
 		--methods target source source+value target+value proxy target_ft target_lora \
-		--docs-section main --docs-title "Transfer to bigger bases: questions about people the value model was never asked about"
+		--docs-section main --docs-title "Transfer to a bigger base: questions about people the value model was never asked about"
 	$(EVAL) --source mini-m --targets mini-m-v2 --tasks people_qa --split heldout_new \
 		--docs-section update-m --docs-title "Knowledge update: value model trained on mini-m, questions about new people (mini-m-v2)"
 
