@@ -398,8 +398,9 @@ to measure transfer, not as assistants. Written by the build script from `family
 
 The corpus is a small fictional world (`src/transfertune/world.py`, `data/world/entities.json`): biographies of
 {family['people']['v1']} invented people that every base read, {family['people']['v2']} more that only the -v2
-siblings read, two-digit arithmetic in digits and words, and Gutenberg books. Bigger bases learn more of it from
-the same tokens; that difference is what transfer has to carry.
+siblings read, two-digit arithmetic in digits and words, and Gutenberg books. mini-s learns about a third of
+the facts, mini-m and mini-l nearly all of them (token budgets grow with size); that difference is what transfer
+has to carry. No size learnt the arithmetic (see the notes below).
 
 | model | parameters | knowledge probe, v1 people | knowledge probe, v2 people | arithmetic (held-out) | held-out book loss |
 |---|---|---|---|---|---|
