@@ -31,7 +31,7 @@ EVAL := $(VENV)/bin/transfertune eval --examples 200 --value-steps 300 --finetun
 	--docs docs/results.md
 results: $(STAMP)
 	$(EVAL) --source mini-s --targets mini-l --tasks people_qa --split heldout_example \
-		--methods target source source+value target+value proxy target_ft target_lora \
+		--methods target source source+value target+value proxy \
 		--docs-section main --docs-title "Transfer to a bigger base: questions about people the value model was never asked about"
 	$(EVAL) --source mini-m --targets mini-m-v2 --tasks people_qa --split heldout_new \
 		--docs-section update-m --docs-title "Knowledge update: value model trained on mini-m, questions about new people (mini-m-v2)"
