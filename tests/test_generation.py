@@ -153,3 +153,12 @@ def test_sampling_matches_the_composed_distribution(model_dir, tokenizer):
     draws = [nxt for nxt, _ in gen.decode_steps([ids] * n, 1, SamplingParams(temperature=1.0, seed=0))][0]
     freq = torch.bincount(draws, minlength=probs.numel()).float() / n
     assert (freq - probs).abs().max() < 0.03
+
+
+def test_a_vanishing_top_p_keeps_the_most_likely_token():
+    """Found by the server's schema fuzz: top_p=1e-171 must not leave an empty (NaN) distribution."""
+    from transfertune.sampling import SamplingParams, sample_next
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    for top_p in (1e-171, 1e-30, 1e-3):
+        assert torch.equal(sample_next(logits, SamplingParams(temperature=1.0, top_p=top_p)), logits.argmax(-1))

@@ -38,7 +38,7 @@ def test_people_qa_splits_separate_people_and_generations():
     assert {r["generation"] for r in load_task("people_qa", "heldout_new")} == {"v2"}
     assert {r["example"] for r in load_task("people_qa", "heldout_template")} <= train_people
     for r in held:
-        assert r["response"].startswith(r["example"]) and r["response"].endswith(r["answer"] + ".")
+        assert r["prompt"].endswith(" " + r["example"]) and r["response"].endswith(" " + r["answer"] + ".")
 
 
 def test_arithmetic_answers_are_right_and_heldout_problems_never_in_the_corpus():

@@ -42,6 +42,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop_sorted = (probs.cumsum(-1) - probs) >= params.top_p
+        drop_sorted[..., 0] = False  # the most likely token always survives, whatever rounding does to top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -51,6 +52,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if params.greedy:
         return logits.argmax(-1)
     probs = filter_logits(logits, params).softmax(-1)
+    if not torch.isfinite(probs).all():  # nothing left to sample from (e.g. every logit -inf): take the argmax
+        return logits.argmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
