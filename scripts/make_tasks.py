@@ -128,7 +128,7 @@ NAMES = ["Mia", "Tom", "Ada", "Ben", "Eva", "Sam", "Ivy", "Leo"]
 
 def people_qa(world: Path, seed: int) -> dict[str, list[dict]]:
     """Closed-book QA about the encyclopedia's people: an instruction naming the attribute, then the person
-    ("Name the employer. X" -> " works for Y."): the value model has to carry the format (which relation phrase,
+    ("State the employer. X" -> " works for Y."): the value model has to carry the format (which relation phrase,
     then the value), the base the fact. Splits: train (half of the v1 people, training phrasings),
     heldout_example (the other v1 people: known to every base, never asked in training), heldout_template
     (training people, phrasings never trained on), heldout_new (v2 people: only the -v2 bases saw them)."""

@@ -5,6 +5,7 @@ sockets), with tiny models saved to temporary directories; every load or fuzz lo
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
@@ -34,6 +35,7 @@ from transfertune.data import encode_prompt  # noqa: E402
 from transfertune.loading import load_causal_lm  # noqa: E402
 from transfertune.sampling import SamplingParams  # noqa: E402
 from transfertune.serving import Engine, Row, create_app  # noqa: E402
+from transfertune.serving.engine import Event, Sink  # noqa: E402
 from transfertune.serving.app import APIError  # noqa: E402
 from transfertune.value_model import ValueModel  # noqa: E402
 
@@ -178,6 +180,125 @@ def test_engine_batches_rows_with_their_own_settings(cm):
         gen = alone.generator()
         gen.eos_ids = set()
         assert row.text.tokens == gen.generate([PROMPTS[i % 3]], max_new_tokens=n).token_ids[0]
+
+
+def test_engine_wakes_each_event_loop_once_per_step(cm):
+    """Two requests (three rows) decoding together: every step hands the loop all its events in one call."""
+    engine = Engine(cm, max_batch=8)
+    engine.start()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        calls = []
+        threadsafe = loop.call_soon_threadsafe
+
+        def counting(*args):
+            calls.append(args)
+            return threadsafe(*args)
+
+        loop.call_soon_threadsafe = counting
+        queues = [asyncio.Queue(), asyncio.Queue()]
+        sinks = [Sink(loop, q) for q in queues]
+        rows = [Row(encode_prompt(cm.tokenizer, PROMPTS[i]), 5, ignore_eos=True, index=i % 2, sink=sinks[i // 2])
+                for i in range(3)]  # request 0: rows 0 and 1 (choices 0, 1); request 1: row 2
+        engine.submit(rows)
+        got = [[], []]
+        for events, q, n in zip(got, queues, (2, 1)):
+            while sum(1 for e in events if e.finish_reason) < n:
+                events.extend(await q.get())
+        return calls, got, rows
+
+    try:
+        calls, got, rows = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert len(calls) == 5  # one per step (the rows joined together, 5 tokens each)
+    assert [len(events) for events in got] == [10, 5]
+    assert [e.token for e in got[1]] == rows[2].text.tokens
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace spaces, byte fallback, a leading space stripped on decode)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]
+                                  + [f"<0x{i:02X}>" for i in range(256)])
+    tok.train_from_iterator([STREAM_TEXT * 20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>")
+
+
+STREAM_TEXT = "The cat sat. Caf\u00e9 na\u00efve \u00fcber \U0001F600 emoji, \u4e2d\u6587 \n\n end. "
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_text_stream_decodes_incrementally_as_the_whole(tokenizer, kind):
+    """TextStream decodes a short window per token; what it releases, holds back and stops on is what decoding
+    the whole list each time gives, for shuffled real tokens and random ones (broken UTF-8, special tokens)."""
+    import random
+
+    from transfertune.generation import TextStream
+
+    tok = tokenizer if kind == "byte-level" else _metaspace_tokenizer()
+    real = tok(STREAM_TEXT, add_special_tokens=False)["input_ids"]
+    rng = random.Random(0)
+    for trial in range(200):
+        if trial % 2:
+            ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 40))]
+        else:
+            ids = rng.sample(real, rng.randrange(1, len(real) + 1))
+        stop = rng.choice([[], ["\n"], ["at", "\u00e9"], [" c"], ["\ufffd"]])
+        fast, whole = TextStream(tok, stop), TextStream(tok, stop)
+        whole.incremental = False
+        for t in ids:
+            assert fast.push(t) == whole.push(t), (ids, stop)
+            assert fast.stopped == whole.stopped and fast.text == whole.text
+            if fast.stopped:
+                break
+        assert fast.flush() == whole.flush()
+        assert fast.incremental
+    # a token costs the same however long the text: the decoded windows stay short
+    decoded = []
+    stream = TextStream(tok)
+    stream._decode = lambda ids: decoded.append(len(ids)) or TextStream._decode(stream, ids)
+    for t in real * 5:
+        stream.push(t)
+    assert stream.text == tok.decode(real * 5, skip_special_tokens=True)
+    assert max(decoded) <= 8
+
+
+def test_a_stream_writes_once_per_step_and_ends_in_the_last_write(cm):
+    """Each step's events go out as one write; the last step's chunk, the usage and [DONE] as one more."""
+    from transfertune.serving.app import Choice, Server, _stream_completion
+
+    server = Server.__new__(Server)
+    server.model_name, server.tokenizer, server._token_text = NAME, cm.tokenizer, {}
+
+    class Steps:  # stands in for Flight: three steps of one choice
+        left = 1
+
+        async def events(self):
+            for i, (text, reason) in enumerate([("a", None), ("b", None), ("c", "length")]):
+                if reason:
+                    self.left = 0
+                yield [Event(0, text=text, token=i, finish_reason=reason)]
+
+    async def collect():
+        choices = [Choice(server, 0, chat=False, logprobs=False)]
+        return [w async for w in _stream_completion(server, Steps(), choices, False, "id", 3, True)]
+
+    writes = asyncio.run(collect())
+    assert len(writes) == 3
+    chunks = [[json.loads(line[6:]) for line in w.split("\n\n") if line.startswith("data: {")] for w in writes]
+    assert [[c["choices"][0]["text"] for c in w if c["choices"]] for w in chunks] == [["a"], ["b"], ["c"]]
+    assert chunks[2][0]["choices"][0]["finish_reason"] == "length"
+    assert chunks[2][1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert writes[2].endswith("data: [DONE]\n\n")
+    assert all(set(c) >= {"id", "object", "created", "model", "choices"} for w in chunks for c in w)
 
 
 class Flaky(torch.nn.Module):

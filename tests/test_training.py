@@ -152,3 +152,162 @@ def test_lora_needs_pretrained_weights(model_dir):
 def test_missing_value_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="transfertune.json"):
         ValueModel.load(tmp_path)
+
+
+def _tensor_shapes(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def test_lora_head_dir_holds_only_adapters_and_reloads(tmp_path, model_dir, yes_no_records, tokenizer):
+    """--lora-head lora (the default): no vocabulary x hidden tensor is saved, the dir is far smaller than the
+    full-head one, the reloaded model gives the trained logits, and the (tied) input embeddings are untouched."""
+    base = model_dir("gpt2", seed=4)  # GPT-2 ties its output layer to the input embeddings
+    kw = dict(lora=LoraSettings(r=4, alpha=8), **{**TRAIN, "epochs": 4})
+    small = train_value_model(base, yes_no_records, str(tmp_path / "lora"), **kw)
+    full = train_value_model(base, yes_no_records, str(tmp_path / "full"), lora_head="full", **kw)
+    vocab, hidden = len(tokenizer), 32
+    head_bytes = vocab * hidden * 4
+    lora_file, full_file = tmp_path / "lora" / "adapter_model.safetensors", tmp_path / "full" / "adapter_model.safetensors"
+    assert all(vocab * hidden > 4 * torch.Size(s).numel() for s in _tensor_shapes(lora_file).values())
+    assert any(torch.Size(s).numel() == vocab * hidden for s in _tensor_shapes(full_file).values())
+    assert lora_file.stat().st_size < full_file.stat().st_size - 0.75 * head_bytes  # the head adapter is r x (V + H)
+    assert (ValueConfig.load(tmp_path / "lora").lora_head, ValueConfig.load(tmp_path / "full").lora_head) == ("lora", "full")
+    ids = torch.tensor([tokenizer(yes_no_records[1]["prompt"])["input_ids"]])
+    embeddings = load_causal_lm(base).get_input_embeddings().weight
+    for trained, name in ((small, "lora"), (full, "full")):
+        reloaded = ValueModel.load(tmp_path / name)
+        with torch.no_grad():
+            before, after = trained.model(ids).logits, reloaded.model(ids).logits
+        assert before.abs().max() > 0.1, "the trained head must produce values"
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reloaded.model.get_input_embeddings().weight, embeddings)
+    nll_base = mean_nll(ComposedModel.from_pretrained(base), yes_no_records)
+    assert mean_nll(ComposedModel.from_pretrained(base, [str(tmp_path / "lora")]), yes_no_records) < 0.8 * nll_base
+
+
+def test_lora_dirs_written_before_the_head_choice_load_as_full_head(tmp_path, model_dir, tokenizer):
+    base = model_dir("llama", seed=3)
+    value = ValueModel.create(base, lora=LoraSettings(r=2, alpha=4), lora_head="full")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        value.model.get_output_embeddings().weight.normal_(0, 0.5)  # the saved full head (modules_to_save)
+    value.save(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "transfertune.json").read_text())
+    del config["lora_head"]
+    (tmp_path / "old" / "transfertune.json").write_text(json.dumps(config))
+    reloaded = ValueModel.load(tmp_path / "old")
+    assert reloaded.config.lora_head == "full"
+    ids = torch.tensor([tokenizer("The cat sat")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(ids).logits, value.model.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+    config["lora_head"] = "half"
+    (tmp_path / "old" / "transfertune.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lora_head"):
+        ValueModel.load(tmp_path / "old")
+
+
+def test_training_logs_held_out_loss_and_tokens_per_second(tmp_path, model_dir, yes_no_records):
+    from transformers import TrainerCallback
+
+    class Record(TrainerCallback):
+        logs: list = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs))
+
+    base = model_dir("llama", seed=3)
+    rec = Record()
+    train_value_model(base, yes_no_records[:16], str(tmp_path / "v"), eval_data=yes_no_records[16:], max_steps=6,
+                      logging_steps=2, eval_steps=3, learning_rate=1e-2, batch_size=4, disable_tqdm=True,
+                      callbacks=[rec])
+    train_lines = [log for log in rec.logs if "loss" in log]
+    evals = [log for log in rec.logs if "eval_loss" in log]
+    assert len(train_lines) == 3 and all(log["tokens_per_second"] > 0 for log in train_lines)
+    assert len(evals) == 2 and all(log["eval_tokens_per_second"] > 0 for log in evals)
+    # eval_loss is the composed NLL of the held-out responses, as scoring computes it
+    nll = mean_nll(ComposedModel.from_pretrained(base, [str(tmp_path / "v")]), yes_no_records[16:])
+    assert evals[-1]["eval_loss"] == pytest.approx(nll, rel=0.05)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] * 1.5
+
+
+def test_cli_train_prints_eval_loss_and_tokens_per_second(tmp_path, model_dir, yes_no_records, capsys):
+    from transfertune.cli import main
+
+    data, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in yes_no_records[:16]))
+    held.write_text("".join(json.dumps(r) + "\n" for r in yes_no_records[16:]))
+    assert main(["train", "--base", model_dir("llama", seed=3), "--data", str(data), "--eval-data", str(held),
+                 "--output", str(tmp_path / "v"), "--max-steps", "4", "--batch-size", "4", "--logging-steps", "2",
+                 "--lora", "--lora-r", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "'eval_loss'" in out and "'tokens_per_second'" in out
+    assert ValueConfig.load(tmp_path / "v").lora_head == "lora"
+
+
+def test_fused_composed_cross_entropy_matches_compose_then_cross_entropy():
+    from transfertune.compose import compose_logits, composed_cross_entropy
+
+    torch.manual_seed(0)
+    for value_size, beta, weights in ((50, 1.0, None), (56, 0.5, None), (48, 2.0, None), (50, 1.0, [0.5, 2.0])):
+        base = torch.randn(7, 50) * 3
+        values = [torch.randn(7, value_size, requires_grad=True) for _ in (weights or [1])]
+        targets = torch.randint(0, 48, (7,))
+        kw = dict(beta=beta, weights=weights, real_vocab_size=48)
+        ref = F.cross_entropy(compose_logits(base, values, **kw), targets, reduction="sum")
+        got = composed_cross_entropy(base, values, targets, **kw)
+        assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+        for a, b in zip(torch.autograd.grad(ref, values), torch.autograd.grad(got, values)):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch,lora", [("llama", None), ("gpt2", LoraSettings(r=2, alpha=4))])
+def test_output_layer_runs_only_at_response_positions(model_dir, tokenizer, yes_no_records, arch, lora):
+    """The trainer's logits at response positions equal the full forward's, gathered, with gradients."""
+    from transfertune.sequence import response_positions
+    from transfertune.trainer import logits_at_positions
+
+    value = ValueModel.create(model_dir(arch, seed=5), zero_init_head=False, lora=lora)
+    value.model.eval()  # no dropout: the two forward passes must agree
+    head = value.model.get_output_embeddings()
+    seen = []
+    head.register_forward_hook(lambda _m, _a, out: seen.append(tuple(out.shape)))
+    batch = RightPadCollator(pad_id_of(tokenizer))(list(SFTDataset(yes_no_records[:5], tokenizer)))
+    rows, cols, _ = response_positions(batch["labels"])
+    picked = logits_at_positions(value.model, batch["input_ids"], batch["attention_mask"], rows, cols)
+    assert seen[-1] == (len(rows), head.weight.shape[0])  # the layer never saw the other positions
+    full = value.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(picked, full[:, :-1][rows, cols], atol=1e-5, rtol=1e-5)
+    picked.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in value.model.parameters() if p.requires_grad)
+
+
+def test_train_step_benchmark_writes_table_json_plot_and_docs_section(model_dir, tmp_path, yes_no_records):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in yes_no_records))
+    docs = tmp_path / "docs" / "performance.md"
+    docs.parent.mkdir()
+    docs.write_text("# Performance\n\nthe decoding section stays\n")
+    bench.ROOT = tmp_path
+    out = tmp_path / "res" / "train_step.json"
+    value, base = model_dir("llama", seed=3), model_dir("llama", hidden=48, seed=1)
+    bench.main(["--pairs", f"{value}:{base}", "--data", str(data), "--batch-size", "4", "--steps", "2",
+                "--warmup", "1", "--repeats", "1", "--methods", "sft", "sft+base", "value", "--out", str(out),
+                "--docs"])
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    assert set(row["tokens_per_second"]) == {"sft", "sft+base", "value"}
+    assert all(v > 0 for v in row["tokens_per_second"].values()) and row["ratios"]["value/sft"] > 0
+    assert row["peak_memory_mb"]["value"] > 0 and row["ratios"]["memory value/sft"] > 0
+    assert out.with_suffix(".png").is_file()
+    text = docs.read_text()
+    assert "the decoding section stays" in text and "<!-- section: train-step -->" in text and "| value over base" in text

@@ -1,14 +1,30 @@
 """transfertune: train a value model once against a small frozen base, compose it with any base at inference."""
 __version__ = "0.1.0"
 
-from .compose import VocabularyMismatchError, compose_logits
-from .composed import ComposedModel
-from .generation import ComposedGenerator
-from .sampling import SamplingParams
-from .trainer import ValueTrainer, train_value_model
-from .value_model import LoraSettings, ValueConfig, ValueModel
+# The public names are imported on first use (PEP 562), so `import transfertune.cli` and `transfertune --help`
+# do not pay for torch and transformers.
+_EXPORTS = {
+    "VocabularyMismatchError": "compose", "compose_logits": "compose",
+    "ComposedModel": "composed",
+    "ComposedGenerator": "generation",
+    "SamplingParams": "sampling",
+    "ValueTrainer": "trainer", "train_value_model": "trainer",
+    "LoraSettings": "value_model", "ValueConfig": "value_model", "ValueModel": "value_model",
+}
 
-__all__ = [
-    "ComposedGenerator", "ComposedModel", "LoraSettings", "SamplingParams", "ValueConfig", "ValueModel",
-    "ValueTrainer", "VocabularyMismatchError", "compose_logits", "train_value_model",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'transfertune' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,4 +1,4 @@
-"""`transfertune` command line: train, generate, score, serve, export, eval, info, vocab-map, models."""
+"""`transfertune` command line: train, generate, score, serve, export, eval, info, vocab-map, convert, models."""
 from __future__ import annotations
 
 import argparse
@@ -30,8 +30,84 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-map", choices=["none", "auto", "exact", "align"], default="none",
                    help="compose a value model trained on another vocabulary through a token map: auto = a map "
                         "saved in the value directory, else exact string matching (default none: refuse)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    _add_device_args(p)
+    p.add_argument("--device-map", choices=["auto"], default=None,
+                   help="auto = spread the base (and proxy models) over the visible GPUs with accelerate, for a base "
+                        "larger than one device; value models go to --value-device, logits are composed on the "
+                        "base's device")
+    p.add_argument("--value-device", default=None, metavar="DEV",
+                   help="device of the value models (default: --device)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _add_device_args(p: argparse.ArgumentParser, what: str = "models",
+                     default: str = "cpu; with --device-map auto, the first GPU") -> None:
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help=f"weights of the {what}: auto (default) = the checkpoint's torch_dtype on a GPU or other "
+                        f"accelerator, fp32 on CPU; bf16, fp16 or fp32 = that type (logits are composed in fp32)")
+    p.add_argument("--device", default=None, metavar="DEV",
+                   help=f"torch device: cpu, cuda, cuda:1, mps, ... (default {default})")
+
+
+def check_device(flag: str, text: str):
+    """The torch.device `text` names, if this machine has it; else an InputError naming the flag."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise InputError(f"{flag} {text!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type in ("cpu",):
+        return device
+    if device.type == "meta":
+        raise InputError(f"{flag} meta holds no data: give a device to compute on (cpu, cuda, ...)")
+    backend = getattr(torch, device.type, None)
+    if device.type == "mps":
+        backend = torch.backends.mps
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise InputError(f"{flag} {text}: this machine (torch {torch.__version__}) has no {device.type} device")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise InputError(f"{flag} {text}: there {'is' if count == 1 else 'are'} only {count} {device.type} "
+                         f"device{'s' if count != 1 else ''} (indices 0-{count - 1})")
+    return device
+
+
+def accelerator_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
+        torch.backends.mps.is_available()
+
+
+def resolve_dtype(choice: str, on_accelerator: bool):
+    """--dtype as from_pretrained takes it: "auto" (the checkpoint's) on an accelerator, else a torch dtype."""
+    import torch
+
+    if choice == "auto":
+        return "auto" if on_accelerator else torch.float32
+    return getattr(torch, DTYPES[choice])
+
+
+def _placement(args) -> dict:
+    """device, value_device, device_map and dtype for ComposedModel.from_pretrained, checked."""
+    device_map = getattr(args, "device_map", None)
+    if args.device is not None:
+        device = check_device("--device", args.device)
+    elif device_map and accelerator_available():
+        import torch
+
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else check_device("--device", "mps")
+    else:
+        device = check_device("--device", "cpu")
+    value_device = getattr(args, "value_device", None)
+    value_device = check_device("--value-device", value_device) if value_device else device
+    on_accelerator = device.type != "cpu" if not device_map else accelerator_available()
+    return dict(device=device, value_device=value_device, device_map=device_map,
+                dtype=resolve_dtype(args.dtype, on_accelerator))
 
 
 def _load_composed(args):
@@ -46,8 +122,8 @@ def _load_composed(args):
         raise ValueError(f"{len(args.value)} --value but {len(args.weight)} --weight")
     return ComposedModel.from_pretrained(
         args.base, args.value, proxy=proxy, weights=args.weight, beta=args.beta, alpha=args.alpha,
-        device=args.device, trust_remote_code=args.trust_remote_code,
-        vocab_map=None if args.vocab_map == "none" else args.vocab_map,
+        trust_remote_code=args.trust_remote_code, vocab_map=None if args.vocab_map == "none" else args.vocab_map,
+        **_placement(args),
     )
 
 
@@ -56,12 +132,14 @@ def cmd_train(args) -> None:
     from .value_model import LoraSettings
 
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha) if args.lora else None
+    placement = _train_placement(args)
     train_value_model(
         args.base, args.data, args.output, init=args.init, zero_init_head=not args.no_zero_init_head, lora=lora,
         beta=args.beta, l1_coef=args.l1, entropy_coef=args.entropy, epochs=args.epochs, max_steps=args.max_steps,
         learning_rate=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
         seed=args.seed, save_steps=args.save_steps, resume=args.resume, overwrite=args.overwrite,
-        trust_remote_code=args.trust_remote_code, logging_steps=args.logging_steps,
+        trust_remote_code=args.trust_remote_code, logging_steps=args.logging_steps, lora_head=args.lora_head,
+        eval_data=args.eval_data, eval_steps=args.eval_steps, **placement,
     )
     from .outputs import is_main_process
 
@@ -69,14 +147,37 @@ def cmd_train(args) -> None:
         print(f"value model saved to {args.output}")
 
 
-def _read_prompts(args) -> list[str]:
+def _train_placement(args) -> dict:
+    """train_value_model arguments for --device and --dtype. The Trainer puts the models on the accelerator when
+    there is one (--device cpu keeps them on the CPU); --dtype is the frozen base's (the value model trains in
+    fp32)."""
+    import torch
+
+    extra, on_accelerator = {}, accelerator_available()
+    if args.device is not None:
+        device = check_device("--device", args.device)
+        if device.index is not None:
+            raise InputError(f"--device {args.device}: training runs on the devices accelerate gives it; choose "
+                             f"the GPU with CUDA_VISIBLE_DEVICES={device.index} and --device {device.type}")
+        if device.type == "cpu":
+            extra["use_cpu"], on_accelerator = True, False
+    dtype = resolve_dtype(args.dtype, on_accelerator)
+    if dtype != torch.float32:
+        from .loading import load_base
+
+        extra["base_model"] = load_base(args.base, dtype=dtype, trust_remote_code=args.trust_remote_code)[0]
+    return extra
+
+
+def _read_prompts(args) -> list[str | list[dict]]:
+    """Prompt texts, or chats (lists of messages) from a `messages` JSONL."""
     if args.prompt is not None:
         return [args.prompt]
     if args.prompt_file:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompt-file not found: {path}")
-        if path.suffix == ".jsonl":
+        if path.suffix in (".jsonl", ".json"):
             from .data import read_prompts
 
             prompts = read_prompts(path)
@@ -114,8 +215,10 @@ def cmd_generate(args) -> None:
     from .sampling import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    prompts = _read_prompts(args)
+    items = _read_prompts(args)
+    chats = [[{"role": "user", "content": p}] if args.chat and isinstance(p, str) else p for p in items]
     gen = _load_composed(args).generator()
+    prompts = _render_chats(gen.composed, chats)
     limit = gen.composed.context_length
     if limit is not None and args.max_new_tokens >= limit:
         print(f"note: generation stops at the context of {limit} tokens (prompt + new tokens)", file=sys.stderr)
@@ -130,8 +233,22 @@ def cmd_generate(args) -> None:
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="generating", disable=len(prompts) <= args.batch_size):
         batch = prompts[start : start + args.batch_size]
         out = gen.generate(batch, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop)
-        for prompt, text in zip(batch, out.text):
-            print(json.dumps({"prompt": prompt, "response": text}) if args.jsonl else text)
+        for item, text in zip(items[start : start + args.batch_size], out.text):
+            shown = {"prompt": item} if isinstance(item, str) else {"messages": item}
+            print(json.dumps({**shown, "response": text}) if args.jsonl else text)
+
+
+def _render_chats(cm, items: list) -> list[str]:
+    """Prompt texts: chats rendered with the template the value model was trained with (ComposedModel.
+    chat_template; its notes go to stderr, one line each), other prompts as they are."""
+    if all(isinstance(item, str) for item in items):
+        return list(items)
+    from .data import render_chat_prompt
+
+    template, notes = cm.chat_template()
+    for note in notes:
+        print(note, file=sys.stderr)
+    return [item if isinstance(item, str) else render_chat_prompt(cm.tokenizer, item, template) for item in items]
 
 
 def cmd_score(args) -> None:
@@ -147,15 +264,22 @@ def cmd_score(args) -> None:
     records = read_jsonl(args.data)
     lines = [n for n, r in iter_jsonl(args.data)]
     cm = _load_composed(args)
-    pairs = [render_chat(cm.tokenizer, r["messages"]) if "messages" in r else (r["prompt"], r["response"])
+    if any("messages" in r for r in records):
+        template, notes = cm.chat_template()
+        for note in notes:
+            print(note, file=sys.stderr)
+    pairs = [render_chat(cm.tokenizer, r["messages"], template) if "messages" in r else (r["prompt"], r["response"])
              for r in records]
     try:
-        feats, truncated = cm.encode([p for p, _ in pairs], [r for _, r in pairs], add_eos=args.add_eos)
+        limit = min((n for n in (args.max_length, cm.context_length) if n), default=None)
+        feats, truncated = cm.encode([p for p, _ in pairs], [r for _, r in pairs], add_eos=args.add_eos,
+                                     max_length=limit)
     except ContextLengthError as err:
         raise DataFormatError(f"{args.data}: line {lines[err.index]}: {str(err).split(': ', 1)[1]}") from None
     if truncated:
         print(f"note: {len(truncated)} prompt{'s' if len(truncated) > 1 else ''} lost tokens from the left to fit "
-              f"the context of {cm.context_length} tokens (lines {', '.join(str(lines[i]) for i in truncated[:10])}"
+              f"{'--max-length' if limit == args.max_length else 'the context'} of {limit} tokens (lines "
+              f"{', '.join(str(lines[i]) for i in truncated[:10])}"
               f"{', ...' if len(truncated) > 10 else ''})", file=sys.stderr)
     logps = cm.score_features(feats, batch_size=args.batch_size, progress=True)
     rows = [{"logprob": float(lp.sum()), "tokens": lp.numel(), "nll": float(-lp.mean()) if lp.numel() else 0.0,
@@ -267,6 +391,12 @@ def _prod(shape) -> int:
     return n
 
 
+def cmd_convert(args) -> None:
+    from .convert import convert_gguf
+
+    print(f"converted {convert_gguf(args.source, args.out_dir, dtype=args.dtype).describe()}")
+
+
 def cmd_models(args) -> None:
     from .loading import builtin_model_names, builtin_models_dir
 
@@ -359,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-zero-init-head", action="store_true",
                    help="keep the init LM's output layer (default zeroes it so training starts at the base distribution)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (+ the output layer) instead of all weights")
+    _add_device_args(p, what="frozen base (the value model trains in fp32)",
+                     default="the accelerator when there is one, else cpu; cpu or cuda, GPUs chosen with "
+                             "CUDA_VISIBLE_DEVICES")
+    p.add_argument("--lora-head", choices=["lora", "full"], default="lora",
+                   help="with --lora, how the output layer trains: lora = a rank-r adapter, so the directory holds "
+                        "only adapters (default); full = the whole layer (vocabulary x hidden) is trained and saved")
     p.add_argument("--lora-r", type=COUNT, default=16, help="LoRA rank (default 16)")
     p.add_argument("--lora-alpha", type=COUNT, default=32, help="LoRA alpha (default 32)")
     p.add_argument("--beta", type=POSITIVE, default=1.0, help="value scale used in training and stored as the default (1)")
@@ -378,7 +514,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the unfinished run in --output from its last complete checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="replace what transfertune wrote in a non-empty --output (other files are refused)")
-    p.add_argument("--logging-steps", type=COUNT, default=10, help="log the loss every N steps (default 10)")
+    p.add_argument("--logging-steps", type=COUNT, default=10,
+                   help="log the loss and tokens/s every N steps (default 10)")
+    p.add_argument("--eval-data", default=None, metavar="FILE",
+                   help="held-out JSONL (formats as --data): its composed loss is logged as eval_loss every "
+                        "--eval-steps steps and at the end")
+    p.add_argument("--eval-steps", type=COUNT, default=None,
+                   help="evaluate --eval-data every N steps (default: --logging-steps)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
     p.set_defaults(func=cmd_train)
 
@@ -386,7 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate text from the composed model. Prompt from the argument, --prompt-file or stdin.")
     _add_compose_args(p)
     p.add_argument("prompt", nargs="?", help="prompt text (else --prompt-file or standard input)")
-    p.add_argument("--prompt-file", help="one prompt per line (\\n for newlines), or a JSONL with a prompt field")
+    p.add_argument("--prompt-file", metavar="FILE",
+                   help="text file: one prompt per line (\\n for newlines); .jsonl: one object per line with a "
+                        "\"prompt\" (a \"response\" is ignored) or a \"messages\" chat (a last assistant message "
+                        "is dropped; rendered with the chat template, as with --chat)")
+    p.add_argument("--chat", action="store_true",
+                   help="render each prompt as a user message through the chat template the value model was trained "
+                        "with (saved in its directory; warns when the base's differs; plain 'user: ...' lines when "
+                        "there is no template anywhere, said on stderr)")
     p.add_argument("--max-new-tokens", type=COUNT, default=64,
                    help="tokens to generate at most (default 64; never past the context length)")
     p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy (default); >0 samples")
@@ -407,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write per-example log-probs here (JSONL; not the --data file)")
     p.add_argument("--add-eos", action="store_true", help="also score the end-of-sequence token after each response")
     p.add_argument("--batch-size", type=COUNT, default=8, help="examples per forward pass (default 8)")
+    p.add_argument("--max-length", type=flag_type(integer=True, ge=2), default=None,
+                   help="tokens per example at most: longer prompts lose tokens from the left (default: the "
+                        "models' context). Log-probs are computed a chunk of response positions at a time, so "
+                        "memory grows with batch x length x hidden size, not x vocabulary")
     p.set_defaults(func=cmd_score)
 
     from .eval_suite import METHODS, EvalConfig
@@ -524,9 +677,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("convert", help="write a GGUF model as a safetensors model directory (loads in a second)",
+                       description="Dequantize a GGUF checkpoint (a .gguf file, or a directory holding exactly one) "
+                                   "once and write it as a model directory: config without quantization_config, "
+                                   "safetensors weights, tokenizer with its chat template. Use the directory as "
+                                   "--base / --init; the .gguf itself also works, but dequantizes on every load.")
+    p.add_argument("source", metavar="SRC", help="a .gguf file, or a directory holding exactly one")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write: new or empty")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the written weights (default float32: GGUF blocks dequantize exactly into it)")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("models", help="list the built-in models")
     p.set_defaults(func=cmd_models)
     return parser
+
+
+PYTHON_SPELLINGS = [("vocab_map='auto'", "--vocab-map auto")]
 
 
 def main(argv=None) -> int:
@@ -540,6 +707,8 @@ def main(argv=None) -> int:
         from .validate import printable
 
         message = "\n".join(printable(line) for line in str(err).splitlines())
+        for python, flag in PYTHON_SPELLINGS:  # messages written for the Python API, in the words of the CLI
+            message = message.replace(python, flag)
         print(f"transfertune {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -98,11 +98,12 @@ def _compose(base_logits, value_logits, scales, vocab_maps, proxy, alpha, real_v
     size = base_logits.shape[-1]
 
     composed = F.log_softmax(base_logits.float(), dim=-1)
+    device = composed.device  # models may run on other devices: the composition happens on the base's logits'
     for v, scale, vmap in zip(value_logits, scales, vocab_maps):
         v = v.float() if vmap is None else vmap(v.float())
-        composed = composed + scale * match_vocab_size(v, size, real_vocab_size)
+        composed = composed + scale * match_vocab_size(v.to(device), size, real_vocab_size)
     if proxy is not None:
-        tuned, untuned = (match_vocab_size(x.float(), size, real_vocab_size) for x in proxy)
+        tuned, untuned = (match_vocab_size(x.to(device).float(), size, real_vocab_size) for x in proxy)
         composed = composed + alpha * (F.log_softmax(tuned, dim=-1) - F.log_softmax(untuned, dim=-1))
     return composed
 
@@ -110,6 +111,66 @@ def _compose(base_logits, value_logits, scales, vocab_maps, proxy, alpha, real_v
 def composed_log_probs(*args, **kwargs) -> torch.Tensor:
     """log p_composed: `compose_logits` normalised over the vocabulary."""
     return F.log_softmax(compose_logits(*args, **kwargs), dim=-1)
+
+
+def composed_cross_entropy(
+    base_logits: torch.Tensor,
+    value_logits: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    weights: Sequence[float] | None = None,
+    beta: float = 1.0,
+    real_vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Summed cross-entropy of `targets` [N] under `compose_logits(base_logits [N, V], value_logits)`, fused.
+
+    The same numbers as `F.cross_entropy(compose_logits(...), targets, reduction="sum")`, but one float32 [N, V]
+    buffer serves the log-softmax of the base, the composition, the softmax and the gradient (the unfused graph
+    keeps four or five). Gradients flow into the value logits only: the base's are treated as constants."""
+    if not beta > 0 or not math.isfinite(beta):
+        raise ValueError(f"beta must be a positive finite number, got {beta}")
+    weights = [1.0] * len(value_logits) if weights is None else list(weights)
+    if len(weights) != len(value_logits):
+        raise ValueError(f"{len(value_logits)} value models but {len(weights)} weights")
+    scales = tuple(w / beta for w in weights)
+    return _ComposedCrossEntropy.apply(base_logits.detach(), targets, scales, real_vocab_size, *value_logits)
+
+
+class _ComposedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, base_logits, targets, scales, real_vocab_size, *value_logits):
+        size = base_logits.shape[-1]
+        composed = F.log_softmax(base_logits.float(), dim=-1)
+        device = composed.device
+        for v, scale in zip(value_logits, scales):
+            composed.add_(match_vocab_size(v.float().to(device), size, real_vocab_size), alpha=scale)
+        targets = targets.to(device)
+        lse = torch.logsumexp(composed, dim=-1)
+        loss = (lse - composed.gather(-1, targets[:, None]).squeeze(-1)).sum()
+        # d loss / d composed = softmax(composed) - onehot(target), written over the composed logits
+        composed.sub_(lse[:, None]).exp_()
+        composed[torch.arange(len(targets), device=device), targets] -= 1.0
+        ctx.save_for_backward(composed)
+        ctx.scales = scales
+        ctx.shapes = [(v.shape[-1], v.dtype, v.device) for v in value_logits]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_composed,) = ctx.saved_tensors
+        size = grad_composed.shape[-1]
+        needs = ctx.needs_input_grad[4:]
+        last = max((i for i, n in enumerate(needs) if n), default=-1)
+        grads = []
+        for i, ((have, dtype, device), scale) in enumerate(zip(ctx.shapes, ctx.scales)):
+            if not needs[i]:
+                grads.append(None)
+                continue
+            # the last one reuses the buffer (a second backward through this graph then fails loudly)
+            g = grad_composed.mul_(grad_loss * scale) if i == last else grad_composed * (grad_loss * scale)
+            g = g[..., :have] if have <= size else F.pad(g, (0, have - size))  # padding rows get no gradient
+            grads.append(g.to(device=device, dtype=dtype))
+        return (None, None, None, None, *grads)
 
 
 def l1_penalty(value_logits: torch.Tensor) -> torch.Tensor:

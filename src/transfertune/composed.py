@@ -4,14 +4,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .compose import VocabularyMismatchError, compose_logits, compose_logits_per_row
 from .cross_vocab import attach_value
 from .data import IGNORE_INDEX, RightPadCollator, encode_example, pad_id_of
 from .loading import context_length, load_base, load_causal_lm, real_vocab_size
-from .sequence import composed_response_logits
+from .sequence import composed_response_logprobs, input_device
 from .validate import ContextLengthError, check_number
 from .value_model import ValueModel
 from .vocab import vocab_fingerprint
@@ -41,6 +40,8 @@ class ComposedModel:
     ):
         self.base = base
         self.tokenizer = tokenizer
+        self.base_name = base_name
+        self.value_models = [v for v in values if isinstance(v, ValueModel)]  # what the directories hold
         self.values = [attach_value(v, tokenizer, base_name, vocab_map) for v in values]
         configs = [v.config for v in values if isinstance(v, ValueModel)]
         self.beta = beta if beta is not None else (configs[0].beta if configs else 1.0)
@@ -65,17 +66,25 @@ class ComposedModel:
         device="cpu",
         dtype=torch.float32,
         trust_remote_code: bool = False,
+        device_map=None,
+        value_device=None,
         **kwargs,
     ) -> "ComposedModel":
-        """Load by name or path: a base, value directories, and an optional (tuned, untuned) proxy pair."""
-        base_model, tok = load_base(base, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        value_models = [ValueModel.load(v, device=device, dtype=dtype) for v in values]
+        """Load by name or path: a base, value directories, and an optional (tuned, untuned) proxy pair.
+
+        `dtype` is a torch dtype or "auto" (each checkpoint's own). `device_map` (e.g. "auto": accelerate spreads
+        the base and the proxy models over the visible devices) replaces `device` for those models; value models
+        go to `value_device` (default `device`). Logits are composed on the base's logits' device."""
+        placed = dict(device_map=device_map) if device_map is not None else dict(device=device)
+        base_model, tok = load_base(base, dtype=dtype, trust_remote_code=trust_remote_code, **placed)
+        value_device = value_device if value_device is not None else device
+        value_models = [ValueModel.load(v, device=value_device, dtype=dtype) for v in values]
         proxy_models = None
         if proxy is not None:
             fp = vocab_fingerprint(tok)
             proxy_models = []
             for name in proxy:
-                model, ptok = load_base(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+                model, ptok = load_base(name, dtype=dtype, trust_remote_code=trust_remote_code, **placed)
                 if vocab_fingerprint(ptok) != fp:
                     raise VocabularyMismatchError(f"proxy model '{name}' does not share the vocabulary of base '{base}'")
                 proxy_models.append(model)
@@ -87,7 +96,8 @@ class ComposedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.base.parameters()).device
+        """Where token ids and the composition live: the base's input device."""
+        return input_device(self.base)
 
     @property
     def context_length(self) -> int | None:
@@ -156,24 +166,68 @@ class ComposedModel:
 
     @torch.no_grad()
     def score_features(
-        self, feats: list[dict], *, batch_size: int = 8, progress: bool = False, with_greedy: bool = False
+        self, feats: list[dict], *, batch_size: int = 8, progress: bool = False, with_greedy: bool = False,
+        chunk_size: int | None = None,
     ) -> list:
         """Log-probs of the labelled tokens of each feature dict; with_greedy also returns, per token, whether
-        it is the composed argmax (lm-evaluation-harness's `is_greedy`)."""
+        it is the composed argmax (lm-evaluation-harness's `is_greedy`). The vocabulary-wide work runs
+        `chunk_size` response positions at a time (default: sequence.CHUNK_BYTES of logits), so memory does not
+        grow with batch x length x vocabulary."""
         collate = RightPadCollator(pad_id_of(self.tokenizer))
         out: list = []
         for start in tqdm(range(0, len(feats), batch_size), desc="scoring", disable=not progress):
             batch = {k: t.to(self.device) for k, t in collate(feats[start : start + batch_size]).items()}
-            res = composed_response_logits(
+            res = composed_response_logprobs(
                 self.base, self.values, **batch, weights=self.weights, beta=self.beta, alpha=self.alpha,
-                proxy=self.proxy, real_vocab_size=self.real_vocab_size,
+                proxy=self.proxy, real_vocab_size=self.real_vocab_size, chunk_size=chunk_size,
             )
-            logp = F.log_softmax(res.composed, -1).gather(-1, res.targets[:, None]).squeeze(-1)
-            greedy = res.composed.argmax(-1) == res.targets
+            logp, greedy, rows = res.logprobs.cpu(), res.greedy.cpu(), res.rows.cpu()
             for row in range(len(batch["input_ids"])):
-                sel = res.rows == row
-                out.append((logp[sel].cpu(), greedy[sel].cpu()) if with_greedy else logp[sel].cpu())
+                sel = rows == row
+                out.append((logp[sel], greedy[sel]) if with_greedy else logp[sel])
         return out
+
+    def chat_template(self) -> tuple[str, list[str]]:
+        """(template, notes): how to render chats for this composition, and one line per thing the user should
+        know about that choice.
+
+        The template is the one the first value model was trained with (its directory saves the training base's
+        template, or records that chats were rendered as plain lines), else the base's, else data.PLAIN_CHAT."""
+        from .data import PLAIN_CHAT, template_text
+
+        base_template = template_text(getattr(self.tokenizer, "chat_template", None))
+        notes, trained, source = [], None, None
+        for value in self.value_models:
+            name = value.directory or "the value model"
+            if value.config.extra.get("chat_format") == "plain":
+                mine = PLAIN_CHAT
+            else:
+                mine = template_text(getattr(value.tokenizer, "chat_template", None))
+            if mine is None:
+                notes.append(f"note: value directory {name} saves no chat template (trained before transfertune "
+                             f"recorded it)")
+            elif trained is None:
+                trained, source = mine, name
+            elif mine != trained:
+                notes.append(f"warning: value models {source} and {name} were trained with different chat "
+                             f"templates; rendering with the first one's")
+        if trained == PLAIN_CHAT:
+            notes.append(f"note: value model {source} was trained on chats rendered as plain 'role: content' lines "
+                         f"(its training base has no chat template); rendering chats the same way")
+            return trained, notes
+        if trained is not None:
+            if base_template is not None and base_template != trained:
+                notes.append(f"warning: the chat template of base '{self.base_name}' differs from the one value "
+                             f"model {source} was trained with; rendering chats with the trained template")
+            return trained, notes
+        if base_template is not None:
+            if self.value_models:
+                notes.append(f"note: rendering chats with the chat template of base '{self.base_name}'")
+            return base_template, notes
+        where = "in the value directories or " if self.value_models else ""
+        notes.append(f"note: no chat template {where}in base '{self.base_name}': rendering chats as plain "
+                     f"'role: content' lines ending in 'assistant: ' (what `transfertune train` does for such bases)")
+        return PLAIN_CHAT, notes
 
     def generator(self):
         from .generation import ComposedGenerator

@@ -1,8 +1,14 @@
 """Composing a value model with a base whose tokenizer is different.
 
-`VocabMap` says, for each base token, which value token's logit it takes (or none: a neutral value 0):
+`VocabMap` says, for each base token, which value token's logit it takes, or none. A base token with no
+counterpart takes a *neutral* value: the mean of the mapped values at that position. (Value logits only mean
+something relative to each other, so 0 is not neutral: where the mapped values average -0.4, a 0 would raise
+every unmapped token above the average token.)
   exact  the value token with the same bytes, after normalising leading-space markers (byte-level `Ġ`,
-         sentencepiece `▁`, `<0xNN>` byte fallback); special tokens by role (eos, bos, pad, unk) or by name.
+         sentencepiece `▁`, `<0xNN>` byte fallback). Special tokens go by what they do (`special_pairs`):
+         chat markers to their counterparts (`<|im_start|>` / `<|im_end|>` <-> `<start_of_turn>` /
+         `<end_of_turn>`), end of sequence to end of sequence, and bos / pad / unk to their namesakes only
+         when neither side's token is a chat marker (SmolLM2's bos is `<|im_start|>` and its pad `<|im_end|>`).
   align  Inverse Value Learning's map: tokenise the same texts with both tokenizers, align the two token
          sequences by dynamic time warping with an edit-distance cost, count co-occurring (base, value) pairs
          and keep the most frequent value token per base token. Base tokens the texts never show fall back to
@@ -14,7 +20,8 @@ saved map is never replaced silently.
 decodes the base tokens to text, runs the value model on its own tokenisation of that text (one KV cache per
 row when decoding), and gathers its logits onto the base vocabulary. The value at a base position is the
 one after the last value token that ends at or before that position's text; when a value token straddles the
-boundary, the value model sees one token less than the base.
+boundary, the value model sees one token less than the base. Base chat markers reach the value model as its
+own markers' text (Gemma's `<start_of_turn>` as `<|im_start|>` for a SmolLM2 value model).
 """
 from __future__ import annotations
 
@@ -36,7 +43,6 @@ from .vocab import vocab_fingerprint
 
 log = logging.getLogger(__name__)
 MAP_PREFIX = "vocab_map-"
-SPECIAL_ROLES = ("eos_token", "bos_token", "pad_token", "unk_token")
 
 
 # -- token strings ------------------------------------------------------------------------------------
@@ -68,8 +74,7 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     tokens: list[str | None] = [None] * (max(vocab.values()) + 1)
     for tok, i in vocab.items():
         tokens[i] = tok
-    special = set(tokenizer.all_special_ids) | {
-        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    special = special_ids(tokenizer)
     out: list[bytes | None] = []
     if _is_byte_level(tokenizer):
         table = _bytes_to_unicode()
@@ -89,25 +94,77 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     return out
 
 
-def _special_pairs(base_tok, value_tok) -> dict[int, int]:
-    """Base special token id -> value special token id, by role first, then by identical name."""
-    pairs = {}
-    for role in SPECIAL_ROLES:
-        b, v = getattr(base_tok, f"{role}_id", None), getattr(value_tok, f"{role}_id", None)
-        if b is not None and v is not None:
-            pairs.setdefault(b, v)
-    value_special = {value_tok.convert_ids_to_tokens(i): i for i in value_tok.all_special_ids}
-    for i in base_tok.all_special_ids:
+# Chat-template markers of common families (ChatML, Gemma, Llama 3, Granite, Phi), by what they do.
+CHAT_START = ("<|im_start|>", "<start_of_turn>", "<|start_header_id|>", "<|start_of_role|>", "<|turn>")
+CHAT_END = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end_of_role|>", "<turn|>", "<|end|>")
+END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
+BEGIN_OF_TEXT = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the special tokens: the roles' and added tokens marked special (e.g. chat markers)."""
+    return set(tokenizer.all_special_ids) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+
+
+def special_kinds(tokenizer) -> dict[str, int]:
+    """What the tokenizer's special tokens do: kind -> token id, for "chat_start" / "chat_end" (markers, by
+    name), "eos" (the role), "end_of_text" (the eos if named so, else by name), and "bos" / "pad" / "unk" (the
+    role's token, left out when it is a chat marker or an end of sequence: SmolLM2-Instruct's bos is
+    `<|im_start|>`, its pad `<|im_end|>`; a bos role held by a marker falls back to a token named like a bos)."""
+    vocab, special = tokenizer.get_vocab(), special_ids(tokenizer)
+
+    def named(names) -> int | None:  # only special tokens: Gemma also has "</s>" and "<s>" as plain text
+        return next((vocab[n] for n in names if vocab.get(n) in special), None)
+
+    eos = getattr(tokenizer, "eos_token_id", None)
+    eos_ends_text = eos is not None and tokenizer.convert_ids_to_tokens(eos) in END_OF_TEXT
+    kinds = {"chat_start": named(CHAT_START), "chat_end": named(CHAT_END), "eos": eos,
+             "end_of_text": eos if eos_ends_text else named(END_OF_TEXT)}
+    taken = {i for i in kinds.values() if i is not None}
+    markers = {kinds["chat_start"], kinds["chat_end"]} - {None}
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or bos in taken:
+        bos = named(BEGIN_OF_TEXT)
+    kinds["bos"] = bos if bos not in markers else None
+    taken.add(kinds["bos"])
+    for role in ("pad", "unk"):
+        i = getattr(tokenizer, f"{role}_token_id", None)
+        kinds[role] = i if i not in taken else None
+        taken.add(kinds[role])
+    return {k: v for k, v in kinds.items() if v is not None}
+
+
+def special_pairs(base_tok, value_tok) -> dict[int, int]:
+    """Base special token id -> value special token id: chat markers to their counterparts, end of sequence to
+    end of sequence (the base's eos takes the value's eos: a value model trained on chat data says "stop" with
+    its end-of-turn marker), end of text, bos, pad and unk to theirs; then remaining special tokens by name.
+    bos, pad and unk never take a chat marker (by role alone, SmolLM2's bos would be `<|im_start|>`)."""
+    base, value = special_kinds(base_tok), special_kinds(value_tok)
+    pairs: dict[int, int] = {}
+    for kind in ("chat_start", "chat_end", "eos", "end_of_text", "bos", "pad", "unk"):
+        if kind in base and kind in value:
+            pairs.setdefault(base[kind], value[kind])
+    value_special = {value_tok.convert_ids_to_tokens(i): i for i in special_ids(value_tok)}
+    for i in sorted(special_ids(base_tok)):
         name = base_tok.convert_ids_to_tokens(i)
         if name in value_special:
             pairs.setdefault(i, value_special[name])
     return pairs
 
 
+def marker_texts(base_tok, value_tok) -> dict[int, str]:
+    """Base chat-marker id -> the text of the value tokenizer's counterpart (what the value model reads)."""
+    base, value = special_kinds(base_tok), special_kinds(value_tok)
+    return {base[k]: value_tok.convert_ids_to_tokens(value[k]) for k in ("chat_start", "chat_end")
+            if k in base and k in value}
+
+
 # -- the map ------------------------------------------------------------------------------------------
 @dataclass
 class VocabMap:
-    """index[b] = the value token id whose logit base token b takes, or -1 (value 0)."""
+    """index[b] = the value token id whose logit base token b takes, or -1 (the neutral value: the mean of the
+    mapped values at that position)."""
 
     index: torch.Tensor
     kind: str
@@ -116,10 +173,33 @@ class VocabMap:
     stats: dict = field(default_factory=dict)
 
     def __call__(self, value_logits: torch.Tensor) -> torch.Tensor:
-        """Value logits [..., V_value] -> [..., V_base]: a gather, with 0 where nothing maps."""
-        idx = self.index.to(value_logits.device)
-        gathered = value_logits.index_select(-1, idx.clamp(min=0))
-        return torch.where(idx >= 0, gathered, torch.zeros((), dtype=gathered.dtype, device=gathered.device))
+        """Value logits [..., V_value] -> [..., V_base]: one gather. An unmapped base token takes the mean of the
+        mapped base tokens' values at its position (each value token counted once per base token mapping to
+        it), computed on the value vocabulary and appended as an extra column, so no base-sized temporary."""
+        n_value = value_logits.shape[-1]
+        idx, counts, n_mapped = self._gather_plan(n_value, value_logits.device)
+        if n_mapped == 0:
+            return value_logits.new_zeros((*value_logits.shape[:-1], len(self.index)))
+        mean = (value_logits.float() @ counts) / n_mapped
+        extended = torch.cat([value_logits, mean.to(value_logits.dtype)[..., None]], dim=-1)
+        return extended.index_select(-1, idx)
+
+    def _gather_plan(self, n_value: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(index into [value logits, mean], base tokens per value token, mapped base tokens), cached."""
+        key = (n_value, str(device))
+        plan = getattr(self, "_plan", None)
+        if plan is None or plan[0] != key:
+            top = int(self.index.max()) if self.index.numel() else -1
+            if top >= n_value:
+                raise VocabularyMismatchError(
+                    f"the vocabulary map points at value token {top}, but the value model has "
+                    f"{n_value} logits")
+            mapped = self.index >= 0
+            counts = torch.bincount(self.index[mapped], minlength=n_value).to(torch.float32)
+            idx = torch.where(mapped, self.index, torch.full_like(self.index, n_value))
+            plan = (key, idx.to(device), counts.to(device), int(mapped.sum()))
+            self._plan = plan
+        return plan[1], plan[2], plan[3]
 
     @property
     def base_vocab_size(self) -> int:
@@ -136,7 +216,8 @@ class VocabMap:
     def describe(self) -> str:
         detail = ", ".join(f"{k} {v}" for k, v in self.stats.items())
         return (f"{self.kind} map to base {self.base_fingerprint}: {self.base_vocab_size - self.unmapped}/"
-                f"{self.base_vocab_size} base tokens mapped ({self.coverage:.1%}), {self.unmapped} get value 0"
+                f"{self.base_vocab_size} base tokens mapped ({self.coverage:.1%}), {self.unmapped} take the mean "
+                f"mapped value"
                 + (f" [{detail}]" if detail else ""))
 
     # -- building -------------------------------------------------------------------------------------
@@ -222,7 +303,7 @@ def _exact_index(base_tok, value_tok) -> tuple[torch.Tensor, int]:
     for i, b in enumerate(base_bytes):
         if b is not None and b in value_ids:
             index[i] = value_ids[b]
-    for b, v in _special_pairs(base_tok, value_tok).items():
+    for b, v in special_pairs(base_tok, value_tok).items():
         if b < len(index):
             index[b] = v
     return index, int((index >= 0).sum())
@@ -290,8 +371,9 @@ class CrossVocabCache:
 
 @dataclass
 class _Output:
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     past_key_values: CrossVocabCache | None = None
+    last_hidden_state: torch.Tensor | None = None
 
 
 class CrossVocabValue(nn.Module):
@@ -306,13 +388,29 @@ class CrossVocabValue(nn.Module):
         self.value_tokenizer = value_tokenizer
         self.base_tokenizer = base_tokenizer
         self.vocab_map = vocab_map
+        self.markers = marker_texts(base_tokenizer, value_tokenizer)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def _text(self, ids: Sequence[int]) -> str:
-        return self.base_tokenizer.decode(list(ids), skip_special_tokens=True)
+        """The text of base tokens as the value model reads it: special tokens dropped, except chat markers,
+        which become the value tokenizer's own (decoded piecewise around them)."""
+        ids = list(ids)
+        if not self.markers or not any(i in self.markers for i in ids):
+            return self.base_tokenizer.decode(ids, skip_special_tokens=True)
+        parts, run = [], []
+        for i in ids + [None]:
+            if i is None or i in self.markers:
+                if run:
+                    parts.append(self.base_tokenizer.decode(run, skip_special_tokens=True))
+                    run = []
+                if i is not None:
+                    parts.append(self.markers[i])
+            else:
+                run.append(i)
+        return "".join(parts)
 
     def _value_ids(self, text: str) -> list[int]:
         return self.value_tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -325,9 +423,15 @@ class CrossVocabValue(nn.Module):
 
     def _teacher_forced(self, input_ids: torch.Tensor, mask: torch.Tensor) -> _Output:
         """Logits [B, T, V_base]; position t uses the value state after the text of base tokens <= t."""
-        batch, width = input_ids.shape
+        inputs, plans = self._value_batch(input_ids, mask)
+        v_logits = self.model(**inputs, use_cache=False).logits
+        return _Output(self.vocab_map(self._at_base_positions(v_logits, plans, input_ids.shape[1])))
+
+    def _value_batch(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[dict, list]:
+        """(the value model's inputs for a batch of base rows, plans): a row's plan says which value position
+        each of its base positions reads (-1: none yet), for `_at_base_positions`."""
         plans = []
-        for row in range(batch):
+        for row in range(input_ids.shape[0]):
             cols = mask[row].nonzero().squeeze(-1).tolist()
             ids = input_ids[row, cols].tolist()
             text = self._text(ids)
@@ -340,20 +444,41 @@ class CrossVocabValue(nn.Module):
                 targets.append(bisect.bisect_right(ends, cut) - 1)
             plans.append((cols, enc["input_ids"], targets))
         v_width = max(1, max(len(p[1]) for p in plans))
-        v_ids = torch.zeros(batch, v_width, dtype=torch.long)
+        v_ids = torch.zeros(len(plans), v_width, dtype=torch.long)
         v_mask = torch.zeros_like(v_ids)
         for row, (_, ids, _) in enumerate(plans):
             v_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             v_mask[row, : len(ids)] = 1
-        v_logits = self.model(input_ids=v_ids.to(self.device), attention_mask=v_mask.to(self.device),
-                              use_cache=False).logits
-        out = torch.zeros(batch, width, v_logits.shape[-1], dtype=v_logits.dtype, device=v_logits.device)
+        return {"input_ids": v_ids.to(self.device), "attention_mask": v_mask.to(self.device)}, plans
+
+    @staticmethod
+    def _at_base_positions(per_value_position: torch.Tensor, plans: list, width: int) -> torch.Tensor:
+        """[B, T_value, D] -> [B, T_base, D]: each base position takes its value position's row (zeros where the
+        value model has read no token yet)."""
+        batch, _, dim = per_value_position.shape
+        out = per_value_position.new_zeros(batch, width, dim)
         for row, (cols, _, targets) in enumerate(plans):
             keep = [(c, t) for c, t in zip(cols, targets) if t >= 0]
             if keep:
                 c_idx, t_idx = (torch.tensor(x, device=out.device) for x in zip(*keep))
-                out[row, c_idx] = v_logits[row, t_idx]
-        return _Output(self.vocab_map(out))
+                out[row, c_idx] = per_value_position[row, t_idx]
+        return out
+
+    # sequence.composed_response_logprobs scores in chunks of positions when a model splits into a body (one
+    # hidden state per base position) and an output layer; this one's output layer is the value model's,
+    # followed by the map, so scoring never holds [batch, length, base vocabulary] values.
+    config = None  # no logit scaling of its own: the value model's is inside get_output_embeddings
+
+    def get_decoder(self) -> nn.Module:
+        return _AlignedBody(self)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        from .sequence import _head_function
+
+        layer = self.model.get_output_embeddings()
+        if getattr(layer, "bias", None) is not None:  # the zero state of unread positions would not give 0
+            return None
+        return _MappedHead(_head_function(self.model), self.vocab_map)
 
     def _step(self, input_ids: torch.Tensor, mask: torch.Tensor, state: CrossVocabCache | None) -> _Output:
         """Incremental decoding: re-tokenise each row's text, keep the value cache up to the common prefix."""
@@ -372,10 +497,13 @@ class CrossVocabValue(nn.Module):
                 common += 1
             if ids and (common < len(ids) or rs.logits is None or common < len(rs.fed)):
                 keep = min(common, len(ids) - 1)
+                if keep < len(rs.fed) and keep > 0:
+                    try:
+                        keep_first(rs.cache, keep)
+                    except (RuntimeError, ValueError):  # e.g. a sliding-window layer past its window: start over
+                        keep = 0
                 if keep == 0:
                     rs.cache = None
-                elif keep < len(rs.fed):
-                    keep_first(rs.cache, keep)
                 out = self.model(input_ids=torch.tensor([ids[keep:]], device=self.device),
                                  past_key_values=rs.cache if rs.cache is not None else DynamicCache(),
                                  use_cache=True, logits_to_keep=1)
@@ -387,6 +515,33 @@ class CrossVocabValue(nn.Module):
         logits = torch.stack([rs.logits if rs.logits is not None else torch.zeros(vocab, device=self.device)
                               for rs in state.rows])[:, None]
         return _Output(self.vocab_map(logits), state)
+
+
+class _AlignedBody(nn.Module):
+    """The value model's transformer body, its last hidden states moved to the base positions."""
+
+    def __init__(self, value: CrossVocabValue):
+        super().__init__()
+        object.__setattr__(self, "value", value)  # not a submodule: no cycle in the module tree
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        value = self.value
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        inputs, plans = value._value_batch(input_ids, mask)
+        hidden = value.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        return _Output(None, last_hidden_state=value._at_base_positions(hidden, plans, input_ids.shape[1]))
+
+
+class _MappedHead(nn.Module):
+    """hidden [n, H_value] -> values [n, V_base]: the value model's output layer, then the vocabulary map."""
+
+    def __init__(self, head, vocab_map: VocabMap):
+        super().__init__()
+        object.__setattr__(self, "head", head)
+        self.vocab_map = vocab_map
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.vocab_map(self.head(hidden))
 
 
 def keep_first(cache, length: int) -> None:

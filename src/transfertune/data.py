@@ -57,16 +57,39 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts of a JSONL file: a "prompt" string per line (a response, if any, is ignored)."""
+def read_prompts(path: str | Path) -> list[str | list[dict]]:
+    """Prompts of a JSONL file, one per line: a "prompt" string (a "response" or "completion", if any, is
+    ignored), or a chat: a "messages" list, returned without its last message when that is the assistant's
+    (the response). A line of neither form is a DataFormatError naming the file and line."""
     prompts = []
     for n, record in iter_jsonl(path):
-        prompt = record.get("prompt")
-        if not isinstance(prompt, str):
-            got = "missing" if prompt is None else f"got {_type_name(prompt)}"
-            raise DataFormatError(f"{path}: line {n}: prompt must be a string ({got})")
-        prompts.append(prompt)
+        try:
+            prompts.append(_prompt_of(record))
+        except DataFormatError as err:
+            raise DataFormatError(f"{path}: line {n}: {err}") from None
     return prompts
+
+
+def _prompt_of(record: dict) -> str | list[dict]:
+    if "messages" in record:
+        msgs = record["messages"]
+        check_messages(msgs)
+        history = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+        if not history:
+            raise DataFormatError('"messages" holds only the assistant\'s reply: no prompt to generate from')
+        return history
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str):
+        got = f"got keys {sorted(record)}" if prompt is None else f"prompt is {_type_name(prompt)}"
+        raise DataFormatError(f'expected a "prompt" string or a "messages" list ({got})')
+    return prompt
+
+
+def check_messages(msgs) -> None:
+    if not isinstance(msgs, list) or not msgs or not all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str) for m in msgs
+    ):
+        raise DataFormatError('"messages" must be a non-empty list of {"role", "content"} objects (strings)')
 
 
 def _type_name(value) -> str:
@@ -78,10 +101,7 @@ def to_prompt_response(record: dict) -> dict:
     """Normalise one record to {"prompt", "response", ...other fields} (a chat record keeps its "messages")."""
     if "messages" in record:
         msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in msgs
-        ):
-            raise DataFormatError('"messages" must be a non-empty list of {"role", "content"} objects')
+        check_messages(msgs)
         if msgs[-1]["role"] != "assistant":
             raise DataFormatError('the last of "messages" must have role "assistant"')
         return {"messages": msgs}
@@ -104,14 +124,31 @@ def to_prompt_response(record: dict) -> dict:
     return {**extra, "prompt": prompt, "response": response}
 
 
-def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:
-    """(prompt text, response text) of a chat; the tokenizer's chat template when it has one."""
-    history, answer = messages[:-1], messages[-1]["content"]
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-    else:
-        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in history) + "assistant: "
-    return prompt, answer
+PLAIN_CHAT = "transfertune:plain"
+"""The chat "template" of tokenizers without one: each message as a `role: content` line, then `assistant: `."""
+
+
+def render_chat(tokenizer, messages: list[dict], template: str | None = None) -> tuple[str, str]:
+    """(prompt text, response text) of a chat whose last message is the response; see `render_chat_prompt`."""
+    return render_chat_prompt(tokenizer, messages[:-1], template), messages[-1]["content"]
+
+
+def render_chat_prompt(tokenizer, history: list[dict], template: str | None = None) -> str:
+    """The text of a chat up to where the assistant's reply begins. `template`: a chat template (jinja text),
+    PLAIN_CHAT, or None = the tokenizer's own template, else PLAIN_CHAT (what training does)."""
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        template = PLAIN_CHAT
+    if template == PLAIN_CHAT:
+        return "".join(f"{m['role']}: {m['content']}\n" for m in history) + "assistant: "
+    extra = {} if template is None else {"chat_template": template}
+    return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True, **extra)
+
+
+def template_text(template) -> str | None:
+    """A tokenizer's chat_template as one jinja text: a dict of named templates gives its "default"."""
+    if isinstance(template, dict):
+        return template.get("default") or next(iter(template.values()), None)
+    return template or None
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

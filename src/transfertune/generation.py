@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .composed import ComposedModel
 from .data import encode_prompt, pad_id_of
 from .sampling import SamplingParams, sample_next
+from .sequence import input_device
 from .validate import ContextLengthError, check_number
 
 
@@ -38,6 +39,7 @@ class DecodeBatch:
     def __init__(self, composed: ComposedModel, pad_id: int):
         self.models = composed.models
         self.device = composed.device
+        self.input_devices = [input_device(m) for m in self.models]  # each model may sit on its own device
         self.pad_id = pad_id
         self.caches: list | None = None
         self.mask: torch.Tensor | None = None  # [B, T], T counts the tokens fed (cached or pending)
@@ -98,12 +100,13 @@ class DecodeBatch:
     def _run(self, ids, mask, positions, caches) -> list[torch.Tensor]:
         step_logits = []
         for i, model in enumerate(self.models):
+            dev = self.input_devices[i]
             out = model(
-                input_ids=ids, attention_mask=mask, position_ids=positions,
+                input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
                 past_key_values=caches[i], use_cache=True, logits_to_keep=1,
             )
             caches[i] = out.past_key_values
-            step_logits.append(out.logits[:, -1])
+            step_logits.append(out.logits[:, -1].to(self.device))  # composed and sampled on one device
         return step_logits
 
     def _merge(self, caches, mask, positions) -> None:
@@ -143,7 +146,8 @@ def _cache_select(cache, idx: torch.Tensor):
         cache.rows = [cache.rows[i] for i in idx.tolist()]
         return cache
     for layer in _kv_layers(cache):
-        layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+        i = idx.to(layer.keys.device)  # a model on another device (or spread over several) keeps its cache there
+        layer.keys, layer.values = layer.keys[i], layer.values[i]
     return cache
 
 
@@ -299,22 +303,51 @@ class ComposedGenerator:
 class TextStream:
     """The text of a growing list of generated tokens, released piece by piece once settled: text that may
     still turn into a stop string, or an incomplete UTF-8 character, is held back. After a stop string the
-    text ends before it and `stopped` is set."""
+    text ends before it and `stopped` is set.
+
+    The text is `tokenizer.decode(tokens, skip_special_tokens=True)`, kept up to date incrementally: each token
+    decodes a short window (the tokens since the last complete character, after the chunk before them, which
+    gives the decoder its context) instead of the whole list, so a token costs the same however long the text
+    is. Tokenizers that clean up spaces across tokens (`clean_up_tokenization_spaces`), or whose windows do not
+    add up to the whole, decode the whole list every token."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.longest = max((len(s) for s in self.stop), default=0)
+        self.hold = max(self.longest, 1) - 1
         self.tokens: list[int] = []
         self.text = ""
         self.sent = 0
         self.stopped = False
+        self.incremental = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self.settled = ""  # the text of tokens[:read], which ends with a complete character
+        self.prefix, self.read = 0, 0  # the window is tokens[prefix:]; tokens[prefix:read] were decoded before
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True) if tokens else ""
+
+    def _update(self) -> int:
+        """Bring `text` up to date; returns where it may have changed (a new stop string cannot start before)."""
+        if self.incremental:
+            before = self._decode(self.tokens[self.prefix : self.read])
+            window = self._decode(self.tokens[self.prefix :])
+            if window.startswith(before):
+                changed = len(self.settled)
+                self.text = self.settled + window[len(before) :]
+                if len(window) > len(before) and not window.endswith("\ufffd"):
+                    self.settled = self.text
+                    self.prefix, self.read = self.read, len(self.tokens)
+                return changed
+            self.incremental = False  # a decoder whose windows do not add up: decode the whole list from now on
+        self.text = self._decode(self.tokens)
+        return 0
 
     def push(self, token: int) -> str:
         """Add a token; return the text that became settled."""
         self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cut = _find_stop(self.text, self.stop)
+        changed = self._update()
+        cut = _find_stop(self.text, self.stop, max(0, changed - self.longest + 1))
         if cut is not None:
             self.text, self.stopped = self.text[:cut], True
             return self.flush()
@@ -333,6 +366,7 @@ class TextStream:
         return piece
 
 
-def _find_stop(text: str, stop: Sequence[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+def _find_stop(text: str, stop: Sequence[str], start: int = 0) -> int | None:
+    """Where the first stop string in text[start:] begins (None: nowhere)."""
+    hits = [i for i in (text.find(s, start) for s in stop if s) if i >= 0]
     return min(hits) if hits else None

@@ -2,7 +2,9 @@
 
 knowledge_probe: for each (person, attribute), score the sentence "<name> grew up in <value>." for *every* value
 of that attribute and count the person as known when the true value has the highest likelihood. Chance is
-1 / (number of values). arithmetic_accuracy: greedy completion of "a + b =" in the pretraining format.
+1 / (number of values). With `instruction`, the sentence follows the people_qa prompt ("State the home town. <name>
+grew up in <value>."): whether the knowledge can be reached from the prompt that QA tuning starts from.
+arithmetic_accuracy: greedy completion of "a + b =" in the pretraining format.
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import random
 import torch
 from tqdm import tqdm
 
-from .world import ATTRIBUTES, PROBE_TEMPLATES, VALUES, Entity, fill, solve
+from .world import (ANSWER_TEMPLATES, ATTRIBUTE_NOUNS, ATTRIBUTES, PROBE_TEMPLATES, QUESTION_TEMPLATES, VALUES, Entity,
+                    fill, solve)
 
 
 @torch.no_grad()
@@ -35,12 +38,23 @@ def sequence_logprobs(model, tok, texts: list[str], batch_size: int = 256) -> li
     return out
 
 
-def knowledge_probe(model, tok, entities: list[Entity], attributes=ATTRIBUTES) -> dict[str, float]:
-    """Accuracy per attribute and overall ("all") of ranking the true value first among all its values."""
+def knowledge_probe(model, tok, entities: list[Entity], attributes=ATTRIBUTES,
+                    instruction: str | None = None) -> dict[str, float]:
+    """Accuracy per attribute and overall ("all") of ranking the true value first among all its values.
+
+    instruction: None scores the bare biography sentence; "train" / "heldout" put the first training / held-out
+    people_qa instruction before it, in the task's own format (prompt "<instruction> <name>", answer sentence);
+    any other string is an instruction template with "{n}" for the attribute's noun ("State the {n}.")."""
     hits: dict[str, list[int]] = {a: [] for a in attributes}
     for attribute in attributes:
         values = VALUES[attribute]
-        texts = [fill(PROBE_TEMPLATES[attribute], e, attribute, v) for e in entities for v in values]
+        if instruction is None:
+            texts = [fill(PROBE_TEMPLATES[attribute], e, attribute, v) for e in entities for v in values]
+        else:
+            train, heldout = QUESTION_TEMPLATES[attribute]
+            shorthand = {"train": train[0], "heldout": heldout[0]}
+            prefix = shorthand.get(instruction) or instruction.format(n=ATTRIBUTE_NOUNS[attribute])
+            texts = [f"{prefix} {fill(ANSWER_TEMPLATES[attribute], e, attribute, v)}" for e in entities for v in values]
         scores = sequence_logprobs(model, tok, texts)
         for k, e in enumerate(entities):
             row = scores[k * len(values) : (k + 1) * len(values)]
@@ -54,15 +68,16 @@ def probe_chance(attributes=ATTRIBUTES) -> float:
     return sum(1 / len(VALUES[a]) for a in attributes) / len(attributes)
 
 
-def heldout_arithmetic(n: int, seed: int = 1) -> list[tuple[int, str, int]]:
-    """Problems never written in the pretraining corpus (see world.is_heldout_problem)."""
+def heldout_arithmetic(n: int, seed: int = 1, heldout: bool = True) -> list[tuple[int, str, int]]:
+    """Problems never written in the pretraining corpus (see world.is_heldout_problem), or with heldout=False
+    problems the corpus does write (whether the skill was learnt at all, as opposed to generalised)."""
     from .world import arithmetic_problem, is_heldout_problem
 
     rng = random.Random(seed)
     problems: list[tuple[int, str, int]] = []
     while len(problems) < n:
         p = arithmetic_problem(rng)
-        if is_heldout_problem(*p) and p not in problems:
+        if is_heldout_problem(*p) == heldout and p not in problems:
             problems.append(p)
     return problems
 

@@ -20,6 +20,9 @@ from .validate import InputError, check_number, check_weight_files, pickled_weig
 from .vocab import vocab_fingerprint
 
 CONFIG_NAME = "transfertune.json"
+LORA_HEADS = ("lora", "full")
+"""How a LoRA value model trains its output layer: "lora" puts a rank-r adapter on the (frozen, zeroed) layer,
+so the directory holds only adapters; "full" trains and saves the whole layer (vocabulary x hidden)."""
 
 
 @dataclass
@@ -41,6 +44,7 @@ class ValueConfig:
     init: str = "random"
     zero_init_head: bool = True
     lora: LoraSettings | None = None
+    lora_head: str | None = None  # LoRA only: "lora" (a low-rank adapter on the output layer) or "full"
     training_base: str | None = None
     vocab_fingerprint: str | None = None
     vocab_size: int | None = None
@@ -64,12 +68,17 @@ class ValueConfig:
         lora = known.pop("lora", None)
         expected = {"beta": (int, float), "scheme": str, "init": str, "training_base": (str, type(None)),
                     "vocab_fingerprint": (str, type(None)), "vocab_size": (int, type(None)), "extra": dict,
-                    "files": list, "lora": (dict, type(None)), "l1_coef": (int, float), "entropy_coef": (int, float)}
+                    "files": list, "lora": (dict, type(None)), "l1_coef": (int, float), "entropy_coef": (int, float),
+                    "lora_head": (str, type(None))}
         for key, types in expected.items():
             value = lora if key == "lora" else known.get(key)
             if (key in known or key == "lora") and (isinstance(value, bool) or not isinstance(value, types)):
                 raise InputError(f"{path}: \"{key}\" has the wrong type ({type(value).__name__}: {value!r})")
         check_number(known.get("beta", 1.0), f"{path}: \"beta\"", gt=0)
+        if lora and known.get("lora_head") is None:
+            known["lora_head"] = "full"  # written before the choice existed: the whole output layer was trained
+        if known.get("lora_head") not in (None, *LORA_HEADS):
+            raise InputError(f"{path}: \"lora_head\" must be one of {', '.join(LORA_HEADS)}, got {known['lora_head']!r}")
         try:
             return cls(**known, lora=LoraSettings(**lora) if lora else None)
         except TypeError as err:
@@ -103,6 +112,7 @@ class ValueModel(nn.Module):
         tokenizer=None,
         zero_init_head: bool = True,
         lora: LoraSettings | None = None,
+        lora_head: str = "lora",
         trust_remote_code: bool = False,
         **config_kwargs,
     ) -> "ValueModel":
@@ -111,11 +121,18 @@ class ValueModel(nn.Module):
 
         zero_init_head zeroes the output layer (untied from the input embeddings first), so training starts
         exactly at the base distribution instead of double-counting the base logits.
+
+        With `lora`, `lora_head` says how the output layer trains: "lora" (default) adds a rank-r adapter to
+        the frozen layer, whose output starts at zero (peft starts B at zero) and stays low-rank, so the
+        directory holds only adapters; "full" trains the whole layer and saves it (vocabulary x hidden).
         """
+        if lora is not None and lora_head not in LORA_HEADS:
+            raise InputError(f"lora_head must be one of {', '.join(LORA_HEADS)}, got {lora_head!r}")
         random_init = init.startswith("random:")
         source = init.split(":", 1)[1] if random_init else init
         tokenizer = tokenizer or load_tokenizer(source, trust_remote_code=trust_remote_code)
-        overrides = {"tie_word_embeddings": False} if zero_init_head else {}
+        head_adapter = lora is not None and lora_head == "lora"
+        overrides = {"tie_word_embeddings": False} if zero_init_head and not head_adapter else {}
         if random_init:
             if lora is not None:
                 raise ValueError("LoRA needs pretrained weights to adapt; use full training with random init")
@@ -125,18 +142,21 @@ class ValueModel(nn.Module):
             model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
         else:
             model = load_causal_lm(source, frozen=False, trust_remote_code=trust_remote_code, **overrides)
+        if head_adapter:
+            _untie_output_head(model)
         if zero_init_head:
             _zero_output_head(model)
         model.train().requires_grad_(True)
         if lora is not None:
             from peft import LoraConfig, get_peft_model
 
+            head = _head_name(model)
             peft_config = LoraConfig(
                 r=lora.r,
                 lora_alpha=lora.alpha,
                 lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                modules_to_save=[_head_name(model)],
+                target_modules=_with_head(model, lora.target_modules, head) if head_adapter else lora.target_modules,
+                modules_to_save=None if head_adapter else [head],
                 task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, peft_config)
@@ -144,6 +164,7 @@ class ValueModel(nn.Module):
             init=("random:" if random_init else "") + portable_name(source),
             zero_init_head=zero_init_head,
             lora=lora,
+            lora_head=lora_head if lora is not None else None,
             vocab_fingerprint=vocab_fingerprint(tokenizer),
             vocab_size=len(tokenizer),
             **config_kwargs,
@@ -178,8 +199,11 @@ class ValueModel(nn.Module):
         directory = Path(directory)
         stale = manifest(directory) | {"model.safetensors", "model.safetensors.index.json", "adapter_config.json",
                                         "adapter_model.safetensors", "adapter_model.bin", "pytorch_model.bin"}
+        # a LoRA output layer is only its adapter: peft would otherwise add the whole (frozen) output and input
+        # embedding matrices, since an embedding-named module is among its targets
+        extra = {"save_embedding_layers": False} if self.config.lora_head == "lora" else {}
         with staged_directory(directory, replaces=stale) as staging:
-            self.model.save_pretrained(staging, safe_serialization=True)
+            self.model.save_pretrained(staging, safe_serialization=True, **extra)
             self.tokenizer.save_pretrained(staging)
             self.config.files = sorted(p.name for p in staging.iterdir()) + [CONFIG_NAME]
             self.config.save(staging)
@@ -205,11 +229,16 @@ class ValueModel(nn.Module):
         if config.lora is not None:
             from peft import PeftModel
 
-            overrides = {"tie_word_embeddings": False} if config.zero_init_head else {}
+            head_adapter = config.lora_head == "lora"
+            overrides = {"tie_word_embeddings": False} if config.zero_init_head and not head_adapter else {}
             backbone = load_causal_lm(
                 _lora_base(config.init, directory), dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                 **overrides,
             )
+            if head_adapter:  # the frozen layer under the head's adapter, as create() left it
+                _untie_output_head(backbone)
+                if config.zero_init_head:
+                    _zero_output_head(backbone)
             model = PeftModel.from_pretrained(backbone, str(directory))
         else:
             model = load_causal_lm(str(directory), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
@@ -259,6 +288,30 @@ def _lora_base(init: str, directory: Path) -> str:
     raise InputError(f"{directory}: the LoRA adapter's base '{init}' is not a built-in model, a path relative to "
                      f"the value directory or a cached Hugging Face id; set \"init\" in {CONFIG_NAME} to its "
                      f"absolute path")
+
+
+def _untie_output_head(model: nn.Module) -> None:
+    """Give the output layer its own copy of the weight it shares with the input embeddings (if it does), so
+    that zeroing or adapting it leaves the embeddings alone; a pretrained head keeps its values."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight is embeddings.weight or head.weight.data_ptr() == embeddings.weight.data_ptr():
+        head.weight = nn.Parameter(embeddings.weight.detach().clone(), requires_grad=embeddings.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+
+
+def _with_head(model: nn.Module, target_modules, head: str):
+    """peft's `target_modules` plus the output layer ("all-linear" leaves the output layer out)."""
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        return rf"(?:{target_modules})|(?:.*\.)?{head}"  # a regular expression over full module names
+    if target_modules == "all-linear":
+        from transformers.pytorch_utils import Conv1D
+
+        output = model.get_output_embeddings()
+        target_modules = {name.split(".")[-1] for name, m in model.named_modules()
+                          if isinstance(m, (nn.Linear, Conv1D)) and m is not output}
+    return sorted({*target_modules, head})
 
 
 def _head_name(model: nn.Module) -> str:

@@ -71,13 +71,17 @@ BIO_TEMPLATES = {
 PROBE_TEMPLATES = {a: t[0] for a, t in BIO_TEMPLATES.items()}  # the probe scores one fixed phrasing
 
 # QA: an instruction naming the attribute, then the person, then the answer restating the fact. Training
-# instructions and a held-out one (never trained on). Measured on mini-m (knowledge probe 0.96 at a document's
-# start), ranking the true value after the prompt: 0.62 after "Name the employer. X", 0.45 with a newline
-# instead of the space, 0.08-0.12 after a question line such as "Who employs X?\nX": the family's knowledge is
-# tied to prose contexts (it read only biographies), so the QA prompt is written as prose.
-_NOUNS = {"birth_year": "birth year", "home_town": "home town", "profession": "profession", "employer": "employer"}
+# instructions and a held-out one (never trained on). The family's knowledge is tied to prose contexts (it read
+# only biographies): ranking the true value after a question line such as "Who employs X?\nX" gives ~0.1 on
+# mini-m against 0.96 at a document's start, so the prompt is prose. How much a prose instruction reaches still
+# varies between bases (mini-l: 0.18 after "Name the ...", 0.98 after "State the ..."): the instructions are
+# those that reach the most in every base, measured on training people only by scripts/instruction_sweep.py
+# (models/instruction_sweep.json); the held-out one is a middling one.
+ATTRIBUTE_NOUNS = {"birth_year": "birth year", "home_town": "home town", "profession": "profession",
+                   "employer": "employer"}
 QUESTION_TEMPLATES = {
-    a: ([f"Name the {n}.", f"Tell me the {n}.", f"Give the {n}."], [f"State the {n}."]) for a, n in _NOUNS.items()
+    a: ([f"State the {n}.", f"Say the {n}.", f"Give the {n}."], [f"Recall the {n}."])
+    for a, n in ATTRIBUTE_NOUNS.items()
 }
 ANSWER_TEMPLATES = {
     "birth_year": "{name} was born in {value}.",

@@ -146,6 +146,7 @@ class Flight:
 
     def __init__(self, engine: Engine, rows: list[Row]):
         self.engine, self.rows = engine, rows
+        self.left = len(rows)  # rows not finished yet
         self.queue: asyncio.Queue[list[Event]] = asyncio.Queue()
         sink = Sink(asyncio.get_running_loop(), self.queue)
         for row in rows:
@@ -158,9 +159,8 @@ class Flight:
     async def events(self, request: Request | None = None):
         """Lists of events (all that have arrived) until every row finished; stops early if `request`'s client
         disconnects. Whatever way it ends, the rows leave the engine."""
-        left = len(self.rows)
         try:
-            while left:
+            while self.left:
                 if request is None:
                     events = await self.queue.get()
                 else:
@@ -175,7 +175,8 @@ class Flight:
                 for event in events:
                     if event.error:
                         raise EngineError(event.error)
-                    left -= bool(event.finish_reason)
+                    if event.finish_reason:
+                        self.left -= 1
                 yield events
         finally:
             self.engine.cancel(self.rows)
@@ -392,6 +393,18 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+class _Chunks:
+    """Server-sent events of one streamed response: the envelope is encoded once, each chunk only adds its
+    choices."""
+
+    def __init__(self, head: dict):
+        self.head = json.dumps(head)[:-1]  # '{"id": ..., "model": ...' without its closing brace
+
+    def __call__(self, choices: list, **extra) -> str:
+        more = "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in extra.items())
+        return f"data: {self.head}, \"choices\": {json.dumps(choices)}{more}}}\n\n"
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -524,49 +537,64 @@ def create_app(composed: ComposedModel, *, model_name: str = "transfertune", api
 
 async def _stream_completion(server: Server, flight: Flight, choices: list[Choice], echo: bool, request_id: str,
                              prompt_tokens: int, include_usage: bool):
-    head = server.envelope("text_completion", request_id)
+    """The chunks of a streamed completion. Everything one engine step produced for this request goes out in one
+    write (one chunk per choice that changed); the last step's write also carries the usage and `[DONE]`."""
+    sse = _Chunks(server.envelope("text_completion", request_id))
 
     def chunk(index: int, text: str, logprobs, finish_reason) -> str:
-        return _sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                          "finish_reason": finish_reason}]})
+        return sse([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])
 
+    parts = []
     try:
         for c in choices:
             if echo or c.finish_reason:
-                yield chunk(c.index, c.text, c.logprobs if c.want_logprobs else None, c.finish_reason)
+                parts.append(chunk(c.index, c.text, c.logprobs if c.want_logprobs else None, c.finish_reason))
+        if parts and flight.left:
+            yield "".join(parts)
+            parts = []
         async for events in flight.events():
             for choice, text, logprobs, finish_reason in _by_choice(choices, events):
                 if text or finish_reason or logprobs:
-                    yield chunk(choice.index, text, logprobs, finish_reason)
+                    parts.append(chunk(choice.index, text, logprobs, finish_reason))
+            if parts and flight.left:
+                yield "".join(parts)
+                parts = []
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, sum(c.tokens for c in choices))})
+            parts.append(sse([], usage=_usage(prompt_tokens, sum(c.tokens for c in choices))))
     except EngineError as err:
-        yield _sse(APIError(500, f"decoding failed: {err}", type="server_error").body())
-    yield "data: [DONE]\n\n"
+        parts.append(_sse(APIError(500, f"decoding failed: {err}", type="server_error").body()))
+    parts.append("data: [DONE]\n\n")
+    yield "".join(parts)
 
 
 async def _stream_chat(server: Server, flight: Flight, choices: list[Choice], request_id: str, prompt_tokens: int,
                        include_usage: bool):
-    head = server.envelope("chat.completion.chunk", request_id)
+    """The chunks of a streamed chat completion, written as `_stream_completion` writes them."""
+    sse = _Chunks(server.envelope("chat.completion.chunk", request_id))
 
     def chunk(index: int, delta: dict, logprobs, finish_reason) -> str:
-        return _sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                          "finish_reason": finish_reason}]})
+        return sse([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
 
+    parts = [chunk(c.index, {"role": "assistant", "content": ""}, None, None) for c in choices]
     try:
-        for c in choices:
-            yield chunk(c.index, {"role": "assistant", "content": ""}, None, None)
+        if flight.left:
+            yield "".join(parts)
+            parts = []
         async for events in flight.events():
             for choice, text, logprobs, finish_reason in _by_choice(choices, events):
                 if text or logprobs:
-                    yield chunk(choice.index, {"content": text}, logprobs, None)
+                    parts.append(chunk(choice.index, {"content": text}, logprobs, None))
                 if finish_reason:
-                    yield chunk(choice.index, {}, None, finish_reason)
+                    parts.append(chunk(choice.index, {}, None, finish_reason))
+            if parts and flight.left:
+                yield "".join(parts)
+                parts = []
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, sum(c.tokens for c in choices))})
+            parts.append(sse([], usage=_usage(prompt_tokens, sum(c.tokens for c in choices))))
     except EngineError as err:
-        yield _sse(APIError(500, f"decoding failed: {err}", type="server_error").body())
-    yield "data: [DONE]\n\n"
+        parts.append(_sse(APIError(500, f"decoding failed: {err}", type="server_error").body()))
+    parts.append("data: [DONE]\n\n")
+    yield "".join(parts)
 
 
 class APIKeyMiddleware:

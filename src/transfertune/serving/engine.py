@@ -7,8 +7,9 @@ sampling parameters, seed, stop strings, beta and value weights; composition is 
 (`ComposedModel.compose` -> `compose.compose_logits_per_row`).
 
 Request handlers live on an asyncio loop: they `submit` rows and read lists of `Event`s from an asyncio.Queue
-(a `Sink`) that the engine thread feeds with `loop.call_soon_threadsafe`. The waiting queue is bounded: `submit` raises
-`Overloaded` instead of letting it grow.
+(a `Sink`). After each step the engine thread hands every loop all of that step's events in one
+`loop.call_soon_threadsafe` (one wake-up of the loop per step, however many requests are in flight). The waiting
+queue is bounded: `submit` raises `Overloaded` instead of letting it grow.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class Overloaded(RuntimeError):
     """The engine's waiting queue is full."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     """What one step produced for one row. `token` is None only for an error event."""
 
@@ -58,10 +59,21 @@ class Sink:
         self.closed = False
 
     def send(self, events: list[Event]) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, events)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.closed = True
+        _deliver_threadsafe(self.loop, [(self, events)])
+
+
+def _deliver_threadsafe(loop: asyncio.AbstractEventLoop, batches: list[tuple[Sink, list[Event]]]) -> None:
+    """Put each sink's events in its queue, from another thread: one call into the loop for all of them."""
+    try:
+        loop.call_soon_threadsafe(_deliver, batches)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        for sink, _ in batches:
+            sink.closed = True
+
+
+def _deliver(batches: list[tuple[Sink, list[Event]]]) -> None:
+    for sink, events in batches:
+        sink.queue.put_nowait(events)
 
 
 @dataclass(eq=False)
@@ -282,13 +294,16 @@ class Engine:
 
 
 def _send(events: list[tuple[Row, Event]]) -> None:
-    """Hand each sink its rows' events of this step, in one call."""
+    """Hand each sink its rows' events of this step, with one call into each event loop."""
     by_sink: dict[Sink, list[Event]] = {}
     for row, event in events:
         if row.sink is not None:
             by_sink.setdefault(row.sink, []).append(event)
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sink, list[Event]]]] = {}
     for sink, batch in by_sink.items():
-        sink.send(batch)
+        by_loop.setdefault(sink.loop, []).append((sink, batch))
+    for loop, batches in by_loop.items():
+        _deliver_threadsafe(loop, batches)
 
 
 def _logprobs_at(logp: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
