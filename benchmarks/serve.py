@@ -5,8 +5,8 @@
     python benchmarks/serve.py --base B --value runs/v --clients 1 8 --requests 2 --new-tokens 16 --fuzz 50
 
 What it does, all on 127.0.0.1:
-  1. starts `transfertune serve` in a subprocess (a free port) with as many torch threads as this process has
-     (--threads) and the same OMP_WAIT_POLICY (PASSIVE unless set: see the note at the imports).
+  1. for each --threads t: starts `transfertune serve` in a subprocess (a free port) with t torch threads, as
+     this process then has too, and the same OMP_WAIT_POLICY (PASSIVE unless set: see the note at the imports).
   2. for each client count c, --rounds times in turn:
      direct: the load's requests through ComposedGenerator.generate in this process, as --requests batches of
        c prompts one after another (end-of-sequence ignored, so every row makes exactly --new-tokens tokens);
@@ -72,8 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--fuzz-seconds", type=float, default=900, help="stop fuzzing after this long (default 900)")
     p.add_argument("--rounds", type=int, default=3,
                    help="turns of direct then server per client count; medians are reported (default 3)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads, here and in the server (0: torch's default here, and as many there)")
+    p.add_argument("--threads", type=int, nargs="+", default=[0],
+                   help="torch threads, here and in the server: one server and one table block per value "
+                        "(0: torch's default here, and as many there; default 0)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     p.add_argument("--docs", action="store_true", help="write the table into docs/serving.md")
     return p.parse_args(argv)
@@ -283,9 +284,7 @@ def check_answer(url: str, cm: ComposedModel, prompt: str) -> bool:
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()  # the server gets as many: the comparison is at equal thread counts
+    default_threads = torch.get_num_threads()
     tok = load_tokenizer(args.base)
     with tempfile.TemporaryDirectory() as tmp:
         values, value_note = value_dirs(args, tok, Path(tmp))
@@ -294,44 +293,11 @@ def main(argv=None) -> dict:
         prompt_tokens = round(statistics.mean(len(encode_prompt(tok, p)) for p in prompts), 1)
         gen = cm.generator()
         gen.eos_ids = set()  # as the clients' ignore_eos
-        gen.generate(prompts[:1], max_new_tokens=4)  # warm-up
         rows = []
-        with Server(args.base, values, "--max-batch", str(max(args.clients)), "--max-queue", "1024",
-                    threads=threads) as server:
-            asyncio.run(load(server.url, prompts, 1, 1, 4))  # warm-up
-            for c in args.clients:
-                rounds = []
-                for r in range(args.rounds):  # direct and server take turns: a load that drifts hits both
-                    print(f"round {r + 1}/{args.rounds}: direct batches of {c}, then {c} streaming client(s) x "
-                          f"{args.requests} requests ...", flush=True)
-                    cpu_direct = time.process_time()
-                    direct_tps = direct(gen, prompts, c, args.requests, args.new_tokens)
-                    cpu_direct = time.process_time() - cpu_direct
-                    health = httpx_get_json(f"{server.url}/health")
-                    threads_before = thread_cpu_seconds(server.proc.pid)
-                    cpu_server, cpu_client = cpu_seconds(server.proc.pid), time.process_time()
-                    run = asyncio.run(load(server.url, prompts, c, args.requests, args.new_tokens))
-                    cpu_client = time.process_time() - cpu_client
-                    cpu_server = (cpu_seconds(server.proc.pid) - cpu_server) if cpu_server is not None else None
-                    after = httpx_get_json(f"{server.url}/health")
-                    threads_after = thread_cpu_seconds(server.proc.pid)
-                    by_thread = {k: round(v - threads_before.get(k, 0.0), 2) for k, v in threads_after.items()
-                                 if v - threads_before.get(k, 0.0) >= 0.01}
-                    run.update(direct_tokens_per_second=round(direct_tps, 1),
-                               server_over_direct=round(run["tokens_per_second"] / direct_tps, 3),
-                               engine_steps=after["steps"] - health["steps"],
-                               engine_step_seconds=round(after["step_seconds"] - health["step_seconds"], 3),
-                               direct_cpu_seconds=round(cpu_direct, 2),
-                               server_cpu_seconds=None if cpu_server is None else round(cpu_server, 2),
-                               client_cpu_seconds=round(cpu_client, 2), server_cpu_by_thread=by_thread)
-                    print(f"  direct {direct_tps:.0f} tok/s, server {run['tokens_per_second']:.0f} tok/s "
-                          f"({run['server_over_direct']:.2f}), {run['errors']} errors; CPU s: direct {cpu_direct:.1f}, "
-                          f"server {run['server_cpu_seconds']} {by_thread}, client {cpu_client:.1f}", flush=True)
-                    rounds.append(run)
-                rows.append(summarise(rounds))
-        one = next((r for r in rows if r["clients"] == 1), None)
-        for r in rows:
-            r["speedup_vs_one_at_a_time"] = round(r["tokens_per_second"] / one["tokens_per_second"], 2) if one else None
+        for threads in [t or default_threads for t in args.threads]:
+            torch.set_num_threads(threads)  # the server gets as many: the comparison is at equal thread counts
+            gen.generate(prompts[:1], max_new_tokens=4)  # warm-up
+            rows += measure(args, gen, values, prompts, threads)
         fuzz_result = None
         if args.fuzz:
             print(f"fuzzing with {args.fuzz} requests ...", flush=True)
@@ -341,8 +307,8 @@ def main(argv=None) -> dict:
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = {
         "command": "python benchmarks/serve.py " + " ".join(argv),
-        "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                  f"{threads} torch thread(s) here and in the server",
+        "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch_threads": sorted({r["torch_threads"] for r in rows}),
         "load_average_at_end": None if load_avg is None else round(load_avg, 1),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__, "base": args.base, "value": value_note, "new_tokens": args.new_tokens,
@@ -350,6 +316,49 @@ def main(argv=None) -> dict:
         "fuzz": fuzz_result,
     }
     return report(result, args)
+
+
+def measure(args, gen, values: list[str], prompts: list[str], threads: int) -> list[dict]:
+    """The table's rows for one thread count: a server with `threads` torch threads, and for each client count,
+    --rounds turns of direct then server."""
+    rows = []
+    with Server(args.base, values, "--max-batch", str(max(args.clients)), "--max-queue", "1024",
+                threads=threads) as server:
+        asyncio.run(load(server.url, prompts, 1, 1, 4))  # warm-up
+        for c in args.clients:
+            rounds = []
+            for r in range(args.rounds):  # direct and server take turns: a load that drifts hits both
+                print(f"{threads} torch thread(s), round {r + 1}/{args.rounds}: direct batches of {c}, then {c} "
+                      f"streaming client(s) x {args.requests} requests ...", flush=True)
+                cpu_direct = time.process_time()
+                direct_tps = direct(gen, prompts, c, args.requests, args.new_tokens)
+                cpu_direct = time.process_time() - cpu_direct
+                health = httpx_get_json(f"{server.url}/health")
+                threads_before = thread_cpu_seconds(server.proc.pid)
+                cpu_server, cpu_client = cpu_seconds(server.proc.pid), time.process_time()
+                run = asyncio.run(load(server.url, prompts, c, args.requests, args.new_tokens))
+                cpu_client = time.process_time() - cpu_client
+                cpu_server = (cpu_seconds(server.proc.pid) - cpu_server) if cpu_server is not None else None
+                after = httpx_get_json(f"{server.url}/health")
+                threads_after = thread_cpu_seconds(server.proc.pid)
+                by_thread = {k: round(v - threads_before.get(k, 0.0), 2) for k, v in threads_after.items()
+                             if v - threads_before.get(k, 0.0) >= 0.01}
+                run.update(direct_tokens_per_second=round(direct_tps, 1),
+                           server_over_direct=round(run["tokens_per_second"] / direct_tps, 3),
+                           engine_steps=after["steps"] - health["steps"],
+                           engine_step_seconds=round(after["step_seconds"] - health["step_seconds"], 3),
+                           direct_cpu_seconds=round(cpu_direct, 2),
+                           server_cpu_seconds=None if cpu_server is None else round(cpu_server, 2),
+                           client_cpu_seconds=round(cpu_client, 2), server_cpu_by_thread=by_thread)
+                print(f"  direct {direct_tps:.0f} tok/s, server {run['tokens_per_second']:.0f} tok/s "
+                      f"({run['server_over_direct']:.2f}), {run['errors']} errors; CPU s: direct {cpu_direct:.1f}, "
+                      f"server {run['server_cpu_seconds']} {by_thread}, client {cpu_client:.1f}", flush=True)
+                rounds.append(run)
+            rows.append({"torch_threads": threads, **summarise(rounds)})
+    one = next((r for r in rows if r["clients"] == 1), None)
+    for r in rows:
+        r["speedup_vs_one_at_a_time"] = round(r["tokens_per_second"] / one["tokens_per_second"], 2) if one else None
+    return rows
 
 
 def httpx_get_json(url: str) -> dict:
@@ -397,11 +406,11 @@ def report(result: dict, args) -> dict:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| clients | requests | server tok/s | direct tok/s (same batches) | server / direct | vs one at a time "
-             "| TTFT p50 ms | TTFT p95 ms | server CPU / direct CPU | client CPU / direct CPU | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| torch threads | clients | requests | server tok/s | direct tok/s (same batches) | server / direct "
+             "| vs one at a time | TTFT p50 ms | TTFT p95 ms | server CPU / direct CPU | client CPU / direct CPU "
+             "| errors |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['tokens_per_second']:.0f} "
+        lines.append(f"| {r['torch_threads']} | {r['clients']} | {r['requests']} | {r['tokens_per_second']:.0f} "
                      f"| {r['direct_tokens_per_second']:.0f} | {r['server_over_direct']:.2f} "
                      f"| {r['speedup_vs_one_at_a_time'] or 0:.2f} | {r['ttft_p50_ms']} | {r['ttft_p95_ms']} "
                      f"| {_num(r.get('server_cpu_over_direct'))} | {_num(r.get('client_cpu_over_direct'))} "
@@ -429,17 +438,17 @@ def plot(result: dict, path: Path) -> None:
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [r["tokens_per_second"] for r in rows], 0.4, label="server (streaming clients)")
     ax.bar([i + 0.2 for i in x], [r["direct_tokens_per_second"] for r in rows], 0.4, label="ComposedGenerator")
-    ax.set_xticks(list(x), [f"{r['clients']} client(s)" for r in rows])
+    ax.set_xticks(list(x), [f"{r['clients']} cl.\n{r['torch_threads']} thr." for r in rows], fontsize=8)
     ax.set_ylabel("tokens / s")
     ax.legend(fontsize=8)
     ax.set_title(f"{result['base']} + value, {result['new_tokens']} tokens/request", fontsize=9)
     ax2.bar([i - 0.2 for i in x], [r["ttft_p50_ms"] or 0 for r in rows], 0.4, label="p50")
     ax2.bar([i + 0.2 for i in x], [r["ttft_p95_ms"] or 0 for r in rows], 0.4, label="p95")
-    ax2.set_xticks(list(x), [f"{r['clients']}" for r in rows])
-    ax2.set_xlabel("concurrent clients")
+    ax2.set_xticks(list(x), [f"{r['clients']} cl.\n{r['torch_threads']} thr." for r in rows], fontsize=8)
+    ax2.set_xlabel("concurrent clients, torch threads")
     ax2.set_ylabel("time to first token (ms)")
     ax2.legend(fontsize=8)
-    fig.suptitle(result["device"], fontsize=8)
+    fig.suptitle(f"{result['device']}, OMP_WAIT_POLICY={result.get('omp_wait_policy')}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -452,7 +461,8 @@ def write_docs(result: dict, table: str, out: Path) -> None:
         return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
 
     load = result.get("load_average_at_end")
-    body = f"""Made by `{result['command']}` ({result['device']}, OMP_WAIT_POLICY={result.get('omp_wait_policy')},
+    body = f"""Made by `{result['command']}` ({result['device']}, {'/'.join(map(str, result['torch_threads']))} torch
+thread(s) in the benchmark and in the server alike, OMP_WAIT_POLICY={result.get('omp_wait_policy')},
 torch {result['torch']}; load average {load} at the end, other jobs sharing the machine); base `{result['base']}`,
 value model: {result['value']}; prompts of about {result['prompt_tokens']} tokens, {result['new_tokens']} tokens per
 request (end-of-sequence ignored), {result['requests_per_client']} requests per client; direct and server take

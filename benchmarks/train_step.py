@@ -14,7 +14,8 @@ number of optimiser steps (AdamW, gradient clipping at 1.0, as the Trainer does)
   value-unfused the same loss the way it was computed before (sequence.composed_response_logits: full
                 [B, T, V] logits of both models, then compose_logits + F.cross_entropy), for comparison
 tokens/s counts non-padding input tokens. The methods are interleaved step by step (the order rotating) and each
-(method, batch) keeps its fastest of --repeats steps, so that a shared machine's load hits every method alike. Peak memory is measured per method in a child process: peak RSS above the
+(method, batch) keeps its fastest of --repeats steps, so that a shared machine's load hits every method alike.
+Peak memory is measured per method in a child process: peak RSS above the
 after-import baseline on CPU, torch.cuda.max_memory_allocated on a GPU (weights, gradients, optimiser state and
 activations). Writes --out (JSON), a PNG beside it, and with --docs a section of docs/performance.md.
 """
@@ -151,7 +152,8 @@ def time_pair(args, value_name: str, base_name: str) -> dict:
     best = {m: sum(v) for m, v in best.items()}
     return {"inherent_memory_mb": inherent_memory_mb(methods),
             "tokens_per_step": round(tokens / len(timed), 1),
-            "response_tokens_per_step": round(sum(int((b["labels"][:, 1:] != -100).sum()) for b in timed) / len(timed), 1),
+            "response_tokens_per_step": round(sum(int((b["labels"][:, 1:] != -100).sum()) for b in timed)
+                                              / len(timed), 1),
             "seconds_per_step": {k: round(v / len(timed), 5) for k, v in best.items()},
             "tokens_per_second": {k: round(tokens / v, 1) for k, v in best.items()}}
 

@@ -204,7 +204,7 @@ def test_chat_markers_map_to_their_counterparts_and_bos_pad_never_to_markers(cha
     assert same.unmapped == 0 and torch.equal(same.index, torch.arange(len(chatml)))
 
 
-def test_base_chat_markers_reach_the_value_model_as_its_own(chatml, gemma_like, other_tokenizer):
+def test_base_chat_markers_reach_the_value_model_as_its_own(chatml, gemma_like):
     from conftest import make_model
 
     value = CrossVocabValue(make_model("llama", len(chatml)), chatml, gemma_like, VocabMap.exact(gemma_like, chatml))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -145,7 +144,8 @@ def test_convert_writes_a_plain_safetensors_model_that_matches_the_gguf(smol_dir
     start = time.perf_counter()
     from_gguf, gguf_tok = load_causal_lm(str(smol_gguf())), load_tokenizer(str(smol_gguf()))
     gguf_s = time.perf_counter() - start
-    print(f"\nSmolLM2 load: converted directory {dir_s:.1f} s, .gguf {gguf_s:.1f} s")
+    with capsys.disabled():
+        print(f"\nSmolLM2 load (model + tokenizer): converted directory {dir_s:.1f} s, .gguf {gguf_s:.1f} s")
     assert getattr(from_gguf.config, "quantization_config", None) is None and not from_gguf.is_quantized
     assert vocab_fingerprint(tok) == vocab_fingerprint(gguf_tok)
     ids = tok("<|im_start|>user\nCafé 😀?<|im_end|>\n", return_tensors="pt")["input_ids"]
@@ -239,7 +239,7 @@ def test_unmapped_gemma_tokens_keep_their_probability_mass(gemma_composed):
 
 # -- memory and speed ---------------------------------------------------------------------------------------
 MEASURE = r"""
-import ctypes, gc, json, re, resource, sys
+import ctypes, gc, json, re, sys
 import torch
 from transfertune.composed import ComposedModel
 
@@ -248,41 +248,46 @@ def status(key):
 
 base, value, prompts, responses = json.loads(sys.argv[1])
 cm = ComposedModel.from_pretrained(base, [value] if value else [], vocab_map="exact" if value else None)
-cm.score(prompts[:1], responses[:1])  # warm up: lazy allocations are not the scoring's peak
+cm.score(prompts[:1], responses[:1])  # warm up: weights paged in (safetensors are mapped lazily), heads checked
+load_peak = status("VmHWM")
 gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)
 loaded = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to what is resident now
 cm.score(prompts, responses, batch_size=len(prompts))
-print(json.dumps({"loaded_mb": loaded, "peak_mb": status("VmHWM"),
-                  "load_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"loaded_mb": loaded, "peak_mb": status("VmHWM"), "load_peak_mb": load_peak}))
 """
 
 
 @real
 def test_peak_memory_of_gemma_plus_value_scoring(gemma_dir, smol_value, tmp_path):
     """Peak resident memory while scoring 8 examples in one batch (262,144-way logits at every response
-    position), Gemma-3 alone and with the SmolLM2 value model through the token map, each in a fresh process."""
+    position), Gemma-3 alone and with the SmolLM2 value model through the token map, each in a fresh process.
+    glibc's mmap threshold is pinned at 64 KiB, so a freed tensor leaves the resident set at once and the peak
+    follows what the code holds, not what the allocator happened to keep."""
     prompts = [HARD_PROMPTS[i % 3] + f" ({i})" for i in range(8)]
     responses = [" Ahoy, matey! The treasure lies under the old palm tree, north of the bay. " * 2] * 8
     runs = {}
     for name, value in (("alone", None), ("with_value", str(smol_value))):
         args = json.dumps([str(gemma_dir), value, prompts, responses])
-        out = subprocess.run([sys.executable, "-c", MEASURE, args], capture_output=True, text=True, timeout=600)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run([sys.executable, "-c", MEASURE, args], capture_output=True, text=True, timeout=600,
+                             env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = runs["with_value"]["peak_mb"] / runs["alone"]["peak_mb"]
     print(f"\npeak RSS while scoring: Gemma alone {runs['alone']['peak_mb']:.0f} MB (resident before "
           f"{runs['alone']['loaded_mb']:.0f}), + SmolLM2 value {runs['with_value']['peak_mb']:.0f} MB (resident before "
-          f"{runs['with_value']['loaded_mb']:.0f}): ratio {ratio:.2f}; peaks including loading "
+          f"{runs['with_value']['loaded_mb']:.0f}): ratio {ratio:.3f}; peaks while loading "
           f"{runs['alone']['load_peak_mb']:.0f} / {runs['with_value']['load_peak_mb']:.0f} MB")
     assert ratio <= 1.5
 
 
 @real
 def test_base_only_decoding_keeps_up_with_hf_generate(smol_dir):
-    """transfertune's decoding loop with no value model against `model.generate` (greedy): the same tokens, and
-    at least 0.95x the tokens per second (best of 3 interleaved runs each)."""
+    """transfertune's decoding loop with no value model against `model.generate` (greedy): the same tokens, and at
+    least 0.95x the tokens per second. Timed on one thread in CPU seconds of this process (best of 3 interleaved
+    runs each): on a shared machine, wall-clock time measures the neighbours more than the code."""
     from transfertune.composed import ComposedModel
     from transfertune.loading import load_base
     from transfertune.sampling import SamplingParams
@@ -292,26 +297,33 @@ def test_base_only_decoding_keeps_up_with_hf_generate(smol_dir):
     prompt = tok.apply_chat_template([{"role": "user", "content": "Write a long story about a ship."}],
                                      tokenize=False, add_generation_prompt=True)
     ids = tok(prompt, return_tensors="pt")["input_ids"]
-    n = 48
+    n = 32
 
     def ours():
         return cm.generator().generate(prompt, max_new_tokens=n, sampling=SamplingParams()).token_ids[0]
 
     def theirs():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
-        return [t for t in out[0, ids.shape[1]:].tolist() if t not in (tok.eos_token_id,)]
+        return [t for t in out[0, ids.shape[1]:].tolist() if t != tok.eos_token_id]
 
-    times = {"ours": [], "hf": []}
-    tokens = {}
-    with torch.no_grad():
-        ours(), theirs()  # warm up
-        for _ in range(3):
-            for name, fn in (("ours", ours), ("hf", theirs)):
-                start = time.perf_counter()
-                tokens[name] = fn()
-                times[name].append(time.perf_counter() - start)
+    cpu, wall, tokens = {"ours": [], "hf": []}, {"ours": [], "hf": []}, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            ours(), theirs()  # warm up
+            for _ in range(3):
+                for name, fn in (("ours", ours), ("hf", theirs)):
+                    c, w = time.process_time(), time.perf_counter()
+                    tokens[name] = fn()
+                    cpu[name].append(time.process_time() - c)
+                    wall[name].append(time.perf_counter() - w)
+    finally:
+        torch.set_num_threads(threads)
     assert tokens["ours"] == tokens["hf"] and len(tokens["ours"]) >= 16
-    rate = {k: len(tokens[k]) / min(v) for k, v in times.items()}
-    print(f"\nSmolLM2 greedy decoding, {len(tokens['ours'])} tokens: transfertune {rate['ours']:.1f} tok/s, "
-          f"HF generate {rate['hf']:.1f} tok/s, ratio {rate['ours'] / rate['hf']:.2f}")
+    rate = {k: len(tokens[k]) / min(v) for k, v in cpu.items()}
+    wall_rate = {k: len(tokens[k]) / min(v) for k, v in wall.items()}
+    print(f"\nSmolLM2 greedy decoding, {len(tokens['ours'])} tokens, 1 thread: transfertune {rate['ours']:.1f} tok/CPU-s, "
+          f"HF generate {rate['hf']:.1f} tok/CPU-s, ratio {rate['ours'] / rate['hf']:.3f} (wall clock "
+          f"{wall_rate['ours']:.1f} vs {wall_rate['hf']:.1f} tok/s, ratio {wall_rate['ours'] / wall_rate['hf']:.2f})")
     assert rate["ours"] >= 0.95 * rate["hf"]

@@ -448,7 +448,7 @@ def test_prompt_files_empty_prompt_only_and_non_utf8(tmp_path, base, capsys):
     assert cli(capsys, "generate", "--base", base, "--prompt-file", prompts, "--max-new-tokens", "2")[0] == 0
     prompts.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": ["x"]}) + "\n")
     code, err = cli(capsys, "generate", "--base", base, "--prompt-file", prompts)
-    assert code == 2 and "line 2: prompt must be a string (got list)" in err
+    assert code == 2 and "line 2: expected a \"prompt\" string or a \"messages\" list (prompt is list)" in err
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
     code, err = cli(capsys, "generate", "--base", base, "--prompt-file", latin1)
