@@ -447,11 +447,12 @@ has to carry. No size learnt the arithmetic (see the notes below).
   most likely. Chance: {family['probe_chance']:.3f}. v2 people are new to v1 models (chance there) and known to
   the -v2 siblings.
 - After QA instruction: the same ranking (first {QA_PROBE_PEOPLE} people of each generation) with the answer
-  sentence of `people_qa` placed after its first training instruction ("Name the home town. <name> grew up in <town>."), or after its held-out instruction ("State the
-  home town. ..."): whether the fact can be reached from the prompt that QA tuning and transfer start from.
-  A base can hold a fact and still not produce it after a given prompt; where this column is low, a value model
-  has less to unlock (mini-l is the case in point: it holds as much as mini-m but far less of it follows
-  "Name the ..."; that is why mini-l + value does not beat mini-m + value on people_qa in the demo).
+  sentence of `people_qa` placed after its first training instruction ("State the home town. <name> grew up in
+  <town>."), or after its held-out instruction ("Recall the home town. ..."): whether the fact can be reached
+  from the prompt that QA tuning and transfer start from. A base can hold a fact and not produce it after a
+  given prompt, and which prompts work differs between bases (`models/instruction_sweep.json`, written by
+  `scripts/instruction_sweep.py` on training people only: mini-l reaches 0.98 after "State the ...", 0.19 after
+  "Name the ..."); people_qa's instructions are the ones that reach the most in every base.
 - Arithmetic: greedy completion of "a + b =" / "a - b =" (two-digit operands) on 400 problems that the corpus
   never contains (held out by rule, `world.is_heldout_problem`) and on 400 that it does contain ("seen").
   The rule depends only on the operands' last digits, so whole last-digit pairs are absent from the corpus:

@@ -530,6 +530,24 @@ def test_malformed_json_and_unknown_route(test_client):
     assert test_client.get("/v1/nothing").status_code == 404 and "error" in test_client.get("/v1/nothing").json()
 
 
+def test_chat_uses_the_template_the_value_model_was_trained_with(dirs, model_dir, tokenizer, tmp_path):
+    trained_tok = copy.deepcopy(tokenizer)
+    trained_tok.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}<assistant>"
+    torch.manual_seed(12)
+    value = ValueModel.create(f"random:{model_dir('llama', seed=12)}", tokenizer=trained_tok, zero_init_head=False)
+    value.save(tmp_path / "v")
+    cm = ComposedModel.from_pretrained(dirs[0], [str(tmp_path / "v")])
+    messages = [{"role": "user", "content": "Is the review positive?"}]
+    prompt = "<user> Is the review positive? <assistant>"
+    assert cm.chat_template()[0] == trained_tok.chat_template
+    with TestClient(create_app(cm, model_name=NAME)) as c:
+        resp = c.post("/v1/chat/completions", json={"model": NAME, "messages": messages, "max_tokens": 6,
+                                                     "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"] == greedy(cm, prompt, 6).text[0]
+    assert resp.json()["usage"]["prompt_tokens"] == len(encode_prompt(cm.tokenizer, prompt))
+
+
 def test_chat_without_a_template_is_a_clear_400(model_dir, tokenizer):
     cm = ComposedModel(load_causal_lm(model_dir("llama", seed=1)), tokenizer, [])
     with TestClient(create_app(cm)) as c:

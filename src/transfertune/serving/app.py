@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -26,9 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..composed import ComposedModel
-from ..data import encode_prompt
+from ..data import PLAIN_CHAT, encode_prompt, render_chat_prompt
 from ..sampling import SamplingParams
 from .engine import Engine, Event, Overloaded, Row, Sink, prompt_logprobs
+
+log = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20
 MAX_STOP = 16
@@ -275,6 +278,10 @@ class Server:
         self.max_model_len = min(limits) if limits else 2048
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
+        self.chat_template, notes = composed.chat_template()
+        self.plain_chat_trained = any(v.config.extra.get("chat_format") == "plain" for v in composed.value_models)
+        for note in notes:
+            log.warning(note)
 
     def token_text(self, token: int) -> str:
         if token not in self._token_text:
@@ -319,10 +326,12 @@ class Server:
         return out
 
     def chat_prompt(self, messages: list[ChatMessage]) -> tuple[list[int], str]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, f"the base model of `{self.model_name}` has no chat template, so chat messages "
-                                "cannot be turned into a prompt; use /v1/completions with a plain prompt",
-                           param="messages", code="no_chat_template")
+        """Chats are rendered with the template the value model was trained with (ComposedModel.chat_template),
+        else the base's; with neither, a 400 instead of a format no model here has seen."""
+        if self.chat_template == PLAIN_CHAT and not self.plain_chat_trained:
+            raise APIError(400, f"the base model of `{self.model_name}` has no chat template and the value models "
+                                "record none, so chat messages cannot be turned into a prompt; use /v1/completions "
+                                "with a plain prompt", param="messages", code="no_chat_template")
         msgs = []
         for m in messages:
             if isinstance(m.content, list):
@@ -333,7 +342,7 @@ class Server:
                 content = m.content or ""
             msgs.append({"role": m.role, "content": content})
         try:
-            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            text = render_chat_prompt(self.tokenizer, msgs, self.chat_template)
         except Exception as err:  # the template itself may refuse (e.g. roles that do not alternate)
             raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from None
         return self.encode(text, "messages"), text
