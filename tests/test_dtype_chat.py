@@ -390,7 +390,19 @@ def test_help_does_not_import_torch():
     assert res.stdout.strip() == "[]"
 
 
-def test_untying_the_head_loads_quietly_but_other_missing_weights_are_reported(model_dir, tmp_path, caplog):
+@pytest.fixture
+def hf_warnings():
+    """transformers at its default verbosity (warnings shown): the demo, run earlier in the session, quiets it."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    yield
+    hf_logging.set_verbosity(before)
+
+
+def test_untying_the_head_loads_quietly_but_other_missing_weights_are_reported(model_dir, tmp_path, caplog,
+                                                                             hf_warnings):
     from safetensors.torch import load_file, save_file
 
     tied = model_dir("gpt2", seed=7)  # tied input and output embeddings: no lm_head.weight in the file
