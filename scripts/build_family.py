@@ -451,7 +451,7 @@ has to carry. No size learnt the arithmetic (see the notes below).
   <town>."), or after its held-out instruction ("Recall the home town. ..."): whether the fact can be reached
   from the prompt that QA tuning and transfer start from. A base can hold a fact and not produce it after a
   given prompt, and which prompts work differs between bases (`models/instruction_sweep.json`, written by
-  `scripts/instruction_sweep.py` on training people only: mini-l reaches 0.98 after "State the ...", 0.19 after
+  `scripts/instruction_sweep.py` on training people only: mini-l reaches 0.98 after "State the ...", 0.21 after
   "Name the ..."); people_qa's instructions are the ones that reach the most in every base.
 - Arithmetic: greedy completion of "a + b =" / "a - b =" (two-digit operands) on 400 problems that the corpus
   never contains (held out by rule, `world.is_heldout_problem`) and on 400 that it does contain ("seen").

@@ -1,7 +1,7 @@
 """Which QA instructions reach what the bases know: the knowledge probe after each candidate instruction.
 
 The family's knowledge is tied to the contexts it was read in, and how much of it a prompt reaches varies a
-lot between bases (mini-l: 0.18 after "Name the ...", 0.98 after "State the ..."). A value model only adds
+lot between bases (mini-l: 0.21 after "Name the ...", 0.98 after "State the ..."). A value model only adds
 logits, so transfer can deliver no more than what the target reaches after the task's prompt. This sweep picked
 people_qa's instructions (world.QUESTION_TEMPLATES). It probes *training* people only (the first PEOPLE of the
 v1 generation: make_tasks.py trains on the first half), never the people of the held-out splits.

@@ -456,32 +456,39 @@ def test_concurrent_streaming_clients_all_complete(client, cm):
     assert all(text == ref[p] and reason in ("length", "stop") for p, text, reason in results)
 
 
-class Slow(torch.nn.Module):
-    """A model that takes at least 20 ms a call, so that a request is still decoding when its client leaves."""
+class Gated(torch.nn.Module):
+    """A model whose calls after the first `free` ones wait until `gate` is set: the request is certainly still
+    decoding when its client leaves, however loaded the machine is."""
 
-    def __init__(self, model):
+    def __init__(self, model, free: int = 2):
         super().__init__()
         self.model, self.config = model, model.config
+        self.calls, self.free, self.gate = 0, free, threading.Event()
 
     def forward(self, **kwargs):
-        time.sleep(0.02)
+        self.calls += 1
+        if self.calls > self.free:
+            self.gate.wait(30)
         return self.model(**kwargs)
 
 
 def test_client_disconnect_frees_its_row(cm):
-    app = create_app(ComposedModel(Slow(cm.base), cm.tokenizer, cm.values), model_name=NAME)
+    base = Gated(cm.base)
+    app = create_app(ComposedModel(base, cm.tokenizer, cm.values), model_name=NAME)
     engine = app.state.server.engine
     engine.eos_ids = set()
+    base.calls = 0  # create_app's own batching check called it
     with running(app) as url:
-        body = {"prompt": "The", "max_tokens": 200, "temperature": 0, "stream": True}
+        body = {"prompt": "The", "max_tokens": 40, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as resp:
-            next(resp.iter_lines())
-            assert engine.load["running"] == 1
+            first = next(resp.iter_lines())
+            assert engine.load["running"] == 1, first
+        base.gate.set()
         deadline = time.monotonic() + 10
         while engine.load["running"] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert engine.load["running"] == 0 and engine.load["rows_done"] == 0
-        assert engine.load["tokens"] < 100  # it left long before its 200 tokens
+        assert engine.load["tokens"] < 40  # it left long before its 40 tokens
 
 
 # -- errors, auth, overload --------------------------------------------------------------------------

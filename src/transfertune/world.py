@@ -74,7 +74,7 @@ PROBE_TEMPLATES = {a: t[0] for a, t in BIO_TEMPLATES.items()}  # the probe score
 # instructions and a held-out one (never trained on). The family's knowledge is tied to prose contexts (it read
 # only biographies): ranking the true value after a question line such as "Who employs X?\nX" gives ~0.1 on
 # mini-m against 0.96 at a document's start, so the prompt is prose. How much a prose instruction reaches still
-# varies between bases (mini-l: 0.18 after "Name the ...", 0.98 after "State the ..."): the instructions are
+# varies between bases (mini-l: 0.21 after "Name the ...", 0.98 after "State the ..."): the instructions are
 # those that reach the most in every base, measured on training people only by scripts/instruction_sweep.py
 # (models/instruction_sweep.json); the held-out one is a middling one.
 ATTRIBUTE_NOUNS = {"birth_year": "birth year", "home_town": "home town", "profession": "profession",
