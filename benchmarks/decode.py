@@ -34,7 +34,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import reporting  # noqa: E402
 from transfertune.composed import ComposedModel  # noqa: E402
 from transfertune.loading import load_base, load_causal_lm  # noqa: E402
 from transfertune.sampling import SamplingParams  # noqa: E402
@@ -219,16 +221,7 @@ def main(argv=None) -> dict:
 
 
 def report(result: dict, args) -> dict:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    table = format_table(result)
-    print(table)
-    plot(result, out.with_suffix(".png"))
-    if args.docs:
-        write_docs(result, table, out)
-    print(f"\nwrote {out} and {out.with_suffix('.png')}")
-    return result
+    return reporting.report(result, args, format_table, plot, write_docs)
 
 
 def format_table(result: dict) -> str:

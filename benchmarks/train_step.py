@@ -34,7 +34,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import reporting  # noqa: E402
 from transfertune.data import RightPadCollator, SFTDataset, pad_id_of, read_jsonl  # noqa: E402
 from transfertune.loading import load_causal_lm, load_tokenizer  # noqa: E402
 
@@ -287,16 +289,7 @@ def main(argv=None) -> dict:
 
 
 def report(result: dict, args) -> dict:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    table = format_table(result)
-    print(table)
-    plot(result, out.with_suffix(".png"))
-    if args.docs:
-        write_docs(result, table, out)
-    print(f"\nwrote {out} and {out.with_suffix('.png')}")
-    return result
+    return reporting.report(result, args, format_table, plot, write_docs)
 
 
 def _cell(d: dict, key: str, fmt: str) -> str:
