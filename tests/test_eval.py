@@ -128,3 +128,23 @@ def test_cache_is_keyed_on_everything_that_changes_a_result(model_dir, tiny_task
     train.write_text(train.read_text().replace("awful", "dreadful"))
     now = run()
     assert all(len(n - s) == 1 for n, s in zip(now, seen))
+
+
+def test_dtype_and_device_reach_the_evaluated_models_and_the_cell_keys(model_dir, tiny_task, tmp_path, capsys):
+    source = model_dir("llama", hidden=32, seed=5)
+    cache = tmp_path / "eval"
+    argv = ["eval", "--source", source, "--targets", source, "--tasks", tiny_task, "--examples", "4",
+            "--methods", "target", "--cache-dir", str(cache)]
+
+    def nll(*extra) -> float:
+        assert cli_main(argv + list(extra)) == 0
+        return json.loads((cache / "results.json").read_text())["rows"][0]["nll"]
+
+    fp32 = nll()
+    assert nll("--dtype", "fp32", "--device", "cpu") == pytest.approx(fp32, rel=1e-6)  # what auto means on CPU
+    cells = {p.name for p in (cache / "results").rglob("*.json")}
+    bf16 = nll("--dtype", "bf16")
+    assert len({p.name for p in (cache / "results").rglob("*.json")} - cells) == 1  # a cell of its own
+    assert bf16 == pytest.approx(fp32, rel=0.05) and bf16 != fp32
+    assert cli_main(argv + ["--device", "cuda:7"]) == 2
+    assert "--device" in capsys.readouterr().err

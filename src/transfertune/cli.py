@@ -426,6 +426,7 @@ def cmd_eval(args) -> None:
         finetune_steps=args.finetune_steps, target_steps=args.target_steps,
         batch_size=args.batch_size, max_length=args.max_length, betas=args.beta, alphas=args.alpha, seed=args.seed,
         cache_dir=args.cache_dir, vocab_map=vocab_map, vocab_maps=vocab_maps, split_by=args.split_by,
+        dtype=args.dtype, device=str(check_device("--device", args.device or "cpu")),
         heldout_fraction=args.heldout_fraction, split_seed=args.split_seed, kind=args.kind, labels=args.labels,
     )
     result = run_eval(cfg, out=args.output, docs=args.docs, section=args.docs_section, title=args.docs_title)
@@ -569,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate target alone, source (+ fine-tuning / + value), target + value, "
                                    "proxy-tuning, weight-diff transfer and target fine-tuning (full, LoRA) on "
                                    "held-out task data. Results and trained models are cached in --cache-dir.")
+    _add_device_args(p, "evaluated models (training runs where the Trainer puts it)", "cpu")
     p.add_argument("--source", default=d.source, help=f"small base the value model is trained on (default {d.source})")
     p.add_argument("--targets", nargs="+", default=d.targets, help="target bases (default: %(default)s)")
     p.add_argument("--tasks", nargs="+", default=d.tasks, metavar="TASK",

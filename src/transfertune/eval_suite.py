@@ -64,6 +64,8 @@ class EvalConfig:
     split_seed: int = 0
     kind: str | None = None  # classification / qa / generation; None = from the data
     labels: list[str] | None = None  # the label set of classification rows without "choices"
+    dtype: str = "auto"  # of the evaluated models: auto (fp32 on CPU, the checkpoint's on an accelerator), bf16, ...
+    device: str = "cpu"  # where the evaluated models run
 
 
 VOCAB_MAPS = ("exact", "align")
@@ -226,9 +228,21 @@ class EvalRunner:
         return self.cfg.vocab_maps.get(target, self.cfg.vocab_map)
 
     def _settings(self, target: str) -> dict:
-        """Everything in the config that can change a trained model or a measured cell of `target`."""
+        """Everything in the config that can change a trained model or a measured cell of `target` (dtype and
+        device only when not the defaults, so caches made before they existed stay valid)."""
         settings = {k: v for k, v in asdict(self.cfg).items() if k not in _NOT_SETTINGS}
+        for key, default in (("dtype", "auto"), ("device", "cpu")):
+            if settings[key] == default:
+                del settings[key]
         return {**settings, "vocab_map": self.vocab_map_for(target)}
+
+    def _placement(self) -> dict:
+        import torch
+
+        from .cli import resolve_dtype
+
+        device = torch.device(self.cfg.device)
+        return {"device": device, "dtype": resolve_dtype(self.cfg.dtype, device.type != "cpu")}
 
     # -- trained artifacts ----------------------------------------------------------------------------
     def _artifact(self, kind: str, model: str, task: str, steps: int, train, **settings) -> str:
@@ -291,28 +305,30 @@ class EvalRunner:
         from .weight_diff import diff_vector_transfer
 
         c = self.cfg
+        place = self._placement()
         if method in ("target", "source"):
-            return ComposedModel(*load_base(target if method == "target" else c.source))
+            return ComposedModel(*load_base(target if method == "target" else c.source, **place))
         if method == "source_ft":
-            return ComposedModel(*load_base(self.finetuned(c.source, task, c.finetune_steps)))
+            return ComposedModel(*load_base(self.finetuned(c.source, task, c.finetune_steps), **place))
         if method in ("source+value", "target+value"):
             base = c.source if method == "source+value" else target
             value = self.value_dir(task)
             vocab_map = self.vocab_map_for(target)
             if vocab_map == "align":
                 self.aligned_map(value, base, task)
-            return ComposedModel.from_pretrained(base, [value], beta=knob, vocab_map=vocab_map)
+            return ComposedModel.from_pretrained(base, [value], beta=knob, vocab_map=vocab_map, **place)
         if method == "proxy":
             return ComposedModel.from_pretrained(
-                target, [], proxy=(self.finetuned(c.source, task, c.finetune_steps), c.source), alpha=knob)
+                target, [], proxy=(self.finetuned(c.source, task, c.finetune_steps), c.source), alpha=knob, **place)
         if method == "diff_vector":
             model = diff_vector_transfer(target, c.source, self.finetuned(c.source, task, c.finetune_steps),
                                          alpha=knob)
+            model = model.to(**place) if place["dtype"] != "auto" else model.to(place["device"])
             return ComposedModel(model.eval().requires_grad_(False), load_tokenizer(target))
         if method == "target_ft":
-            return ComposedModel(*load_base(self.finetuned(target, task, c.target_steps)))
+            return ComposedModel(*load_base(self.finetuned(target, task, c.target_steps), **place))
         if method == "target_lora":
-            return ComposedModel(*load_base(self.finetuned(target, task, c.target_steps, lora=True)))
+            return ComposedModel(*load_base(self.finetuned(target, task, c.target_steps, lora=True), **place))
         raise ValueError(method)
 
     def cell(self, method: str, target: str, task: str, knob: float) -> dict:
