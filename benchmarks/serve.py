@@ -52,20 +52,17 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reporting  # noqa: E402
+from composed_setup import add_model_args, value_dirs  # noqa: E402
 from transfertune.composed import ComposedModel  # noqa: E402
 from transfertune.data import encode_prompt  # noqa: E402
 from transfertune.loading import load_tokenizer  # noqa: E402
-from transfertune.value_model import ValueModel  # noqa: E402
 
 SECTION = "serve-bench"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default="mini-l", help="base model (default mini-l)")
-    p.add_argument("--value", action="append", default=[], metavar="DIR",
-                   help="value directory (repeatable); default: an untrained value model from --value-init")
-    p.add_argument("--value-init", default="mini-s", help="weights of the untrained value model (default mini-s)")
+    add_model_args(p)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients (default 1 8 32)")
     p.add_argument("--requests", type=int, default=8, help="requests per client, one after another (default 8)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens per request (default 64)")
@@ -80,15 +77,6 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     p.add_argument("--docs", action="store_true", help="write the table into docs/serving.md")
     return p.parse_args(argv)
-
-
-def value_dirs(args, tokenizer, tmp: Path) -> tuple[list[str], str]:
-    if args.value:
-        return args.value, ", ".join(args.value)
-    value = ValueModel.create(args.value_init, tokenizer=tokenizer, zero_init_head=False,
-                              training_base=args.value_init)
-    value.save(tmp / "value")
-    return [str(tmp / "value")], f"untrained ({args.value_init} weights, output layer kept)"
 
 
 def make_prompts(tokenizer, n: int, length: int) -> list[str]:

@@ -23,6 +23,7 @@ what a trained value model of that size costs (vLLM's CPU attention needs head_d
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -40,18 +41,19 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from transfertune.composed import ComposedModel  # noqa: E402
 from transfertune.loading import load_tokenizer  # noqa: E402
-from transfertune.value_model import ValueModel  # noqa: E402
 from transfertune.vllm_export import export_vllm  # noqa: E402
+
+# its sibling module, loaded by path (this file's directory is kept off sys.path, see above)
+_spec = importlib.util.spec_from_file_location("composed_setup", Path(__file__).resolve().parent / "composed_setup.py")
+composed_setup = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(composed_setup)
 
 SECTION = "vllm-bench"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default="mini-l", help="base model (default mini-l)")
-    p.add_argument("--value", action="append", default=[], metavar="DIR",
-                   help="value directory (repeatable); default: an untrained value model from --value-init")
-    p.add_argument("--value-init", default="mini-s", help="weights of the untrained value model (default mini-s)")
+    composed_setup.add_model_args(p)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32],
                    help="requests decoded together (default 1 8 32)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens per request (default 64)")
@@ -130,13 +132,7 @@ def main(argv=None) -> dict:
     tok = load_tokenizer(args.base)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if args.value:
-            values, value_note = args.value, ", ".join(args.value)
-        else:
-            value = ValueModel.create(args.value_init, tokenizer=tok, zero_init_head=False,
-                                      training_base=args.value_init)
-            value.save(tmp / "value")
-            values, value_note = [str(tmp / "value")], f"untrained ({args.value_init} weights, output layer kept)"
+        values, value_note = composed_setup.value_dirs(args, tok, tmp)
         prompts = make_prompts(tok, max(args.concurrency), args.prompt_len)
         cm = ComposedModel.from_pretrained(args.base, values)
         export = export_vllm(args.base, values, tmp / "export")
