@@ -134,7 +134,7 @@ def cmd_train(args) -> None:
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha) if args.lora else None
     placement = _train_placement(args)
     train_value_model(
-        args.base, args.data, args.output, init=args.init, zero_init_head=not args.no_zero_init_head, lora=lora,
+        args.base, args.data, args.output, init=args.init, scheme=args.scheme, zero_init_head=not args.no_zero_init_head, lora=lora,
         beta=args.beta, l1_coef=args.l1, entropy_coef=args.entropy, epochs=args.epochs, max_steps=args.max_steps,
         learning_rate=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
         seed=args.seed, save_steps=args.save_steps, resume=args.resume, overwrite=args.overwrite,
@@ -422,7 +422,8 @@ def cmd_eval(args) -> None:
     cfg = EvalConfig(
         source=args.source, targets=args.targets, tasks=args.tasks, methods=args.methods, split=args.split,
         eval_examples=args.examples, value_steps=args.value_steps, value_lr=args.value_lr, l1_coef=args.l1,
-        entropy_coef=args.entropy, finetune_lr=args.finetune_lr, lora_lr=args.lora_lr,
+        entropy_coef=args.entropy, value_init=args.value_init, value_scheme=args.value_scheme,
+        value_head=args.value_head, finetune_lr=args.finetune_lr, lora_lr=args.lora_lr,
         finetune_steps=args.finetune_steps, target_steps=args.target_steps,
         batch_size=args.batch_size, max_length=args.max_length, betas=args.beta, alphas=args.alpha, seed=args.seed,
         cache_dir=args.cache_dir, vocab_map=vocab_map, vocab_maps=vocab_maps, split_by=args.split_by,
@@ -487,6 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="value directory to write: new or empty (see --overwrite, --resume)")
     p.add_argument("--init", default=None,
                    help="LM the value model starts from (default: the base itself); 'random:MODEL' = MODEL's config, fresh weights")
+    p.add_argument("--scheme", choices=["residual", "cascade"], default="residual",
+                   help="how the value model connects to the base: residual = it reads only the tokens (default, "
+                        "runs beside the base); cascade = its input also adds softmax(base logits) @ embeddings "
+                        "(Inverse Value Learning; runs after the base, no speculative decoding or vLLM)")
     p.add_argument("--no-zero-init-head", action="store_true",
                    help="keep the init LM's output layer (default zeroes it so training starts at the base distribution)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (+ the output layer) instead of all weights")
@@ -596,6 +601,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=COUNT, default=d.eval_examples, help="held-out examples per task (default %(default)s)")
     p.add_argument("--value-steps", type=COUNT, default=d.value_steps, help="value-model training steps (default %(default)s)")
     p.add_argument("--value-lr", type=NON_NEGATIVE, default=d.value_lr, help="value-model learning rate (default %(default)s)")
+    p.add_argument("--value-init", default=None, metavar="MODEL|random",
+                   help="what the value model starts from (default: the source itself; random = the source's config "
+                        "with fresh weights; or another model sharing the vocabulary)")
+    p.add_argument("--value-scheme", choices=["residual", "cascade"], default=d.value_scheme,
+                   help="how the value model connects to the base (default residual; see `train --scheme`)")
+    p.add_argument("--value-head", choices=["zero", "copy"], default=d.value_head,
+                   help="the init's output layer: zero (training starts at the base distribution, default) or copy "
+                        "(kept: the sum starts at twice the base logits, as in IVL's release)")
     p.add_argument("--l1", type=NON_NEGATIVE, default=0.0, help="IVL L1 regulariser coefficient (default 0)")
     p.add_argument("--entropy", type=NON_NEGATIVE, default=0.0, help="PRT entropy regulariser coefficient (default 0)")
     p.add_argument("--finetune-lr", type=POSITIVE, default=d.finetune_lr,

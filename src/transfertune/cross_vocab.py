@@ -589,7 +589,16 @@ def attach_value(value, base_tokenizer, base_name: str = "base", vocab_map: str 
 
     if not isinstance(value, ValueModel):
         return value
-    if vocab_fingerprint(base_tokenizer) == value.config.vocab_fingerprint:
+    same_vocab = vocab_fingerprint(base_tokenizer) == value.config.vocab_fingerprint
+    if value.config.scheme == "cascade":
+        from .cascade import CascadeValue
+
+        if not same_vocab:
+            raise VocabularyMismatchError(
+                f"value model {value.directory or ''} uses the cascade scheme (it reads the base's next-token "
+                f"distribution), which needs a base with its own vocabulary; '{base_name}' has another")
+        return CascadeValue(value.model)
+    if same_vocab:
         return value.model
     if vocab_map is None:
         try:

@@ -44,6 +44,9 @@ class EvalConfig:
     eval_examples: int = 80
     value_steps: int = 200
     value_lr: float = 2e-3
+    value_init: str | None = None  # what the value model starts from: None = the source itself, "random", a model
+    value_scheme: str = "residual"  # or "cascade" (cascade.py)
+    value_head: str = "zero"  # the init's output layer: "zero" (training starts at the base) or "copy" (IVL release)
     l1_coef: float = 0.0
     entropy_coef: float = 0.0
     finetune_steps: int = 200  # source fine-tuning (proxy-tuning, weight diff)
@@ -69,6 +72,7 @@ class EvalConfig:
 
 
 VOCAB_MAPS = ("exact", "align")
+VALUE_HEADS = ("zero", "copy")
 # config fields that reach the cache keys another way (the user task's identity, the target's own map)
 _NOT_SETTINGS = ("targets", "tasks", "methods", "betas", "alphas", "cache_dir", "vocab_maps", "split_by",
                  "heldout_fraction", "split_seed", "kind", "labels")
@@ -150,6 +154,14 @@ class EvalRunner:
         check_number(cfg.max_length, "max_length", integer=True, ge=2)
         for key in ("value_lr", "finetune_lr", "lora_lr", "l1_coef", "entropy_coef"):
             check_number(getattr(cfg, key), key, ge=0)
+        from .cascade import SCHEMES
+
+        if cfg.value_scheme not in SCHEMES:
+            raise InputError(f"value_scheme must be one of {', '.join(SCHEMES)}, got {cfg.value_scheme!r}")
+        if cfg.value_head not in VALUE_HEADS:
+            raise InputError(f"value_head must be one of {', '.join(VALUE_HEADS)}, got {cfg.value_head!r}")
+        if cfg.value_init not in (None, "random"):
+            resolve_model(cfg.value_init)
         for beta in cfg.betas:
             check_number(beta, "beta", gt=0)
         for alpha in cfg.alphas:
@@ -228,10 +240,11 @@ class EvalRunner:
         return self.cfg.vocab_maps.get(target, self.cfg.vocab_map)
 
     def _settings(self, target: str) -> dict:
-        """Everything in the config that can change a trained model or a measured cell of `target` (dtype and
-        device only when not the defaults, so caches made before they existed stay valid)."""
+        """Everything in the config that can change a trained model or a measured cell of `target` (dtype, device
+        and the value model's recipe only when not the defaults, so caches made before they existed stay valid)."""
         settings = {k: v for k, v in asdict(self.cfg).items() if k not in _NOT_SETTINGS}
-        for key, default in (("dtype", "auto"), ("device", "cpu")):
+        for key, default in (("dtype", "auto"), ("device", "cpu"), ("value_init", None),
+                             ("value_scheme", "residual"), ("value_head", "zero")):
             if settings[key] == default:
                 del settings[key]
         return {**settings, "vocab_map": self.vocab_map_for(target)}
@@ -266,12 +279,16 @@ class EvalRunner:
         from .trainer import train_value_model
 
         c = self.cfg
+        init = None if c.value_init is None else f"random:{c.source}" if c.value_init == "random" else c.value_init
+        recipe = {k: v for k, v in (("init", init), ("scheme", c.value_scheme), ("head", c.value_head))
+                  if v != {"init": None, "scheme": "residual", "head": "zero"}[k]}  # defaults keep the old keys
         return self._artifact("value", c.source, task, c.value_steps, lambda out: train_value_model(
             c.source, self.rows(task, "train"), out, max_steps=c.value_steps, learning_rate=c.value_lr,
             batch_size=c.batch_size, max_length=c.max_length, seed=c.seed, l1_coef=c.l1_coef,
             entropy_coef=c.entropy_coef, warmup_steps=max(1, c.value_steps // 20), weight_decay=0.0,
-            logging_steps=max(1, c.value_steps // 5),
-        ), lr=c.value_lr, l1_coef=c.l1_coef, entropy_coef=c.entropy_coef)
+            logging_steps=max(1, c.value_steps // 5), init=init, scheme=c.value_scheme,
+            zero_init_head=c.value_head == "zero",
+        ), lr=c.value_lr, l1_coef=c.l1_coef, entropy_coef=c.entropy_coef, **recipe)
 
     def finetuned(self, model: str, task: str, steps: int, lora: bool = False) -> str:
         from .finetune import finetune_base

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .cascade import needs_base_logits
 from .composed import ComposedModel
 from .data import encode_prompt, pad_id_of
 from .sampling import SamplingParams, sample_next
@@ -40,6 +41,7 @@ class DecodeBatch:
         self.models = composed.models
         self.device = composed.device
         self.input_devices = [input_device(m) for m in self.models]  # each model may sit on its own device
+        self.cascade = any(needs_base_logits(m) for m in self.models)
         self.pad_id = pad_id
         self.caches: list | None = None
         self.mask: torch.Tensor | None = None  # [B, T], T counts the tokens fed (cached or pending)
@@ -98,14 +100,18 @@ class DecodeBatch:
         return logits
 
     def _run(self, ids, mask, positions, caches) -> list[torch.Tensor]:
-        step_logits = []
+        step_logits, base_logits = [], None
         for i, model in enumerate(self.models):
             dev = self.input_devices[i]
+            extra = {"base_logits": base_logits} if needs_base_logits(model) else {}
             out = model(
                 input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                past_key_values=caches[i], use_cache=True, logits_to_keep=1,
+                past_key_values=caches[i], use_cache=True, logits_to_keep=0 if i == 0 and self.cascade else 1,
+                **extra,
             )
             caches[i] = out.past_key_values
+            if i == 0:
+                base_logits = out.logits  # every fed position when a cascade value model reads them
             step_logits.append(out.logits[:, -1].to(self.device))  # composed and sampled on one device
         return step_logits
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cascade import needs_base_logits
 from .compose import compose_logits
 from .data import IGNORE_INDEX
 
@@ -61,10 +62,24 @@ def input_device(model) -> torch.device:
         return next(model.parameters()).device
 
 
-def logits_at(model, input_ids, attention_mask, rows, cols) -> torch.Tensor:
+def full_logits(model, input_ids, attention_mask, base_logits=None) -> torch.Tensor:
+    """The model's logits [B, T, V]; a cascade value model (cascade.py) also gets the base's."""
     dev = input_device(model)
-    logits = model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False).logits
+    extra = {"base_logits": base_logits} if needs_base_logits(model) else {}
+    return model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False, **extra).logits
+
+
+def logits_at(model, input_ids, attention_mask, rows, cols, base_logits=None) -> torch.Tensor:
+    logits = full_logits(model, input_ids, attention_mask, base_logits)
     return logits[:, :-1][rows.to(logits.device), cols.to(logits.device)]
+
+
+def _base_logits_for_cascade(base, values, input_ids, attention_mask):
+    """The base's logits at every position when a value model reads them (the cascade scheme), else None."""
+    if not any(needs_base_logits(v) for v in values):
+        return None
+    with torch.no_grad():
+        return full_logits(base, input_ids, attention_mask)
 
 
 def composed_response_logits(
@@ -86,12 +101,16 @@ def composed_response_logits(
     The base (and the proxy pair) run under no_grad; value models keep their graph when grad is enabled.
     """
     rows, cols, targets = response_positions(labels)
+    base_full = _base_logits_for_cascade(base, values, input_ids, attention_mask)
     with torch.no_grad():
-        base_logits = logits_at(base, input_ids, attention_mask, rows, cols)
+        if base_full is not None:
+            base_logits = base_full[:, :-1][rows.to(base_full.device), cols.to(base_full.device)]
+        else:
+            base_logits = logits_at(base, input_ids, attention_mask, rows, cols)
         proxy_logits = None
         if proxy is not None:
             proxy_logits = tuple(logits_at(m, input_ids, attention_mask, rows, cols) for m in proxy)
-    value_logits = [logits_at(v, input_ids, attention_mask, rows, cols) for v in values]
+    value_logits = [logits_at(v, input_ids, attention_mask, rows, cols, base_full) for v in values]
     composed = compose_logits(
         base_logits,
         value_logits,
@@ -125,7 +144,9 @@ def composed_response_logprobs(
     `composed_response_logits` followed by a log-softmax; only peak memory differs."""
     rows, cols, targets = response_positions(labels)
     models = [base, *values, *(proxy or ())]
-    heads = [_response_logits_source(m, input_ids, attention_mask, rows, cols) for m in models]
+    base_full = _base_logits_for_cascade(base, values, input_ids, attention_mask)
+    heads = [_response_logits_source(m, input_ids, attention_mask, rows, cols, base_full) for m in models]
+    del base_full
     n_values = len(values)
     if chunk_size is None:
         chunk_size = max(1, CHUNK_BYTES // (4 * max(_vocab_size(base, real_vocab_size), 1)))
@@ -155,16 +176,16 @@ def _vocab_size(model, fallback: int | None) -> int:
         return int(getattr(getattr(model, "config", None), "vocab_size", None) or fallback or 1)
 
 
-def _response_logits_source(model, input_ids, attention_mask, rows, cols):
+def _response_logits_source(model, input_ids, attention_mask, rows, cols, base_logits=None):
     """A function (start, end) -> the model's logits [end - start, V] at response positions start..end-1.
 
     When the model's output layer can be run on its own (checked once per model, see `_output_layer`), the
     transformer body runs once and keeps [N, H] hidden states; otherwise the whole forward pass runs and its
     logits are gathered to [N, V] (a cross-vocabulary value model, remote code with its own head)."""
-    head = _output_layer(model, input_ids, attention_mask)
+    head = None if needs_base_logits(model) else _output_layer(model, input_ids, attention_mask)
     dev = input_device(model)
     if head is None:
-        gathered = logits_at(model, input_ids, attention_mask, rows, cols)
+        gathered = logits_at(model, input_ids, attention_mask, rows, cols, base_logits)
         return lambda start, end: gathered[start:end]
     hidden = model.get_decoder()(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
                                  use_cache=False).last_hidden_state

@@ -72,6 +72,9 @@ class SpeculativeComposedGenerator:
             raise ValueError("speculative decoding supports base + value models, not proxy-tuning")
         from .cross_vocab import CrossVocabValue
 
+        if any(getattr(v, "needs_base_logits", False) for v in target.values):
+            raise ValueError("speculative decoding reuses the draft's value logits, so it needs residual value "
+                             "models: a cascade value model reads its base, and the draft's base is another")
         if any(isinstance(v, CrossVocabValue) for v in target.values):
             raise ValueError("speculative decoding needs value models that share the base's vocabulary")
         if draft_tokenizer is not None and vocab_fingerprint(draft_tokenizer) != vocab_fingerprint(target.tokenizer):

@@ -19,12 +19,13 @@ from dataclasses import asdict
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .cascade import cascade_embeddings
 from .compose import compose_logits, composed_cross_entropy, l1_penalty, value_entropy
 from .sequence import response_positions
 from .value_model import ValueModel
 
 
-def logits_at_positions(model, input_ids, attention_mask, rows, cols) -> torch.Tensor:
+def logits_at_positions(model, input_ids, attention_mask, rows, cols, **model_inputs) -> torch.Tensor:
     """The model's logits [N, V] at (rows, cols) (predicting the token after each), computing the output layer
     only there: a pre-hook hands the layer the final hidden states at those positions ([N, H] instead of
     [B, T, H]), and whatever the model does after the layer (soft-capping, scaling) still applies. A model whose
@@ -41,7 +42,7 @@ def logits_at_positions(model, input_ids, attention_mask, rows, cols) -> torch.T
 
     handle = head.register_forward_pre_hook(at_positions) if head is not None else None
     try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(**_inputs(input_ids, model_inputs), attention_mask=attention_mask, use_cache=False).logits
     finally:
         if handle is not None:
             handle.remove()
@@ -49,8 +50,13 @@ def logits_at_positions(model, input_ids, attention_mask, rows, cols) -> torch.T
         if logits.shape[:-1] == rows.shape:
             return logits
         # the model reshaped what its output layer returned: run it whole
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(**_inputs(input_ids, model_inputs), attention_mask=attention_mask, use_cache=False).logits
     return logits[:, :-1][rows.to(logits.device), cols.to(logits.device)]
+
+
+def _inputs(input_ids, model_inputs: dict) -> dict:
+    """input_ids, unless the caller hands the model its input embeddings (the cascade scheme)."""
+    return model_inputs if "inputs_embeds" in model_inputs else {"input_ids": input_ids, **model_inputs}
 
 
 def _output_layer(model):
@@ -84,9 +90,17 @@ class ValueTrainer(Trainer):
         if self.base_model.device != input_ids.device:
             self.base_model.to(input_ids.device)
         rows, cols, targets = response_positions(inputs["labels"])
+        value_inputs = {}
         with torch.no_grad():
-            base = logits_at_positions(self.base_model, input_ids, attention_mask, rows, cols)
-        value = logits_at_positions(model, input_ids, attention_mask, rows, cols)
+            if cfg.scheme == "cascade":  # the value model reads the base's distribution at every position
+                full = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                base = full[:, :-1][rows.to(full.device), cols.to(full.device)]
+            else:
+                base = logits_at_positions(self.base_model, input_ids, attention_mask, rows, cols)
+        if cfg.scheme == "cascade":
+            value_inputs["inputs_embeds"] = cascade_embeddings(model, input_ids, full)
+            del full
+        value = logits_at_positions(model, input_ids, attention_mask, rows, cols, **value_inputs)
         training = model.training
         # evaluation: the mean over this batch's tokens (num_items_in_batch may count other processes' too)
         n_tokens = num_items_in_batch if num_items_in_batch is not None and training else targets.numel()
@@ -158,6 +172,7 @@ def train_value_model(
     output_dir: str,
     *,
     init: str | None = None,
+    scheme: str = "residual",
     zero_init_head: bool = True,
     lora=None,
     lora_head: str = "lora",
@@ -208,6 +223,10 @@ def train_value_model(
 
     if lora is not None and lora_head not in LORA_HEADS:
         raise InputError(f"lora_head must be one of {', '.join(LORA_HEADS)}, got {lora_head!r}")
+    from .cascade import SCHEMES
+
+    if scheme not in SCHEMES:
+        raise InputError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     records = load_records(data)
     eval_records = load_records(eval_data) if eval_data is not None else None
     if eval_records is not None and not eval_records:
@@ -225,7 +244,7 @@ def train_value_model(
         "base": portable_name(base), "init": init if init.startswith("random:") else portable_name(init),
         "data_sha256": records_digest(records), "lora": asdict(lora) if lora is not None else None,
         "lora_head": lora_head if lora is not None else None,
-        "zero_init_head": zero_init_head, "beta": beta, "l1_coef": l1_coef, "entropy_coef": entropy_coef,
+        "zero_init_head": zero_init_head, **({"scheme": scheme} if scheme != "residual" else {}), "beta": beta, "l1_coef": l1_coef, "entropy_coef": entropy_coef,
         "learning_rate": learning_rate, "batch_size": batch_size, "grad_accum": grad_accum,
         "max_length": max_length, "seed": seed,
     }
@@ -239,7 +258,7 @@ def train_value_model(
             tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
         value = ValueModel.create(
             init, zero_init_head=zero_init_head, lora=lora, lora_head=lora_head, trust_remote_code=trust_remote_code,
-            beta=beta, l1_coef=l1_coef, entropy_coef=entropy_coef, training_base=portable_name(base),
+            beta=beta, scheme=scheme, l1_coef=l1_coef, entropy_coef=entropy_coef, training_base=portable_name(base),
         )
         value.config.extra["run_id"] = claim.run_id
         # chat data is rendered with the training base's template (data.render_chat): save it with the value

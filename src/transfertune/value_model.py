@@ -77,6 +77,10 @@ class ValueConfig:
         check_number(known.get("beta", 1.0), f"{path}: \"beta\"", gt=0)
         if lora and known.get("lora_head") is None:
             known["lora_head"] = "full"  # written before the choice existed: the whole output layer was trained
+        from .cascade import SCHEMES
+
+        if known.get("scheme", "residual") not in SCHEMES:
+            raise InputError(f"{path}: \"scheme\" must be one of {', '.join(SCHEMES)}, got {known['scheme']!r}")
         if known.get("lora_head") not in (None, *LORA_HEADS):
             raise InputError(f"{path}: \"lora_head\" must be one of {', '.join(LORA_HEADS)}, got {known['lora_head']!r}")
         try:

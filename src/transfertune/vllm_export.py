@@ -173,7 +173,10 @@ def export_vllm(
 
     value_models = [ValueModel.load(v, trust_remote_code=trust_remote_code) for v in values]
     fingerprint = vocab_fingerprint(tokenizer)
-    for v in value_models:
+    for path, v in zip(values, value_models):
+        if v.config.scheme != "residual":
+            raise InputError(f"{path}: a {v.config.scheme} value model reads the base's logits at its input; the "
+                             f"vLLM model runs base and values side by side (residual scheme only)")
         if v.config.vocab_fingerprint != fingerprint:
             v.check_compatible(tokenizer, base)  # raises VocabularyMismatchError naming both vocabularies
     if beta is None:
