@@ -66,3 +66,36 @@ def test_proxy_mode_is_refused(model_dir, tokenizer):
     small = load_causal_lm(model_dir("llama", seed=3))
     with pytest.raises(ValueError, match="proxy"):
         SpeculativeComposedGenerator(ComposedModel(base, tokenizer, [], proxy=(small, small)), small)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_batched_greedy_speculation_equals_plain_decoding_of_each_row(model_dir, tokenizer, arch):
+    """Rows of different lengths (left padding) that accept different numbers of drafted tokens."""
+    target, draft = target_and_draft(model_dir, tokenizer, arch)
+    spec = SpeculativeComposedGenerator(target, draft, draft_len=3)
+    spec.eos_ids = set()
+    plain = target.generator()
+    plain.eos_ids = set()
+    ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    assert len({len(i) for i in ids}) > 1
+    batched = spec.generate_batch(ids, 20)
+    for row, prompt in zip(batched, ids):
+        expected = [int(t[0]) for t, _ in plain.decode_steps([prompt], 20, SamplingParams())]
+        assert row == expected
+    assert spec.stats.drafted > spec.stats.accepted > 0
+
+
+def test_batched_speculation_stops_rows_at_eos(model_dir, tokenizer):
+    target, draft = target_and_draft(model_dir, tokenizer)
+    spec = SpeculativeComposedGenerator(target, draft, draft_len=3)
+    ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    free = SpeculativeComposedGenerator(target, draft, draft_len=3)
+    free.eos_ids = set()
+    unstopped = free.generate_batch(ids, 16)
+    stop_token = unstopped[0][5]  # row 0 "ends" at its sixth token
+    spec.eos_ids = {stop_token}
+    rows = spec.generate_batch(ids, 16)
+    assert rows[0] == unstopped[0][: unstopped[0].index(stop_token) + 1]
+    for row, full in zip(rows[1:], unstopped[1:]):
+        cut = next((i for i, t in enumerate(full) if t == stop_token), None)
+        assert row == (full if cut is None else full[: cut + 1])

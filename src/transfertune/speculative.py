@@ -16,7 +16,9 @@ import torch
 from .composed import ComposedModel
 from .cross_vocab import keep_first
 from .data import encode_prompt
+from .generation import left_pad
 from .sampling import SamplingParams, filter_logits
+from .sequence import input_device
 from .vocab import vocab_fingerprint
 
 
@@ -64,7 +66,7 @@ def verify_draft(
 
 
 class SpeculativeComposedGenerator:
-    """Batch-1 speculative decoding of `target` (a ComposedModel) with `draft_base` in place of its base."""
+    """Speculative decoding of `target` (a ComposedModel) with `draft_base` in place of its base."""
 
     def __init__(self, target: ComposedModel, draft_base, draft_tokenizer=None, *, draft_len: int = 4,
                  max_draft_len: int = 12, adaptive: bool = True):
@@ -85,67 +87,99 @@ class SpeculativeComposedGenerator:
                                    beta=target.beta)
         self.tokenizer = target.tokenizer
         self.draft_len, self.max_draft_len, self.adaptive = draft_len, max_draft_len, adaptive
-        self.eos_ids = target.generator().eos_ids
+        generator = target.generator()
+        self.eos_ids, self.pad_id = generator.eos_ids, generator.pad_id
         self.stats = SpeculativeStats()
 
     @staticmethod
-    def _forward(model, ids: list[int], cache):
-        out = model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True)
-        return out.logits[0].float(), out.past_key_values
+    def _forward(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
+        dev = input_device(model)
+        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                    past_key_values=cache, use_cache=True)
+        return out.logits.float().to(mask.device), out.past_key_values
 
     @torch.no_grad()
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64,
                      sampling: SamplingParams | None = None) -> list[int]:
+        return self.generate_batch([prompt_ids], max_new_tokens, sampling)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, prompt_ids: list[list[int]], max_new_tokens: int = 64,
+                       sampling: SamplingParams | None = None) -> list[list[int]]:
+        """Token ids generated for each prompt (rows left-padded, one KV cache per model for the batch).
+
+        Every round commits the same number of tokens to every running row: the shortest accepted prefix among
+        them plus one token, the verifier's (a row that accepted more keeps its next drafted token, which the
+        verifier accepted). Caches stay rectangular, and each row's output is what plain composed decoding gives
+        (greedy) or follows the composed distribution (sampling)."""
         params = sampling or SamplingParams()
         gen = params.make_generator("cpu")
-        values = self.target.values
-        if len(prompt_ids) > 1:
-            _, t_cache = self._forward(self.target.base, prompt_ids[:-1], None)
-            _, d_cache = self._forward(self.draft_base, prompt_ids[:-1], None)
-            v_caches = [self._forward(v, prompt_ids[:-1], None)[1] for v in values]
-        else:
-            t_cache = d_cache = None
-            v_caches = [None] * len(values)
-        committed = len(prompt_ids) - 1  # tokens every cache holds
-        pending = prompt_ids[-1]
-        out: list[int] = []
-        k = self.draft_len
-        while len(out) < max_new_tokens:
-            k = min(k, max_new_tokens - len(out))
+        values, rows = self.target.values, len(prompt_ids)
+        ids, mask = left_pad(prompt_ids, self.pad_id)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        models = [self.target.base, self.draft_base, *values]
+        caches = [None] * len(models)
+        if ids.shape[1] > 1:
+            for i, m in enumerate(models):
+                caches[i] = self._forward(m, ids[:, :-1], mask[:, :-1], positions[:, :-1], None)[1]
+        pending, pos = ids[:, -1], positions[:, -1]  # the last prompt token (not in any cache) and its position
+        out: list[list[int]] = [[] for _ in range(rows)]
+        running = [True] * rows
+        k, produced = self.draft_len, 0
+        while any(running) and produced < max_new_tokens:
+            k = min(k, max_new_tokens - produced - 1)  # a round commits at most k + 1 tokens
             drafted, draft_probs, value_rows = [], [], []
             token = pending
-            for _ in range(k + 1):
-                d_logits, d_cache = self._forward(self.draft_base, [token], d_cache)
+            for j in range(k + 1):
+                step_mask = torch.cat([mask, mask.new_ones(rows, j)], -1)
+                d_logits, caches[1] = self._forward(self.draft_base, token[:, None], step_mask, (pos + j)[:, None],
+                                                    caches[1])
                 v_logits = []
-                for j, v in enumerate(values):
-                    logits, v_caches[j] = self._forward(v, [token], v_caches[j])
-                    v_logits.append(logits[-1])
+                for i, v in enumerate(values):
+                    logits, caches[2 + i] = self._forward(v, token[:, None], step_mask, (pos + j)[:, None],
+                                                          caches[2 + i])
+                    v_logits.append(logits[:, -1])
                 value_rows.append(v_logits)
-                if len(drafted) == k:
+                if j == k:
                     break
-                q = step_probs(self.draft.compose([d_logits[-1], *v_logits])[None], params)[0]
-                token = int(q.argmax()) if params.greedy else int(torch.multinomial(q, 1, generator=gen))
+                q = step_probs(self.draft.compose([d_logits[:, -1], *v_logits]), params)
+                token = q.argmax(-1) if params.greedy else torch.multinomial(q, 1, generator=gen)[:, 0]
                 drafted.append(token)
                 draft_probs.append(q)
-            t_logits, t_cache = self._forward(self.target.base, [pending, *drafted], t_cache)
-            composed = torch.stack([self.target.compose([t_logits[i], *value_rows[i]]) for i in range(k + 1)])
-            target_probs = step_probs(composed, params)
-            accepted, next_token = verify_draft(target_probs, torch.stack(draft_probs), torch.tensor(drafted), gen)
+            seq = torch.stack([pending, *drafted], 1)
+            verify_mask = torch.cat([mask, mask.new_ones(rows, k)], -1)
+            t_logits, caches[0] = self._forward(self.target.base, seq, verify_mask,
+                                                pos[:, None] + torch.arange(k + 1), caches[0])
+            composed = torch.stack([self.target.compose([t_logits[:, i], *value_rows[i]]) for i in range(k + 1)], 1)
+            target_probs = step_probs(composed.flatten(0, 1), params).view(rows, k + 1, -1)
+            drafted_rows = torch.stack(drafted, 1) if drafted else seq[:, :0]
+            q_rows = torch.stack(draft_probs, 1) if draft_probs else target_probs[:, :0]
+            verdicts = [verify_draft(target_probs[r], q_rows[r], drafted_rows[r], gen) for r in range(rows)]
+            live = [r for r in range(rows) if running[r]]
+            n = min(verdicts[r][0] for r in live)  # accepted drafted tokens committed to every row
+            committed = [drafted_rows[r, :n].tolist() + [int(drafted_rows[r, n]) if verdicts[r][0] > n
+                                                         else verdicts[r][1]] for r in range(rows)]
             self.stats.rounds += 1
-            self.stats.drafted += k
-            self.stats.accepted += accepted
+            self.stats.drafted += k * len(live)
+            self.stats.accepted += sum(verdicts[r][0] for r in live)
             self.stats.draft_lengths.append(k)
-            new = drafted[:accepted] + [next_token]
-            committed += 1 + accepted
-            for cache in (t_cache, d_cache, *v_caches):
-                keep_first(cache, committed)
-            pending = next_token
-            for t in new:
-                out.append(t)
-                if t in self.eos_ids or len(out) == max_new_tokens:
-                    return out
+            for cache in caches:
+                keep_first(cache, cache.get_seq_length() - (k - n))
+            mask = torch.cat([mask, mask.new_ones(rows, n + 1)], -1)
+            pending, pos, produced = torch.tensor([c[-1] for c in committed]), pos + n + 1, produced + n + 1
+            for r in live:
+                for t in committed[r]:
+                    if t in self.eos_ids:
+                        out[r].append(t)
+                        running[r] = False
+                        break
+                    out[r].append(t)
+                    if len(out[r]) == max_new_tokens:
+                        running[r] = False
+                        break
             if self.adaptive:
-                k = min(self.max_draft_len, k + 2) if accepted == k else max(1, k - 1)
+                k = min(self.max_draft_len, k + 2) if n == k else max(1, k - 1)
+            k = max(k, 1)
         return out
 
     def generate(self, prompt: str, max_new_tokens: int = 64, sampling: SamplingParams | None = None) -> str:
