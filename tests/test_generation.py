@@ -162,3 +162,19 @@ def test_a_vanishing_top_p_keeps_the_most_likely_token():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     for top_p in (1e-171, 1e-30, 1e-3):
         assert torch.equal(sample_next(logits, SamplingParams(temperature=1.0, top_p=top_p)), logits.argmax(-1))
+
+
+def test_overlapped_models_decode_the_same_as_one_after_another(model_dir, tokenizer):
+    base = load_causal_lm(model_dir("llama", hidden=48, seed=1))
+    values = [load_causal_lm(model_dir("llama", hidden=32, seed=10 + i)) for i in range(2)]
+    plain = ComposedModel(base, tokenizer, values, weights=[0.5, 1.5], beta=0.8)
+    overlapped = ComposedModel(base, tokenizer, values, weights=[0.5, 1.5], beta=0.8, overlap=True)
+    assert overlapped.overlap_pool() is not None and plain.overlap_pool() is None
+    ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    runs = []
+    for cm in (plain, overlapped):
+        gen = cm.generator()
+        gen.eos_ids = set()
+        runs.append(cached_run(gen, ids, 10))
+    assert runs[0][0].tolist() == runs[1][0].tolist()
+    torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-5, rtol=1e-5)

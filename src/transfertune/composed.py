@@ -37,6 +37,7 @@ class ComposedModel:
         alpha: float = 1.0,
         base_name: str = "base",
         vocab_map=None,
+        overlap: bool = False,
     ):
         self.base = base
         self.tokenizer = tokenizer
@@ -49,6 +50,8 @@ class ComposedModel:
         self.proxy = tuple(proxy) if proxy is not None else None
         self.alpha = alpha
         self.real_vocab_size = real_vocab_size(tokenizer)
+        self.overlap = overlap
+        self._pool = None
         if len(self.weights) != len(self.values):
             raise ValueError(f"{len(self.values)} value models but {len(self.weights)} weights")
         for i, w in enumerate(self.weights, start=1):
@@ -89,6 +92,20 @@ class ComposedModel:
                     raise VocabularyMismatchError(f"proxy model '{name}' does not share the vocabulary of base '{base}'")
                 proxy_models.append(model)
         return cls(base_model, tok, value_models, proxy=proxy_models, base_name=base, **kwargs)
+
+    def overlap_pool(self):
+        """With `overlap`, a thread pool (one thread per model after the base) for decoding steps: the value
+        and proxy models run while the base runs, each in its own thread (benchmarks/overlap.py measures when
+        this pays). None without it."""
+        if not self.overlap or len(self.models) < 2:
+            return None
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # a new thread starts with OpenMP's default thread count: give it the caller's
+            self._pool = ThreadPoolExecutor(max_workers=len(self.models) - 1, thread_name_prefix="transfertune-overlap",
+                                            initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+        return self._pool
 
     @property
     def models(self) -> list:

@@ -42,6 +42,8 @@ class DecodeBatch:
         self.device = composed.device
         self.input_devices = [input_device(m) for m in self.models]  # each model may sit on its own device
         self.cascade = any(needs_base_logits(m) for m in self.models)
+        # composed.overlap: a thread pool running the other models while the base runs (None: one after another)
+        self.overlap = composed.overlap_pool() if not self.cascade else None
         self.pad_id = pad_id
         self.caches: list | None = None
         self.mask: torch.Tensor | None = None  # [B, T], T counts the tokens fed (cached or pending)
@@ -100,20 +102,30 @@ class DecodeBatch:
         return logits
 
     def _run(self, ids, mask, positions, caches) -> list[torch.Tensor]:
+        if self.overlap is not None:
+            futures = [self.overlap.submit(self._forward, i, ids, mask, positions, caches)
+                       for i in range(1, len(self.models))]
+            first = self._forward(0, ids, mask, positions, caches)
+            return [first[:, -1]] + [f.result()[:, -1] for f in futures]
         step_logits, base_logits = [], None
-        for i, model in enumerate(self.models):
-            dev = self.input_devices[i]
-            extra = {"base_logits": base_logits} if needs_base_logits(model) else {}
-            out = model(
-                input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                past_key_values=caches[i], use_cache=True, logits_to_keep=0 if i == 0 and self.cascade else 1,
-                **extra,
-            )
-            caches[i] = out.past_key_values
+        for i in range(len(self.models)):
+            logits = self._forward(i, ids, mask, positions, caches, base_logits)
             if i == 0:
-                base_logits = out.logits  # every fed position when a cascade value model reads them
-            step_logits.append(out.logits[:, -1].to(self.device))  # composed and sampled on one device
+                base_logits = logits  # every fed position when a cascade value model reads them
+            step_logits.append(logits[:, -1])
         return step_logits
+
+    def _forward(self, i, ids, mask, positions, caches, base_logits=None) -> torch.Tensor:
+        """Model i over the fed tokens; its cache is updated in place and its logits come back on the device
+        where composition and sampling happen."""
+        model, dev = self.models[i], self.input_devices[i]
+        extra = {"base_logits": base_logits} if needs_base_logits(model) else {}
+        out = model(
+            input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+            past_key_values=caches[i], use_cache=True, logits_to_keep=0 if i == 0 and self.cascade else 1, **extra,
+        )
+        caches[i] = out.past_key_values
+        return out.logits.to(self.device)
 
     def _merge(self, caches, mask, positions) -> None:
         """Append prefilled rows, left-padding whichever side is narrower."""
