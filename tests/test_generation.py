@@ -169,12 +169,17 @@ def test_overlapped_models_decode_the_same_as_one_after_another(model_dir, token
     values = [load_causal_lm(model_dir("llama", hidden=32, seed=10 + i)) for i in range(2)]
     plain = ComposedModel(base, tokenizer, values, weights=[0.5, 1.5], beta=0.8)
     overlapped = ComposedModel(base, tokenizer, values, weights=[0.5, 1.5], beta=0.8, overlap=True)
-    assert overlapped.overlap_pool() is not None and plain.overlap_pool() is None
-    ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
-    runs = []
-    for cm in (plain, overlapped):
-        gen = cm.generator()
-        gen.eos_ids = set()
-        runs.append(cached_run(gen, ids, 10))
+    threads = torch.get_num_threads()
+    try:
+        assert overlapped.overlap_pool() is not None and plain.overlap_pool() is None
+        assert torch.get_num_threads() == max(1, threads // 3)  # the cores are shared by the three models
+        ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
+        runs = []
+        for cm in (plain, overlapped):
+            gen = cm.generator()
+            gen.eos_ids = set()
+            runs.append(cached_run(gen, ids, 10))
+    finally:
+        torch.set_num_threads(threads)
     assert runs[0][0].tolist() == runs[1][0].tolist()
     torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-5, rtol=1e-5)

@@ -37,6 +37,9 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
                         "base's device")
     p.add_argument("--value-device", default=None, metavar="DEV",
                    help="device of the value models (default: --device)")
+    p.add_argument("--overlap", action="store_true",
+                   help="decoding: run value (and proxy) models in threads of their own, beside the base, one torch "
+                        "thread each (docs/performance.md#base-and-value-overlapped says when it pays)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
 
 
@@ -123,7 +126,7 @@ def _load_composed(args):
     return ComposedModel.from_pretrained(
         args.base, args.value, proxy=proxy, weights=args.weight, beta=args.beta, alpha=args.alpha,
         trust_remote_code=args.trust_remote_code, vocab_map=None if args.vocab_map == "none" else args.vocab_map,
-        **_placement(args),
+        overlap=args.overlap, **_placement(args),
     )
 
 
@@ -134,7 +137,8 @@ def cmd_train(args) -> None:
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha) if args.lora else None
     placement = _train_placement(args)
     train_value_model(
-        args.base, args.data, args.output, init=args.init, scheme=args.scheme, zero_init_head=not args.no_zero_init_head, lora=lora,
+        args.base, args.data, args.output, init=args.init, scheme=args.scheme,
+        zero_init_head=not args.no_zero_init_head, lora=lora,
         beta=args.beta, l1_coef=args.l1, entropy_coef=args.entropy, epochs=args.epochs, max_steps=args.max_steps,
         learning_rate=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
         seed=args.seed, save_steps=args.save_steps, resume=args.resume, overwrite=args.overwrite,

@@ -95,16 +95,18 @@ class ComposedModel:
 
     def overlap_pool(self):
         """With `overlap`, a thread pool (one thread per model after the base) for decoding steps: the value
-        and proxy models run while the base runs, each in its own thread (benchmarks/overlap.py measures when
-        this pays). None without it."""
+        and proxy models run while the base runs, each in its own thread, and torch's threads are split between
+        the models (the caller's thread keeps its share; benchmarks/overlap.py measures when this pays). None
+        without it."""
         if not self.overlap or len(self.models) < 2:
             return None
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            # a new thread starts with OpenMP's default thread count: give it the caller's
+            share = max(1, torch.get_num_threads() // len(self.models))
+            torch.set_num_threads(share)
             self._pool = ThreadPoolExecutor(max_workers=len(self.models) - 1, thread_name_prefix="transfertune-overlap",
-                                            initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+                                            initializer=torch.set_num_threads, initargs=(share,))
         return self._pool
 
     @property
