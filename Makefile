@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test family tasks results clean
+.PHONY: install demo test family tasks results study clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,14 @@ results: $(STAMP)
 		--docs-section main --docs-title "Transfer to a bigger base: questions about people the value model was never asked about"
 	$(EVAL) --source mini-m --targets mini-m-v2 --tasks people_qa --split heldout_new \
 		--docs-section update-m --docs-title "Knowledge update: value model trained on mini-m, questions about new people (mini-m-v2)"
+	$(EVAL) --source mini-s --targets mini-x --tasks people_qa --split heldout_example --vocab-map align \
+		--methods target source+value target+value target_ft target_lora \
+		--docs-section cross-vocab --docs-title "Another vocabulary: value model trained on mini-s, composed with mini-x through a token map"
+
+# the value-model design study and the budget-fair baseline comparison (3 seeds each; docs/results.md sections)
+study: $(STAMP)
+	$(PY) scripts/design_study.py design
+	$(PY) scripts/design_study.py budget
 
 clean:
 	rm -rf outputs .pytest_cache

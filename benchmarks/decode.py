@@ -45,12 +45,18 @@ from transfertune.speculative import SpeculativeComposedGenerator  # noqa: E402
 from transfertune.value_model import ValueModel  # noqa: E402
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--target, --draft, --value: the models decode.py and overlap.py measure (see load_value)."""
     p.add_argument("--target", default="mini-l", help="target base (default mini-l)")
-    p.add_argument("--draft", default="mini-s", help="small base: the proxy pair and the speculative draft")
+    p.add_argument("--draft", default="mini-s",
+                   help="small base: the proxy pair, the speculative draft, the weights of an untrained value model")
     p.add_argument("--value", default=str(ROOT / "outputs" / "demo" / "value"),
                    help="value directory (default: the demo's); without one, an untrained value model on --draft")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[64, 256])
     p.add_argument("--new-tokens", type=int, default=128)
@@ -249,27 +255,12 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["rows"]
-    labels = [f"b{r['batch']}/p{r['prompt_len']}" for r in rows]
     methods = ["target", "composed", "proxy", "naive", "speculative"]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.16
-    for i, m in enumerate(methods):
-        vals = [r["speedup_vs_target_alone"].get(m, 1.0 if m == "target" else 0) for r in rows]
-        ax.bar([x + (i - 2) * width for x in range(len(rows))], vals, width, label=m)
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xticks(range(len(rows)), labels)
-    ax.set_ylabel("speed relative to the target alone")
-    ax.set_title(f"Decoding speed, {result['target']} target ({result['device']})", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    reporting.bar_chart(path, [f"b{r['batch']}/p{r['prompt_len']}" for r in rows],
+                        [(m, [r["speedup_vs_target_alone"].get(m, 1.0 if m == "target" else 0) for r in rows])
+                         for m in methods], "speed relative to the target alone",
+                        f"Decoding speed, {result['target']} target ({result['device']})", baseline=1.0)
 
 
 def write_docs(result: dict, table: str, out: Path) -> None:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reporting  # noqa: E402
-from decode import load_value, lockstep, make_prompts  # noqa: E402
+from decode import add_model_args, load_value, lockstep, make_prompts  # noqa: E402
 from transfertune.composed import ComposedModel  # noqa: E402
 from transfertune.loading import load_base  # noqa: E402
 
@@ -33,10 +33,7 @@ SECTION = "overlap"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default="mini-l", help="base (default mini-l)")
-    p.add_argument("--draft", default="mini-s", help="untrained value models are made on this (default mini-s)")
-    p.add_argument("--value", default=str(ROOT / "outputs" / "demo" / "value"),
-                   help="value directory (default: the demo's); without one, an untrained value model on --draft")
+    add_model_args(p)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -112,29 +109,15 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = result["threads"]
-    rows = result["rows"]
+    n, rows = result["threads"], result["rows"]
     series = [("sequential, 1 thread", lambda r: r["seconds_per_step"]["sequential_1"]),
               ("limit t_base + t_value", lambda r: r["sequential_limit"]),
               ("overlapped, 2 threads x 1", lambda r: r["seconds_per_step"]["overlapped"]),
               ("limit max(t_base, t_value)", lambda r: r["parallel_limit"]),
               (f"sequential, {n} threads", lambda r: r["seconds_per_step"][f"sequential_{n}"])]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(series)
-    for i, (label, get) in enumerate(series):
-        ax.bar([x + i * width for x in range(len(rows))], [get(r) * 1e3 for r in rows], width, label=label)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], [f"batch {r['batch']}" for r in rows])
-    ax.set_ylabel("ms per decoding step")
-    ax.set_title(f"{result['target']} + value: overlapping the two forward passes ({result['device']})", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    reporting.bar_chart(path, [f"batch {r['batch']}" for r in rows],
+                        [(label, [get(r) * 1e3 for r in rows]) for label, get in series], "ms per decoding step",
+                        f"{result['target']} + value: overlapping the two forward passes ({result['device']})")
 
 
 def write_docs(result: dict, table: str, out: Path) -> None:

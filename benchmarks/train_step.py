@@ -324,14 +324,11 @@ def plot(result: dict, path: Path) -> None:
     methods = [m for m in METHODS if m in rows[0]["tokens_per_second"]]
     has_mem = all("peak_memory_mb" in r for r in rows)
     fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 6, 4), squeeze=False)
-    width = 0.8 / len(methods)
     for ax, key, ylabel in [(axes[0][0], "tokens_per_second", "training tokens/s, relative to SFT"),
                             *([(axes[0][1], "peak_memory_mb", "peak memory, relative to SFT")] if has_mem else [])]:
-        for i, m in enumerate(methods):
-            vals = [r[key][m] / r[key]["sft"] if "sft" in r[key] else r[key][m] for r in rows]
-            ax.bar([x + (i - (len(methods) - 1) / 2) * width for x in range(len(rows))], vals, width, label=m)
+        reporting.grouped_bars(ax, labels, [(m, [r[key][m] / r[key]["sft"] if "sft" in r[key] else r[key][m]
+                                                 for r in rows]) for m in methods])
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xticks(range(len(rows)), labels, fontsize=8)
         ax.set_ylabel(ylabel)
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=len(methods), fontsize=7)
