@@ -17,7 +17,8 @@ def test_decode_benchmark_writes_table_json_and_plot(model_dir, tmp_path):
     result = json.loads(out.read_text())
     assert out.with_suffix(".png").is_file()
     b1, b2 = result["rows"]
-    assert {"target", "value", "draft", "composed", "proxy", "naive", "speculative"} == set(b1["seconds_per_step"])
+    assert {"target", "value", "draft", "composed", "proxy", "naive", "speculative",
+            "speculative_overlap"} == set(b1["seconds_per_step"])
     assert "speculative" not in b2["seconds_per_step"]  # above --speculative-max-batch
     assert 0 <= b1["speculative"]["acceptance"] <= 1
     assert b1["ratio_to_limit"]["composed"] > 0

@@ -99,3 +99,15 @@ def test_batched_speculation_stops_rows_at_eos(model_dir, tokenizer):
     for row, full in zip(rows[1:], unstopped[1:]):
         cut = next((i for i, t in enumerate(full) if t == stop_token), None)
         assert row == (full if cut is None else full[: cut + 1])
+
+
+def test_overlapped_drafting_gives_the_same_tokens(model_dir, tokenizer):
+    target, draft = target_and_draft(model_dir, tokenizer)
+    overlapped = ComposedModel(target.base, tokenizer, target.values, beta=0.8, overlap=True)
+    threads = torch.get_num_threads()
+    try:
+        ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
+        plain = SpeculativeComposedGenerator(target, draft, draft_len=3).generate_batch(ids, 16)
+        assert SpeculativeComposedGenerator(overlapped, draft, draft_len=3).generate_batch(ids, 16) == plain
+    finally:
+        torch.set_num_threads(threads)

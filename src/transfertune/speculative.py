@@ -115,6 +115,7 @@ class SpeculativeComposedGenerator:
         params = sampling or SamplingParams()
         gen = params.make_generator("cpu")
         values, rows = self.target.values, len(prompt_ids)
+        pool = self.target.overlap_pool()
         ids, mask = left_pad(prompt_ids, self.pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         models = [self.target.base, self.draft_base, *values]
@@ -131,13 +132,15 @@ class SpeculativeComposedGenerator:
             drafted, draft_probs, value_rows = [], [], []
             token = pending
             for j in range(k + 1):
-                step_mask = torch.cat([mask, mask.new_ones(rows, j)], -1)
-                d_logits, caches[1] = self._forward(self.draft_base, token[:, None], step_mask, (pos + j)[:, None],
-                                                    caches[1])
+                step = (token[:, None], torch.cat([mask, mask.new_ones(rows, j)], -1), (pos + j)[:, None])
+                # with the target's `overlap`, value models run in their own threads while the draft base runs
+                running_values = [pool.submit(self._forward, v, *step, caches[2 + i]) for i, v in enumerate(values)] \
+                    if pool is not None else None
+                d_logits, caches[1] = self._forward(self.draft_base, *step, caches[1])
                 v_logits = []
                 for i, v in enumerate(values):
-                    logits, caches[2 + i] = self._forward(v, token[:, None], step_mask, (pos + j)[:, None],
-                                                          caches[2 + i])
+                    logits, caches[2 + i] = running_values[i].result() if running_values is not None else \
+                        self._forward(v, *step, caches[2 + i])
                     v_logits.append(logits[:, -1])
                 value_rows.append(v_logits)
                 if j == k:
