@@ -405,6 +405,18 @@ KNOWS_COLUMNS = ("probe_v1", "probe_qa_v1", "probe_qa_v1_heldout_instruction", "
                  "arithmetic", "arithmetic_seen")
 
 
+def anneal_note(path: Path) -> str:
+    """A sentence on `scripts/arithmetic_anneal_pilot.py`'s results, when it has been run."""
+    if not path.is_file():
+        return ""
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    parts = [f"{r['model']} {r['before']['seen']:.3f} -> {r['after']['seen']:.3f}" for r in runs]
+    tokens = ", ".join(sorted({f"{r['anneal_tokens'] / 1e6:g} M" for r in runs}))
+    return (f" Nor from an arithmetic-heavy annealing phase (`scripts/arithmetic_anneal_pilot.py`: {tokens} more "
+            f"tokens, half of them arithmetic; seen-problem accuracy {', '.join(parts)}; "
+            f"`pilot/arithmetic-anneal.jsonl`).")
+
+
 def write_model_card(family: dict, path: Path) -> None:
     """MODEL_CARD.md from family.json; the demo results section is kept if the card already has one."""
     rows = []
@@ -424,6 +436,7 @@ def write_model_card(family: dict, path: Path) -> None:
     kept = ""
     if path.is_file() and "\n## Demo results" in path.read_text():
         kept = path.read_text()[path.read_text().index("\n## Demo results"):]
+    anneal = anneal_note(path.parent / "pilot" / "arithmetic-anneal.jsonl")
     path.write_text(f"""# Built-in miniature model family
 
 Llama-architecture causal LMs pretrained from scratch on 2 CPU cores by `scripts/build_family.py`
@@ -492,8 +505,9 @@ has to carry. No size learnt the arithmetic (see the notes below).
   first scheduled for 5 M tokens; at 4.5 M its probe (0.89 on 40 people) was still below mini-m's final 0.96,
   so it was resumed from its step-1100 checkpoint with a 6 M-token cosine schedule (the curve shows the bump).
   Arithmetic stayed near zero for every size: two-digit addition with carries, written most-significant digit
-  first, was not learnt from ~1.5 M arithmetic tokens at these sizes (see the curves); it probably needs more tokens or
-  reversed-digit answers (untested). A `mini-l-v2` sibling (spec in the build script) was not built within the CPU budget.
+  first, was not learnt from ~1.5 M arithmetic tokens at these sizes (see the curves).{anneal} It probably
+  needs reversed-digit answers (least-significant digit first) from the start of pretraining (untested). A
+  `mini-l-v2` sibling (spec in the build script) was not built within the CPU budget.
 - Loss curves: `loss_curves.png`. Licence: the weights are derived only from public-domain (US) texts; we
   release them under the project's licence.
 {kept}""")
