@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from dataclasses import replace
@@ -71,6 +72,9 @@ def value_cells(cfg: EvalConfig, betas=(1.0,)) -> dict:
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value; inf when a value is, e.g. an NLL of inf)."""
+    if any(math.isinf(v) for v in values):
+        return math.inf, math.inf
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 

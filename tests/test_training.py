@@ -311,3 +311,18 @@ def test_train_step_benchmark_writes_table_json_plot_and_docs_section(model_dir,
     assert out.with_suffix(".png").is_file()
     text = docs.read_text()
     assert "the decoding section stays" in text and "<!-- section: train-step -->" in text and "| value over base" in text
+
+
+def test_random_init_from_an_fp16_checkpoint_trains_in_float32(tmp_path, model_dir, tokenizer, yes_no_records):
+    """The built-in family stores fp16 weights: a random value model made from that config must still be fp32
+    (fp16 training on CPU turned every weight into NaN)."""
+    half = tmp_path / "half"
+    load_causal_lm(model_dir("llama", seed=3)).to(torch.float16).save_pretrained(half)
+    tokenizer.save_pretrained(half)
+    assert json.loads((half / "config.json").read_text())["dtype"] == "float16"
+    value = ValueModel.create(f"random:{half}")
+    assert {p.dtype for p in value.model.parameters()} == {torch.float32}
+    out = tmp_path / "value"
+    train_value_model(str(half), yes_no_records, str(out), init=f"random:{half}", **{**TRAIN, "epochs": 3})
+    trained = ValueModel.load(out)
+    assert all(torch.isfinite(p).all() for p in trained.model.parameters())

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from . import __version__
 from .compose import VocabularyMismatchError
-from .loading import load_causal_lm, load_tokenizer, portable_name, resolve_model
+from .loading import load_causal_lm, load_config, load_tokenizer, portable_name, resolve_model
 from .validate import InputError, check_number, check_weight_files, pickled_weights, read_json_file
 from .vocab import vocab_fingerprint
 
@@ -140,10 +140,12 @@ class ValueModel(nn.Module):
         if random_init:
             if lora is not None:
                 raise ValueError("LoRA needs pretrained weights to adapt; use full training with random init")
-            hf_config = AutoConfig.from_pretrained(resolve_model(source), trust_remote_code=trust_remote_code)
+            hf_config = load_config(source, trust_remote_code=trust_remote_code)
             for k, v in overrides.items():
                 setattr(hf_config, k, v)
-            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+            # float32 whatever dtype the config records (fp16 weights on disk would make fp16 training diverge)
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code,
+                                                     dtype=torch.float32)
         else:
             model = load_causal_lm(source, frozen=False, trust_remote_code=trust_remote_code, **overrides)
         if head_adapter:
