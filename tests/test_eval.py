@@ -148,3 +148,31 @@ def test_dtype_and_device_reach_the_evaluated_models_and_the_cell_keys(model_dir
     assert bf16 == pytest.approx(fp32, rel=0.05) and bf16 != fp32
     assert cli_main(argv + ["--device", "cuda:7"]) == 2
     assert "--device" in capsys.readouterr().err
+
+
+def test_value_recipe_and_target_rate_reach_training_and_cache_keys(model_dir, tiny_task, tmp_path, monkeypatch):
+    """--value-scheme/--value-init/--value-head and --target-lr change what is trained (and so the cache key);
+    at their defaults the keys are those of runs made before the options existed."""
+    import transfertune.finetune as finetune
+    import transfertune.trainer as trainer
+
+    calls = []
+    monkeypatch.setattr(trainer, "train_value_model", lambda *a, **kw: calls.append(("value", kw)))
+    monkeypatch.setattr(finetune, "finetune_base", lambda *a, **kw: calls.append(("ft", kw)))
+    monkeypatch.setattr(EvalRunner, "_artifact", lambda self, kind, model, task, steps, train, **settings:
+                        (train("unused"), settings)[1])
+    source, target = model_dir("llama", hidden=32, seed=5), model_dir("llama", hidden=48, seed=7)
+    base = EvalConfig(source=source, targets=[target], tasks=[tiny_task], cache_dir=str(tmp_path / "c"))
+    default = EvalRunner(base)
+    assert default.value_dir(tiny_task) == {"lr": base.value_lr, "l1_coef": 0.0, "entropy_coef": 0.0}
+    varied = EvalRunner(EvalConfig(**{**base.__dict__, "value_scheme": "cascade", "value_init": "random",
+                                      "value_head": "copy", "target_lr": 5e-5}))
+    assert varied.value_dir(tiny_task) == {"lr": base.value_lr, "l1_coef": 0.0, "entropy_coef": 0.0,
+                                           "init": f"random:{source}", "scheme": "cascade", "head": "copy"}
+    value_kw = calls[-1][1]
+    assert (value_kw["scheme"], value_kw["init"], value_kw["zero_init_head"]) == ("cascade", f"random:{source}", False)
+    assert varied.finetuned(target, tiny_task, 3, lr=varied.cfg.target_lr)["lr"] == 5e-5
+    assert calls[-1][1]["learning_rate"] == 5e-5
+    assert "target_lr" not in default._settings(target) and varied._settings(target)["target_lr"] == 5e-5
+    with pytest.raises(Exception, match="value_scheme"):
+        EvalRunner(EvalConfig(**{**base.__dict__, "value_scheme": "serial"}))

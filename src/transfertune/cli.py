@@ -427,7 +427,7 @@ def cmd_eval(args) -> None:
         source=args.source, targets=args.targets, tasks=args.tasks, methods=args.methods, split=args.split,
         eval_examples=args.examples, value_steps=args.value_steps, value_lr=args.value_lr, l1_coef=args.l1,
         entropy_coef=args.entropy, value_init=args.value_init, value_scheme=args.value_scheme,
-        value_head=args.value_head, finetune_lr=args.finetune_lr, lora_lr=args.lora_lr,
+        value_head=args.value_head, finetune_lr=args.finetune_lr, lora_lr=args.lora_lr, target_lr=args.target_lr,
         finetune_steps=args.finetune_steps, target_steps=args.target_steps,
         batch_size=args.batch_size, max_length=args.max_length, betas=args.beta, alphas=args.alpha, seed=args.seed,
         cache_dir=args.cache_dir, vocab_map=vocab_map, vocab_maps=vocab_maps, split_by=args.split_by,
@@ -616,9 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--l1", type=NON_NEGATIVE, default=0.0, help="IVL L1 regulariser coefficient (default 0)")
     p.add_argument("--entropy", type=NON_NEGATIVE, default=0.0, help="PRT entropy regulariser coefficient (default 0)")
     p.add_argument("--finetune-lr", type=POSITIVE, default=d.finetune_lr,
-                   help="learning rate of full fine-tuning, source and target (default %(default)s)")
+                   help="learning rate of full fine-tuning: the source, and the target unless --target-lr (default %(default)s)")
     p.add_argument("--lora-lr", type=POSITIVE, default=d.lora_lr,
                    help="learning rate of LoRA fine-tuning (default %(default)s)")
+    p.add_argument("--target-lr", type=POSITIVE, default=d.target_lr,
+                   help="learning rate of the target's full fine-tuning (default: --finetune-lr)")
     p.add_argument("--finetune-steps", type=COUNT, default=d.finetune_steps,
                    help="fine-tuning steps of the source (proxy-tuning, weight diff; default %(default)s)")
     p.add_argument("--target-steps", type=COUNT, default=d.target_steps,

@@ -53,6 +53,7 @@ class EvalConfig:
     target_steps: int = 200  # the compute budget of the target oracles
     finetune_lr: float = 2e-4  # a tenth of the family's pretraining rate: 1e-3 erased what mini-m-v2 knew
     lora_lr: float = 3e-3
+    target_lr: float | None = None  # full fine-tuning of the target oracle (None: finetune_lr)
     batch_size: int = 16
     max_length: int = 256
     betas: list[float] = field(default_factory=lambda: [1.0])
@@ -154,6 +155,8 @@ class EvalRunner:
         check_number(cfg.max_length, "max_length", integer=True, ge=2)
         for key in ("value_lr", "finetune_lr", "lora_lr", "l1_coef", "entropy_coef"):
             check_number(getattr(cfg, key), key, ge=0)
+        if cfg.target_lr is not None:
+            check_number(cfg.target_lr, "target_lr", gt=0)
         from .cascade import SCHEMES
 
         if cfg.value_scheme not in SCHEMES:
@@ -244,7 +247,7 @@ class EvalRunner:
         and the value model's recipe only when not the defaults, so caches made before they existed stay valid)."""
         settings = {k: v for k, v in asdict(self.cfg).items() if k not in _NOT_SETTINGS}
         for key, default in (("dtype", "auto"), ("device", "cpu"), ("value_init", None),
-                             ("value_scheme", "residual"), ("value_head", "zero")):
+                             ("value_scheme", "residual"), ("value_head", "zero"), ("target_lr", None)):
             if settings[key] == default:
                 del settings[key]
         return {**settings, "vocab_map": self.vocab_map_for(target)}
@@ -290,16 +293,17 @@ class EvalRunner:
             zero_init_head=c.value_head == "zero",
         ), lr=c.value_lr, l1_coef=c.l1_coef, entropy_coef=c.entropy_coef, **recipe)
 
-    def finetuned(self, model: str, task: str, steps: int, lora: bool = False) -> str:
+    def finetuned(self, model: str, task: str, steps: int, lora: bool = False, lr: float | None = None) -> str:
         from .finetune import finetune_base
         from .value_model import LoraSettings
 
         c = self.cfg
+        lr = lr if lr is not None else c.lora_lr if lora else c.finetune_lr
         return self._artifact("lora" if lora else "ft", model, task, steps, lambda out: finetune_base(
             model, self.rows(task, "train"), out, lora=LoraSettings() if lora else None, max_steps=steps,
-            learning_rate=c.lora_lr if lora else c.finetune_lr, batch_size=c.batch_size, max_length=c.max_length,
+            learning_rate=lr, batch_size=c.batch_size, max_length=c.max_length,
             seed=c.seed, warmup_steps=max(1, steps // 20), logging_steps=max(1, steps // 5),
-        ), lr=c.lora_lr if lora else c.finetune_lr, lora=asdict(LoraSettings()) if lora else None)
+        ), lr=lr, lora=asdict(LoraSettings()) if lora else None)
 
     def aligned_map(self, value_dir: str, base: str, task: str) -> None:
         """Build (once) IVL's aligned token map from the task's training texts, saved in the value dir."""
@@ -343,7 +347,7 @@ class EvalRunner:
             model = model.to(**place) if place["dtype"] != "auto" else model.to(place["device"])
             return ComposedModel(model.eval().requires_grad_(False), load_tokenizer(target))
         if method == "target_ft":
-            return ComposedModel(*load_base(self.finetuned(target, task, c.target_steps), **place))
+            return ComposedModel(*load_base(self.finetuned(target, task, c.target_steps, lr=c.target_lr), **place))
         if method == "target_lora":
             return ComposedModel(*load_base(self.finetuned(target, task, c.target_steps, lora=True), **place))
         raise ValueError(method)
