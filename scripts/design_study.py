@@ -190,16 +190,14 @@ def run_budget(args) -> dict:
                      heldout_fraction=0.2, split_seed=0, kind="qa", eval_examples=args.examples,
                      value_steps=args.steps, finetune_steps=args.steps, target_steps=args.steps,
                      cache_dir=str(ROOT / "outputs" / "eval"))
-    sweep_rows, best = [], {}
+    sweep_rows = []
     plan = [(m, lr) for m, (_, lrs) in SWEEPS.items() for lr in lrs]
     for method, lr in tqdm(plan, desc="dev sweep"):
         field, _ = SWEEPS[method]
         runner = EvalRunner(replace(dev, **{field: lr}))
         row = runner.cell(method, "mini-l", runner.tasks[0], 1.0)
         sweep_rows.append({"method": method, "lr": lr, "exact_match": row["exact_match"], "nll": row["nll"]})
-    for method in SWEEPS:
-        mine = [r for r in sweep_rows if r["method"] == method]
-        best[method] = max(mine, key=lambda r: (r["exact_match"], -r["nll"]))["lr"]
+    best = best_rates(sweep_rows)
     # the held-out comparison: equal steps, each method at its own dev-tuned rate, several seeds
     test = EvalConfig(source="mini-s", targets=["mini-l"], tasks=[TASK], eval_examples=200,
                       value_steps=args.steps, finetune_steps=args.steps, target_steps=args.steps,
@@ -217,6 +215,13 @@ def run_budget(args) -> dict:
                           "nll": row["nll"], "seconds_per_token": row["seconds_per_token"]})
     return {"study": "budget", "seeds": args.seeds, "steps": args.steps, "dev_examples": args.examples,
             "sweep": sweep_rows, "best_lr": best, "rows": test_rows}
+
+
+def best_rates(sweep_rows: list[dict]) -> dict:
+    """{method: the learning rate with the best dev exact match (ties: the lower dev NLL)}."""
+    methods = dict.fromkeys(r["method"] for r in sweep_rows)
+    return {m: max((r for r in sweep_rows if r["method"] == m), key=lambda r: (r["exact_match"], -r["nll"]))["lr"]
+            for m in methods}
 
 
 def budget_table(result: dict) -> str:
