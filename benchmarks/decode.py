@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import memory  # noqa: E402
 import reporting  # noqa: E402
 from transfertune.composed import ComposedModel  # noqa: E402
 from transfertune.loading import load_base, load_causal_lm  # noqa: E402
@@ -143,22 +143,20 @@ def speculative(cm: ComposedModel, draft, prompts, new_tokens: int, stats: dict)
 
 
 def rss_probe(args) -> None:
-    """Child process: peak RSS above the after-import baseline while decoding with one method."""
-    def current_rss_kb() -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() // 1024
-
+    """Child process: peak RSS above the after-import, after-load baseline while decoding with one method."""
     from transfertune.loading import load_tokenizer
 
     tok = load_tokenizer(args.target)
-    baseline = current_rss_kb()
+    baseline = memory.rss_bytes()
     method = args.rss_probe
     base = load_causal_lm(args.target) if method in ("target", "composed") else None
     value = load_value(args, tok) if method in ("value", "composed") else None
     cm = {"target": lambda: ComposedModel(base, tok, []), "value": lambda: ComposedModel(value.model, tok, []),
           "composed": lambda: ComposedModel(base, tok, [value])}[method]()
+    reset = memory.reset_peak()
     lockstep(cm, make_prompts(tok, 8, 256), args.new_tokens)()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"method": method, "peak_above_baseline_mb": round((peak - baseline) / 1024, 1)}))
+    peak = memory.peak_bytes(reset)
+    print(json.dumps({"method": method, "peak_above_baseline_mb": round((peak - baseline) / 2**20, 1)}))
 
 
 def measure_memory(argv: list[str]) -> dict:

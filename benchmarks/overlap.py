@@ -132,8 +132,22 @@ Raw numbers: `{out.relative_to(ROOT)}`; plot: `{out.with_suffix('.png').relative
 second thread during each step, one torch thread per model.
 
 {table}
-"""
+{overlap_note(result)}"""
     write_doc_section(ROOT / "docs" / "performance.md", SECTION, body, heading="# Performance")
+
+
+def overlap_note(result: dict) -> str:
+    n = result["threads"]
+    vs_many = [r[f"overlapped_vs_sequential_{n}"] for r in result["rows"]]
+    vs_one = [r["overlapped_vs_sequential_1"] for r in result["rows"]]
+    if max(vs_many) >= 1.0:
+        return f"\nOverlapping pays in {sum(v >= 1.0 for v in vs_many)} of {len(vs_many)} batch sizes here.\n"
+    return (f"\nOn this CPU overlapping does not pay: against the default (every core for each op, one model after the "
+            f"other) it runs at {min(vs_many):.2f}-{max(vs_many):.2f} x, and against one thread {min(vs_one):.2f}-"
+            f"{max(vs_one):.2f} x. These models are small enough that a step is mostly per-op overhead, much of it "
+            "under Python's GIL, which two threads cannot run at once; the default stays sequential. `--overlap` is "
+            "meant for models on different devices (`--value-device`), where each thread waits on its own device "
+            "(untested here: no accelerator).\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import memory  # noqa: E402
 import reporting  # noqa: E402
 from transfertune.data import RightPadCollator, SFTDataset, pad_id_of, read_jsonl  # noqa: E402
 from transfertune.loading import load_causal_lm, load_tokenizer  # noqa: E402
@@ -195,38 +195,13 @@ def memory_probe(args) -> None:
     tokenizer = load_tokenizer(value_name)
     batches = make_batches(args, tokenizer, args.warmup + args.steps)
     cuda = args.device.startswith("cuda")
-    baseline = torch.cuda.memory_allocated() if cuda else _rss_kb() * 1024
+    baseline = torch.cuda.memory_allocated() if cuda else memory.rss_bytes()
     m = Method(method, value_name, base_name, tokenizer, args.device)
-    reset = not cuda and _reset_peak_rss()  # loading's transient copies are not training's peak
+    reset = not cuda and memory.reset_peak()  # loading's transient copies are not training's peak
     for b in batches:
         m.step(b)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated()
-    elif reset:
-        peak = _status_kb("VmHWM") * 1024
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else memory.peak_bytes(reset)
     print(json.dumps({"peak_mb": round((peak - baseline) / 2**20, 1)}))
-
-
-def _rss_kb() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() // 1024
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> bool:
-    """Linux: restart the process's peak-RSS count (VmHWM) from its current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_kb("VmHWM") <= _status_kb("VmRSS") + 1024
-    except (OSError, KeyError):
-        return False
 
 
 def measure_memory(args, argv: list[str], value_name: str, base_name: str) -> dict:

@@ -38,8 +38,9 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--value-device", default=None, metavar="DEV",
                    help="device of the value models (default: --device)")
     p.add_argument("--overlap", action="store_true",
-                   help="decoding: run value (and proxy) models in threads of their own, beside the base, one torch "
-                        "thread each (docs/performance.md#base-and-value-overlapped says when it pays)")
+                   help="decoding: run value (and proxy) models in threads of their own, beside the base, the cores "
+                        "split between them; meant for models on different devices (--value-device): on one CPU "
+                        "it was slower than the default (docs/performance.md#base-and-value-overlapped)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
 
 
