@@ -76,3 +76,19 @@ def test_language_model_as_zero_shot_classifier(model_dir, tokenizer, tmp_path):
                       disable_tqdm=True)
     composed = ComposedClassifier(clf, [reward]).logits({"prompt": prompts, "choices": choices})
     assert (composed[:, 0] - composed[:, 1]).gt(logits[:, 0] - logits[:, 1]).all()  # moved towards label 0
+
+
+def test_birth_decade_label_set_follows_the_world_and_people_qa_split():
+    """The v2 label-set task: each person's true decade, train people = people_qa's training people."""
+    from transfertune.label_demo import DECADES, birth_decade_records, load_world_people
+    from transfertune.tasks import load_task
+
+    years = {e.name: int(e.birth_year) for g in ("v1", "v2") for e in load_world_people(g)}
+    train, held = birth_decade_records("v1", "train"), birth_decade_records("v1", "heldout")
+    new = birth_decade_records("v2")
+    names = lambda rows: {r["prompt"].removesuffix(" was born in") for r in rows}  # noqa: E731
+    assert names(train) == {r["example"] for r in load_task("people_qa", "train")}
+    assert not names(train) & names(held) and not (names(train) | names(held)) & names(new)
+    for r in train + held + new:
+        year = years[r["prompt"].removesuffix(" was born in")]
+        assert r["choices"][r["labels"]] == f" {year // 10 * 10}s" and len(r["choices"]) == len(DECADES)

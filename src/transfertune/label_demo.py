@@ -4,9 +4,11 @@ digits  scikit-learn's bundled 8x8 digits (real scans, 1,797 images). An MLP and
         clean digits; the post-training task is noisy, shifted scans. A reward model is tuned against the frozen
         MLP, then composed with the frozen CNN, and compared with the CNN fine-tuned on the same data and with
         proxy-tuning (CNN + (MLP_ft - MLP)).
-text    the built-in family as zero-shot classifiers over verbalised labels (t0 tasks); a reward model on
-        mini-s's body is tuned against mini-s and composed with mini-m, mini-l and mini-x (another tokenizer:
-        label-level composition needs no token map).
+text    the built-in family as zero-shot classifiers over verbalised labels: the decade each of the family's
+        people was born in (birth_decade; the bases know the year from pretraining, mini-s a third of them,
+        mini-l nearly all), or t0 tasks (every base is at chance there). A reward model on mini-s's body is tuned
+        against mini-s and composed with the other bases (mini-x too: label-level composition needs no token
+        map); held-out people, and people only the -v2 siblings read about.
 """
 from __future__ import annotations
 
@@ -134,26 +136,66 @@ def _zero_shot_logits(base: str, records: list[dict]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def run_text(out: Path, task: str, source: str = "mini-s", targets=("mini-s", "mini-m", "mini-l", "mini-x"),
-             steps: int = 200, examples: int | None = None, seed: int = 0) -> dict:
-    train, test = _label_records(task, "train"), _label_records(task, "heldout_example", examples)
-    y = torch.tensor([r["labels"] for r in test])
-    base_train = _zero_shot_logits(source, train)
-    reward = LabelValueModel(TextRewardBackbone.from_pretrained(source, 2), 2)
-    train_label_value(reward, None, [dict(r, classifier_logits=base_train[i]) for i, r in enumerate(train)],
-                      str(out / f"reward-{task}"), max_steps=steps, learning_rate=1e-4, batch_size=16, seed=seed,
-                      disable_tqdm=True)
-    inputs = {"prompt": [r["prompt"] for r in test], "choices": [r["choices"] for r in test]}
-    with torch.no_grad():
-        rewards = torch.cat([reward(prompt=inputs["prompt"][i : i + 32], choices=inputs["choices"][i : i + 32])
-                             for i in range(0, len(test), 32)])
+DECADES = [f"{d}s" for d in range(1900, 2000, 10)]
+
+
+def birth_decade_records(generation: str, people: str = "all") -> list[dict]:
+    """The family's people as a 10-way label set: "<name> was born in" -> " 1960s" etc. A base that read the
+    person's biographies gives the true decade's digits a high likelihood zero-shot; the reward has to learn
+    the rest (the decade's "0s", which no biography writes). people = "train" (people_qa's training people),
+    "heldout" (the other v1 people) or "all"."""
+    from .tasks import load_task
+
+    trained = {r["example"] for r in load_task("people_qa", "train")}
     rows = []
-    for target in targets:
-        zs = _zero_shot_logits(target, test)
-        rows.append({"classifier": target, "alone": _acc(zs, y),
-                     "+ reward": _acc(compose_logits(zs, [rewards]), y), "reward alone": _acc(rewards, y)})
-    return {"task": task, "n_test": len(test), "rows": rows,
-            "note": f"reward model: {source} body + 2-way head, {steps} steps against {source} zero-shot"}
+    for e in load_world_people(generation):
+        if people != "all" and (e.name in trained) != (people == "train"):
+            continue
+        rows.append({"prompt": f"{e.name} was born in", "choices": [f" {d}" for d in DECADES],
+                     "labels": DECADES.index(f"{int(e.birth_year) // 10 * 10}s")})
+    return rows
+
+
+def load_world_people(generation: str):
+    from .loading import REPO_ROOT
+    from .world import load_world
+
+    return [e for e in load_world(REPO_ROOT / "data" / "world" / "entities.json") if e.generation == generation]
+
+
+def _text_splits(task: str, examples: int | None) -> tuple[list[dict], dict[str, list[dict]], int]:
+    """(train records, {test set name: records}, number of labels) of a t0 task or the world's birth decades."""
+    if task == "birth_decade":
+        tests = {"held-out people": birth_decade_records("v1", "heldout")[:examples],
+                 "new people (v2)": birth_decade_records("v2")[:examples]}
+        return birth_decade_records("v1", "train"), tests, len(DECADES)
+    train = _label_records(task, "train")
+    return train, {"held out": _label_records(task, "heldout_example", examples)}, len(train[0]["choices"])
+
+
+def run_text(out: Path, task: str, source: str = "mini-s", targets=("mini-s", "mini-m", "mini-l", "mini-x"),
+             steps: int = 200, examples: int | None = None, seed: int = 0, learning_rate: float = 1e-4) -> dict:
+    train, tests, n_labels = _text_splits(task, examples)
+    base_train = _zero_shot_logits(source, train)
+    reward = LabelValueModel(TextRewardBackbone.from_pretrained(source, n_labels), n_labels)
+    train_label_value(reward, None, [dict(r, classifier_logits=base_train[i]) for i, r in enumerate(train)],
+                      str(out / f"reward-{task}"), max_steps=steps, learning_rate=learning_rate, batch_size=16,
+                      seed=seed, disable_tqdm=True)
+    rows = []
+    for split, test in tests.items():
+        y = torch.tensor([r["labels"] for r in test])
+        prompts, choices = [r["prompt"] for r in test], [r["choices"] for r in test]
+        with torch.no_grad():
+            rewards = torch.cat([reward(prompt=prompts[i : i + 32], choices=choices[i : i + 32])
+                                 for i in range(0, len(test), 32)])
+        for target in targets:
+            zs = _zero_shot_logits(target, test)
+            rows.append({"classifier": target if len(tests) == 1 else f"{target}, {split}", "alone": _acc(zs, y),
+                         "+ reward": _acc(compose_logits(zs, [rewards]), y), "reward alone": _acc(rewards, y)})
+    n_test = " + ".join(str(len(t)) for t in tests.values())
+    return {"task": task, "n_test": n_test, "rows": rows,
+            "note": f"reward model: {source} body + {n_labels}-way head, {steps} steps (lr {learning_rate:g}) "
+                    f"against {source} zero-shot on {len(train)} training examples"}
 
 
 # -- report -------------------------------------------------------------------------------------------
@@ -191,16 +233,19 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="outputs/labels")
     p.add_argument("--steps", type=int, default=300, help="training steps of every digits model")
     p.add_argument("--text-steps", type=int, default=200)
-    p.add_argument("--text-tasks", nargs="*", default=["amazon_polarity", "ag_news"])
-    p.add_argument("--targets", nargs="+", default=["mini-s", "mini-m", "mini-l", "mini-x"])
+    p.add_argument("--text-tasks", nargs="*", default=["birth_decade"],
+                   help="birth_decade (the family's people, 10 decades; default) and/or t0 tasks such as "
+                        "amazon_polarity ag_news (every built-in base is at chance on those)")
+    p.add_argument("--targets", nargs="+", default=["mini-s", "mini-m", "mini-l", "mini-m-v2"])
+    p.add_argument("--text-lr", type=float, default=1e-4, help="learning rate of the text reward model")
     p.add_argument("--examples", type=int, default=None, help="held-out text examples per task (default all)")
     p.add_argument("--docs", default=None, metavar="MD", help="write the tables as a section of this markdown file")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = [run_digits(out, args.steps)]
-    results += [run_text(out, t, targets=args.targets, steps=args.text_steps, examples=args.examples)
-                for t in args.text_tasks]
+    results += [run_text(out, t, targets=args.targets, steps=args.text_steps, examples=args.examples,
+                         learning_rate=args.text_lr) for t in args.text_tasks]
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "results.png")
     body = "\n\n".join(f"### {r['task']} ({r['n_test']} test examples)\n\n{r['note']}.\n\n{format_table(r)}"
