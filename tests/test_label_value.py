@@ -92,3 +92,13 @@ def test_birth_decade_label_set_follows_the_world_and_people_qa_split():
     for r in train + held + new:
         year = years[r["prompt"].removesuffix(" was born in")]
         assert r["choices"][r["labels"]] == f" {year // 10 * 10}s" and len(r["choices"]) == len(DECADES)
+
+
+def test_text_reward_from_an_fp16_checkpoint_is_float32(model_dir, tokenizer, tmp_path):
+    from transfertune.loading import load_causal_lm
+
+    half = tmp_path / "half"
+    load_causal_lm(model_dir("llama", seed=2)).to(torch.float16).save_pretrained(half)
+    tokenizer.save_pretrained(half)
+    backbone = TextRewardBackbone.from_pretrained(str(half), 3)
+    assert {p.dtype for p in backbone.model.parameters()} == {torch.float32}

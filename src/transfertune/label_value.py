@@ -222,8 +222,9 @@ class TextRewardBackbone(nn.Module):
         from .loading import load_tokenizer, resolve_model
 
         tok = load_tokenizer(name)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(name), num_labels=num_labels, use_safetensors=True, pad_token_id=tok.pad_token_id)
+        model = AutoModelForSequenceClassification.from_pretrained(  # float32: fp16 checkpoints train to NaN on CPU
+            resolve_model(name), num_labels=num_labels, use_safetensors=True, pad_token_id=tok.pad_token_id,
+            dtype=torch.float32)
         if zero_init_head:
             head = getattr(model, "score", None) or getattr(model, "classifier")
             with torch.no_grad():
