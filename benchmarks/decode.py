@@ -275,7 +275,7 @@ def write_docs(result: dict, table: str, out: Path) -> None:
     body = f"""## Composed decoding
 
 Made by `{result['command']}` ({result['device']}, torch {result['torch']}); target `{result['target']}`,
-draft `{result['draft']}`, value model: {result['value']}. Raw numbers: `{out.relative_to(ROOT)}`; plot:
+draft `{result['draft']}`, value model: `{shown(result['value'])}`. Raw numbers: `{out.relative_to(ROOT)}`; plot:
 `{out.with_suffix('.png').relative_to(ROOT)}`.
 
 - *composed / limit*: (t_target + t_value) / t_composed per step; 1.0 means composing costs nothing beyond
@@ -286,6 +286,12 @@ draft `{result['draft']}`, value model: {result['value']}. Raw numbers: `{out.re
 {table}
 {speculation_note(result)}"""
     write_doc_section(ROOT / "docs" / "performance.md", "decode", body, heading="# Performance")
+
+
+def shown(path: str) -> str:
+    """A path inside the repository relative to it (docs are read from any checkout)."""
+    p = Path(path)
+    return str(p.relative_to(ROOT)) if p.is_absolute() and p.is_relative_to(ROOT) else path
 
 
 def speculation_note(result: dict) -> str:

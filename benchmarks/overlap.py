@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reporting  # noqa: E402
-from decode import add_model_args, load_value, lockstep, make_prompts  # noqa: E402
+from decode import add_model_args, load_value, lockstep, make_prompts, shown  # noqa: E402
 from transfertune.composed import ComposedModel  # noqa: E402
 from transfertune.loading import load_base  # noqa: E402
 
@@ -126,7 +126,7 @@ def write_docs(result: dict, table: str, out: Path) -> None:
     body = f"""## Base and value overlapped
 
 Made by `{result['command']}` ({result['device']}, torch {result['torch']}); base `{result['target']}`, value model:
-{result['value']}; prompt {result['prompt_len']} tokens, {result['new_tokens']} steps, fastest of interleaved runs.
+`{shown(result['value'])}`; prompt {result['prompt_len']} tokens, {result['new_tokens']} steps, fastest of interleaved runs.
 Raw numbers: `{out.relative_to(ROOT)}`; plot: `{out.with_suffix('.png').relative_to(ROOT)}`.
 *Overlapped*: `ComposedModel(..., overlap=True)` (`--overlap` on generate and serve) runs the value model in a
 second thread during each step, one torch thread per model.

@@ -142,7 +142,8 @@ def design_plot(result: dict, path: Path) -> None:
     ax.set_ylabel(f"exact match ({result['examples']} questions; mean, sd, seeds)")
     ax.set_title("Value-model design: one change from the default each; value model trained on the source, "
                  "composed with each base", fontsize=9)
-    ax.legend(fontsize=8, ncol=4)
+    ax.set_ylim(0, 1.12)
+    ax.legend(fontsize=8, ncol=4, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
