@@ -87,3 +87,19 @@ def test_regularisers():
     assert l1_penalty(v).item() == pytest.approx(1.5)
     assert value_entropy(torch.zeros(2, 8)).item() == pytest.approx(torch.log(torch.tensor(8.0)).item())
     assert value_entropy(torch.tensor([[50.0, 0, 0, 0]])).item() < 1e-6
+
+
+def test_composition_leaves_its_inputs_alone_and_keeps_the_base_graph():
+    """Values are added in place into the base's log-softmax buffer: the inputs must not change, and a base that
+    carries a graph (differentiated through) must still backpropagate."""
+    torch.manual_seed(0)
+    base, v = torch.randn(3, 11), torch.randn(3, 11, requires_grad=True)
+    base_copy, v_copy = base.clone(), v.detach().clone()
+    out = compose_logits(base, [v], beta=0.5)
+    assert torch.equal(base, base_copy) and torch.equal(v.detach(), v_copy)
+    torch.testing.assert_close(out, torch.log_softmax(base, -1) + v_copy / 0.5)
+    out.sum().backward()
+    torch.testing.assert_close(v.grad, torch.full_like(v, 2.0))
+    graph_base = torch.randn(3, 11, requires_grad=True)
+    (compose_logits(graph_base, [v.detach()]) ** 2).sum().backward()  # log_softmax's saved output untouched
+    assert graph_base.grad is not None and torch.isfinite(graph_base.grad).all()

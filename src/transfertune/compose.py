@@ -99,9 +99,15 @@ def _compose(base_logits, value_logits, scales, vocab_maps, proxy, alpha, real_v
 
     composed = F.log_softmax(base_logits.float(), dim=-1)
     device = composed.device  # models may run on other devices: the composition happens on the base's logits'
+    # values are added in place (one [N, V] buffer less per value model) unless log_softmax's backward needs its
+    # output untouched, i.e. the base's logits carry a graph
+    in_place = not composed.requires_grad
     for v, scale, vmap in zip(value_logits, scales, vocab_maps):
         v = v.float() if vmap is None else vmap(v.float())
-        composed = composed + scale * match_vocab_size(v.to(device), size, real_vocab_size)
+        v = match_vocab_size(v.to(device), size, real_vocab_size)
+        # scale * v, then the sum, for scalar and per-row scales alike: a row's result is bit-identical whether it
+        # is composed alone or batched with rows of other scales (add_'s alpha= would round differently)
+        composed = composed.add_(scale * v) if in_place else composed + scale * v
     if proxy is not None:
         tuned, untuned = (match_vocab_size(x.to(device).float(), size, real_vocab_size) for x in proxy)
         composed = composed + alpha * (F.log_softmax(tuned, dim=-1) - F.log_softmax(untuned, dim=-1))
