@@ -69,9 +69,13 @@ def full_logits(model, input_ids, attention_mask, base_logits=None) -> torch.Ten
     return model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False, **extra).logits
 
 
-def logits_at(model, input_ids, attention_mask, rows, cols, base_logits=None) -> torch.Tensor:
-    logits = full_logits(model, input_ids, attention_mask, base_logits)
+def at_positions(logits: torch.Tensor, rows, cols) -> torch.Tensor:
+    """[B, T, ...] (logits or hidden states) -> [N, ...] at (rows, cols), each predicting the token after it."""
     return logits[:, :-1][rows.to(logits.device), cols.to(logits.device)]
+
+
+def logits_at(model, input_ids, attention_mask, rows, cols, base_logits=None) -> torch.Tensor:
+    return at_positions(full_logits(model, input_ids, attention_mask, base_logits), rows, cols)
 
 
 def _base_logits_for_cascade(base, values, input_ids, attention_mask):
@@ -104,7 +108,7 @@ def composed_response_logits(
     base_full = _base_logits_for_cascade(base, values, input_ids, attention_mask)
     with torch.no_grad():
         if base_full is not None:
-            base_logits = base_full[:, :-1][rows.to(base_full.device), cols.to(base_full.device)]
+            base_logits = at_positions(base_full, rows, cols)
         else:
             base_logits = logits_at(base, input_ids, attention_mask, rows, cols)
         proxy_logits = None
@@ -145,7 +149,12 @@ def composed_response_logprobs(
     rows, cols, targets = response_positions(labels)
     models = [base, *values, *(proxy or ())]
     base_full = _base_logits_for_cascade(base, values, input_ids, attention_mask)
-    heads = [_response_logits_source(m, input_ids, attention_mask, rows, cols, base_full) for m in models]
+    heads = [_response_logits_source(m, input_ids, attention_mask, rows, cols, base_full) for m in models[1:]]
+    if base_full is not None:  # the cascade's base logits already hold the base's own: not run a second time
+        gathered = at_positions(base_full, rows, cols)
+        heads.insert(0, lambda start, end: gathered[start:end])
+    else:
+        heads.insert(0, _response_logits_source(base, input_ids, attention_mask, rows, cols))
     del base_full
     n_values = len(values)
     if chunk_size is None:
@@ -189,7 +198,7 @@ def _response_logits_source(model, input_ids, attention_mask, rows, cols, base_l
         return lambda start, end: gathered[start:end]
     hidden = model.get_decoder()(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
                                  use_cache=False).last_hidden_state
-    hidden = hidden[:, :-1][rows.to(hidden.device), cols.to(hidden.device)]
+    hidden = at_positions(hidden, rows, cols)
     return lambda start, end: head(hidden[start:end])
 
 

@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback
 
 from .cascade import cascade_embeddings
 from .compose import compose_logits, composed_cross_entropy, l1_penalty, value_entropy
-from .sequence import response_positions
+from .sequence import at_positions, response_positions
 from .value_model import ValueModel
 
 
@@ -33,14 +33,14 @@ def logits_at_positions(model, input_ids, attention_mask, rows, cols, **model_in
     head = _output_layer(model)
     hooked = []
 
-    def at_positions(_module, args):
+    def response_hidden_only(_module, args):
         hidden = args[0] if args else None
         if not hooked and isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[:2] == input_ids.shape:
             hooked.append(True)
-            return (hidden[:, :-1][rows.to(hidden.device), cols.to(hidden.device)], *args[1:])
+            return (at_positions(hidden, rows, cols), *args[1:])
         return None
 
-    handle = head.register_forward_pre_hook(at_positions) if head is not None else None
+    handle = head.register_forward_pre_hook(response_hidden_only) if head is not None else None
     try:
         logits = model(**_inputs(input_ids, model_inputs), attention_mask=attention_mask, use_cache=False).logits
     finally:
@@ -51,7 +51,7 @@ def logits_at_positions(model, input_ids, attention_mask, rows, cols, **model_in
             return logits
         # the model reshaped what its output layer returned: run it whole
         logits = model(**_inputs(input_ids, model_inputs), attention_mask=attention_mask, use_cache=False).logits
-    return logits[:, :-1][rows.to(logits.device), cols.to(logits.device)]
+    return at_positions(logits, rows, cols)
 
 
 def _inputs(input_ids, model_inputs: dict) -> dict:
@@ -94,7 +94,7 @@ class ValueTrainer(Trainer):
         with torch.no_grad():
             if cfg.scheme == "cascade":  # the value model reads the base's distribution at every position
                 full = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-                base = full[:, :-1][rows.to(full.device), cols.to(full.device)]
+                base = at_positions(full, rows, cols)
             else:
                 base = logits_at_positions(self.base_model, input_ids, attention_mask, rows, cols)
         if cfg.scheme == "cascade":
