@@ -76,6 +76,7 @@ class EvalConfig:
 
 VOCAB_MAPS = ("exact", "align")
 VALUE_HEADS = ("zero", "copy")
+_DEFAULT_RECIPE = {"init": None, "scheme": "residual", "head": "zero"}  # value models made before these options
 # config fields that reach the cache keys another way (the user task's identity, the target's own map)
 _NOT_SETTINGS = ("targets", "tasks", "methods", "betas", "alphas", "cache_dir", "vocab_maps", "split_by",
                  "heldout_fraction", "split_seed", "kind", "labels")
@@ -285,8 +286,8 @@ class EvalRunner:
 
         c = self.cfg
         init = None if c.value_init is None else f"random:{c.source}" if c.value_init == "random" else c.value_init
-        recipe = {k: v for k, v in (("init", init), ("scheme", c.value_scheme), ("head", c.value_head))
-                  if v != {"init": None, "scheme": "residual", "head": "zero"}[k]}  # defaults keep the old keys
+        recipe = {"init": init, "scheme": c.value_scheme, "head": c.value_head}
+        recipe = {k: v for k, v in recipe.items() if v != _DEFAULT_RECIPE[k]}  # defaults keep the old cache keys
         return self._artifact("value", c.source, task, c.value_steps, lambda out: train_value_model(
             c.source, self.rows(task, "train"), out, max_steps=c.value_steps, learning_rate=c.value_lr,
             batch_size=c.batch_size, max_length=c.max_length, seed=c.seed, l1_coef=c.l1_coef,
