@@ -6,9 +6,30 @@ from transfertune.composed import ComposedModel
 from transfertune.data import encode_prompt
 from transfertune.loading import load_causal_lm
 from transfertune.sampling import SamplingParams
-from transfertune.speculative import SpeculativeComposedGenerator, verify_draft
+from transfertune.speculative import SpeculativeComposedGenerator, SpeculativeStats, verify_draft
 
 PROMPTS = ["The cat sat", "It was the best of times, it was", "Answer:"]
+# (draft_engine, exact): a transformers draft, and a fused one with exact values, equal plain decoding token for
+# token; a fused draft reusing its own value logits equals it up to ties within the fused network's rounding
+ENGINES = [("transformers", False), ("fused", True), ("fused", False)]
+
+
+def plain_greedy(target, prompt_ids, n):
+    """Tokens and composed logits of plain composed decoding."""
+    plain = target.generator()
+    plain.eos_ids = set()
+    steps = list(plain.decode_steps([prompt_ids], n, SamplingParams()))
+    return [int(t[0]) for t, _ in steps], [logits[0] for _, logits in steps]
+
+
+def assert_same_greedy(tokens, expected, logits, exact):
+    """tokens == expected; without `exact`, they may part where plain decoding's two best tokens tie within 1e-4."""
+    if exact or tokens == expected:
+        assert tokens == expected
+        return
+    i = next(i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b)
+    top2 = logits[i].topk(2).values
+    assert float(top2[0] - top2[1]) < 1e-4, f"greedy output departs from plain decoding at token {i}"
 
 
 def target_and_draft(model_dir, tokenizer, arch="llama"):
@@ -18,24 +39,42 @@ def target_and_draft(model_dir, tokenizer, arch="llama"):
     return target, draft
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_greedy_speculation_equals_plain_composed_decoding(model_dir, tokenizer, arch):
+@pytest.mark.parametrize("arch, engine, exact", [("llama", *e) for e in ENGINES] + [("qwen2", "auto", False)])
+def test_greedy_speculation_equals_plain_composed_decoding(model_dir, tokenizer, arch, engine, exact):
     target, draft = target_and_draft(model_dir, tokenizer, arch)
-    spec = SpeculativeComposedGenerator(target, draft, draft_len=3)
-    plain = target.generator()
+    spec = SpeculativeComposedGenerator(target, draft, draft_len=3, draft_engine=engine, exact=exact)
+    spec.eos_ids = set()
+    assert spec.fused == (engine == "fused")  # auto: a Qwen2 draft runs through transformers
     for prompt in PROMPTS:
         ids = encode_prompt(tokenizer, prompt)
-        expected = [int(t[0]) for t, _ in plain.decode_steps([ids], 24, SamplingParams())]
-        assert spec.generate_ids(ids, 24) == expected[:24]
+        expected, logits = plain_greedy(target, ids, 24)
+        assert_same_greedy(spec.generate_ids(ids, 24), expected, logits, exact or engine != "fused")
     assert spec.stats.drafted > 0 and spec.stats.accepted < spec.stats.drafted  # a weak draft gets rejected
 
 
 def test_draft_equal_to_target_accepts_everything_when_sampling(model_dir, tokenizer):
     target, _ = target_and_draft(model_dir, tokenizer)
-    spec = SpeculativeComposedGenerator(target, target.base, draft_len=4)
+    spec = SpeculativeComposedGenerator(target, target.base, draft_len=4, draft_engine="transformers")
     spec.generate_ids(encode_prompt(tokenizer, "The"), 30, SamplingParams(temperature=1.0, seed=3))
     assert spec.stats.acceptance_rate == 1.0
-    assert max(spec.stats.draft_lengths) > 4  # adaptive: grows while everything is accepted
+    assert spec.stats.draft_lengths[:-1] == [4] * (len(spec.stats.draft_lengths) - 1)  # seeded: no adapting
+
+
+def test_best_draft_len_follows_acceptance_and_costs():
+    def stats(accepted, rejected, step, verify_at_1, verify_per_token):
+        s = SpeculativeStats(accepted=accepted, rejected=rejected, draft_seconds=step * 10, draft_steps=10, rounds=2)
+        for tokens in (2, 5):
+            s.add_verification(tokens, verify_at_1 + verify_per_token * (tokens - 1))
+        return s
+
+    assert stats(10, 90, 0.1, 1.0, 0.0).best_draft_len(12) == 1  # a draft the verifier rarely agrees with
+    assert stats(99, 1, 0.01, 1.0, 0.0).best_draft_len(12) == 12  # cheap and always right: draft the most
+    good = stats(80, 20, 0.1, 1.0, 0.0)
+    assert 1 < good.best_draft_len(12) < 12
+    assert good.best_draft_len(12, rows=8) < good.best_draft_len(12)  # a batch commits what all rows accepted
+    assert stats(80, 20, 0.1, 1.0, 0.5).best_draft_len(12) < good.best_draft_len(12)  # verifying costs per token
+    assert good.verify_seconds(7) == pytest.approx(1.0)
+    assert stats(80, 20, 0.1, 1.0, 0.5).verify_seconds(7) == pytest.approx(4.0)
 
 
 def test_verify_rule_reproduces_the_target_distribution():
@@ -68,20 +107,17 @@ def test_proxy_mode_is_refused(model_dir, tokenizer):
         SpeculativeComposedGenerator(ComposedModel(base, tokenizer, [], proxy=(small, small)), small)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_batched_greedy_speculation_equals_plain_decoding_of_each_row(model_dir, tokenizer, arch):
+@pytest.mark.parametrize("arch, engine, exact", [("llama", *e) for e in ENGINES] + [("qwen2", "auto", False)])
+def test_batched_greedy_speculation_equals_plain_decoding_of_each_row(model_dir, tokenizer, arch, engine, exact):
     """Rows of different lengths (left padding) that accept different numbers of drafted tokens."""
     target, draft = target_and_draft(model_dir, tokenizer, arch)
-    spec = SpeculativeComposedGenerator(target, draft, draft_len=3)
+    spec = SpeculativeComposedGenerator(target, draft, draft_len=3, draft_engine=engine, exact=exact)
     spec.eos_ids = set()
-    plain = target.generator()
-    plain.eos_ids = set()
     ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
     assert len({len(i) for i in ids}) > 1
     batched = spec.generate_batch(ids, 20)
     for row, prompt in zip(batched, ids):
-        expected = [int(t[0]) for t, _ in plain.decode_steps([prompt], 20, SamplingParams())]
-        assert row == expected
+        assert_same_greedy(row, *plain_greedy(target, prompt, 20), exact or engine != "fused")
     assert spec.stats.drafted > spec.stats.accepted > 0
 
 
@@ -107,7 +143,16 @@ def test_overlapped_drafting_gives_the_same_tokens(model_dir, tokenizer):
     threads = torch.get_num_threads()
     try:
         ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
-        plain = SpeculativeComposedGenerator(target, draft, draft_len=3).generate_batch(ids, 16)
-        assert SpeculativeComposedGenerator(overlapped, draft, draft_len=3).generate_batch(ids, 16) == plain
+        plain = SpeculativeComposedGenerator(target, draft, draft_len=3, draft_engine="transformers")
+        spec = SpeculativeComposedGenerator(overlapped, draft, draft_len=3, draft_engine="transformers")
+        assert spec.generate_batch(ids, 16) == plain.generate_batch(ids, 16)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_fused_draft_needs_plain_llama_models(model_dir, tokenizer):
+    target, draft = target_and_draft(model_dir, tokenizer, "qwen2")
+    with pytest.raises(ValueError, match="plain Llama"):
+        SpeculativeComposedGenerator(target, draft, draft_engine="fused")
+    with pytest.raises(ValueError, match="draft_engine"):
+        SpeculativeComposedGenerator(target, draft, draft_engine="vllm")

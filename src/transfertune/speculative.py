@@ -1,14 +1,17 @@
 """Speculative composed decoding: draft with (small base + value models), verify with (target base + same values).
 
-The value models run once per position: the logits they produce while drafting are reused by the verifier,
-which only adds one forward pass of the target base over the drafted tokens. Verification follows the
-standard rule (Leviathan et al., 2023; Chen et al., 2023), so greedy output equals plain composed decoding
-and sampled output follows the composed distribution exactly.
+The draft side (small base + value models) runs once per drafted position; for Llama models it runs as one
+stacked network (fused_draft.py), which costs the ops of one small model. The value logits it produces are
+reused by the verifier, which adds one pass of the target base over the drafted tokens. Verification follows
+the standard rule (Leviathan et al., 2023; Chen et al., 2023), so greedy output equals plain composed decoding
+(up to the rounding of the fused draft's values; `exact=True` removes even that) and sampled output follows
+the composed distribution.
 
 Cache invariant between rounds: every model has seen all committed tokens except the last one (`pending`).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -27,17 +30,41 @@ class SpeculativeStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejected: int = 0  # rounds (x rows) that ended at a rejected token
     draft_lengths: list[int] = field(default_factory=list)
+    draft_seconds: float = 0.0  # spent in draft steps (`draft_steps` of them)
+    draft_steps: int = 0
+    verify_fit: list[float] = field(default_factory=lambda: [0.0] * 5)  # sums n, x, y, xx, xy: seconds y of
+    # verifying x tokens, for a least-squares line
+
+    def add_verification(self, tokens: int, seconds: float) -> None:
+        for i, term in enumerate((1, tokens, seconds, tokens * tokens, tokens * seconds)):
+            self.verify_fit[i] += term
+
+    def verify_seconds(self, tokens: int) -> float:
+        n, x, y, xx, xy = self.verify_fit
+        spread = n * xx - x * x
+        slope = max(0.0, (n * xy - x * y) / spread) if spread > 0 else 0.0
+        return (y - slope * x) / n + slope * tokens
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
+    def best_draft_len(self, longest: int, rows: int = 1) -> int:
+        """The draft length with the most tokens per second: a round of k drafted tokens commits
+        (1 - a^(k+1)) / (1 - a) tokens on average when each is accepted with probability a, and costs
+        (k + 1) draft steps + one verification of k + 1 tokens; a and both costs are what this run has measured
+        so far.
+        A batch commits what all its rows accepted, so a token is kept with probability a^rows."""
+        a = min((self.accepted + 1) / (self.accepted + self.rejected + 2), 0.99) ** rows
+        step = self.draft_seconds / self.draft_steps
+        return max(range(1, longest + 1),
+                   key=lambda k: (1 - a ** (k + 1)) / (1 - a) / ((k + 1) * step + self.verify_seconds(k + 1)))
+
 
 def step_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution a sampling rule draws from: one-hot of the argmax when greedy."""
-    if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    """The distribution a (non-greedy) sampling rule draws from."""
     return filter_logits(logits, params).softmax(-1)
 
 
@@ -65,14 +92,73 @@ def verify_draft(
     return k, int(torch.multinomial(target_probs[k], 1, generator=generator))
 
 
+class TransformersDraft:
+    """The draft side through transformers: the draft base and each value model with a KV cache of its own (any
+    architecture). With the target's `overlap`, value models run in their own threads beside the draft base."""
+
+    def __init__(self, models: list, pool=None):
+        self.models, self.pool = models, pool
+        self.caches: list = [None] * len(models)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+        """Logits [B, V] of every model at the last of `ids` [B, T]."""
+        def run(i):
+            logits, self.caches[i] = run_cached(self.models[i], ids, mask, positions, self.caches[i], keep=1)
+            return logits[:, -1]
+
+        futures = [self.pool.submit(run, i) for i in range(1, len(self.models))] if self.pool is not None else []
+        first = run(0)
+        return [first, *(f.result() for f in futures)] if futures else \
+            [first, *(run(i) for i in range(1, len(self.models)))]
+
+    def truncate(self, length: int) -> None:
+        for cache in self.caches:
+            keep_first(cache, length)
+
+
+def run_cached(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, keep: int = 0):
+    """(logits of the last `keep` positions (0: all) in float32 on mask's device, the updated KV cache)."""
+    dev = input_device(model)
+    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits.float().to(mask.device), out.past_key_values
+
+
+DRAFT_ENGINES = ("auto", "fused", "transformers")
+
+
+def greedy_verdicts(composed: torch.Tensor, drafted: torch.Tensor) -> list[tuple[int, int]]:
+    """`verify_draft` for greedy decoding, every row at once: a drafted token is kept while it is the target's
+    argmax. composed [B, k+1, V] target logits, drafted [B, k]; returns (number accepted, next token) per row."""
+    best = composed.argmax(-1)
+    accepted = (drafted == best[:, : drafted.shape[1]]).long().cumprod(-1).sum(-1)
+    return [(int(a), int(t)) for a, t in zip(accepted, best.gather(1, accepted[:, None])[:, 0])]
+
+
 class SpeculativeComposedGenerator:
-    """Speculative decoding of `target` (a ComposedModel) with `draft_base` in place of its base."""
+    """Speculative decoding of `target` (a ComposedModel) with `draft_base` in place of its base.
+
+    `draft_engine`: "fused" runs the draft base and the value models as one stacked Llama network
+    (fused_draft.py: the ops of one small model per drafted token); "transformers" runs each through its own
+    forward pass (any architecture); "auto" fuses when every one of them is a plain Llama model.
+    The verifier composes the target base's logits with the value logits the draft computed (one value pass
+    per position). A fused draft computes the same function as the value models' own forward pass, rounded
+    differently (differences near 1e-6 in float32), so where two tokens tie that closely greedy output may pick
+    the other one. `exact=True` (fused drafts only) has the verifier recompute the value logits with the value
+    models themselves: greedy output is then token for token what plain composed decoding gives, at the cost
+    of a second value pass. A transformers draft computes the values as plain decoding does: always exact.
+
+    `adaptive` picks each round's draft length from the acceptance and the draft and verification times
+    measured so far (`SpeculativeStats.best_draft_len`); seeded sampling keeps `draft_len`, so that a seed
+    gives the same tokens on every run.
+    """
 
     def __init__(self, target: ComposedModel, draft_base, draft_tokenizer=None, *, draft_len: int = 4,
-                 max_draft_len: int = 12, adaptive: bool = True):
+                 max_draft_len: int = 12, adaptive: bool = True, draft_engine: str = "auto", exact: bool = False):
         if target.proxy is not None:
             raise ValueError("speculative decoding supports base + value models, not proxy-tuning")
         from .cross_vocab import CrossVocabValue
+        from .fused_draft import can_fuse
 
         if any(getattr(v, "needs_base_logits", False) for v in target.values):
             raise ValueError("speculative decoding reuses the draft's value logits, so it needs residual value "
@@ -81,22 +167,31 @@ class SpeculativeComposedGenerator:
             raise ValueError("speculative decoding needs value models that share the base's vocabulary")
         if draft_tokenizer is not None and vocab_fingerprint(draft_tokenizer) != vocab_fingerprint(target.tokenizer):
             raise ValueError("the draft base must share the target's vocabulary")
+        if draft_engine not in DRAFT_ENGINES:
+            raise ValueError(f"draft_engine must be one of {', '.join(DRAFT_ENGINES)}, got {draft_engine!r}")
+        fusable = can_fuse([draft_base, *target.values])
+        if draft_engine == "fused" and not fusable:
+            raise ValueError("a fused draft needs plain Llama models (full weights, no biases) for the draft base "
+                             "and every value model; use draft_engine='transformers'")
+        self.fused = draft_engine == "fused" or (draft_engine == "auto" and fusable)
         self.target = target
         self.draft_base = draft_base
         self.draft = ComposedModel(draft_base, target.tokenizer, target.values, weights=target.weights,
                                    beta=target.beta)
         self.tokenizer = target.tokenizer
         self.draft_len, self.max_draft_len, self.adaptive = draft_len, max_draft_len, adaptive
+        self.recompute_values = self.fused and exact
         generator = target.generator()
         self.eos_ids, self.pad_id = generator.eos_ids, generator.pad_id
         self.stats = SpeculativeStats()
 
-    @staticmethod
-    def _forward(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
-        dev = input_device(model)
-        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                    past_key_values=cache, use_cache=True)
-        return out.logits.float().to(mask.device), out.past_key_values
+    def _draft_side(self, rows: int, max_len: int):
+        models = [self.draft_base, *self.target.values]
+        if self.fused:
+            from .fused_draft import FusedDraft
+
+            return FusedDraft(models, rows, max_len)
+        return TransformersDraft(models, self.target.overlap_pool())
 
     @torch.no_grad()
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64,
@@ -115,49 +210,59 @@ class SpeculativeComposedGenerator:
         params = sampling or SamplingParams()
         gen = params.make_generator("cpu")
         values, rows = self.target.values, len(prompt_ids)
-        pool = self.target.overlap_pool()
         ids, mask = left_pad(prompt_ids, self.pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        models = [self.target.base, self.draft_base, *values]
-        caches = [None] * len(models)
+        draft = self._draft_side(rows, ids.shape[1] + max_new_tokens + self.max_draft_len + 1)
+        verifiers = [self.target.base, *(values if self.recompute_values else [])]
+        caches = [None] * len(verifiers)
         if ids.shape[1] > 1:
-            for i, m in enumerate(models):
-                caches[i] = self._forward(m, ids[:, :-1], mask[:, :-1], positions[:, :-1], None)[1]
+            prefix = ids[:, :-1], mask[:, :-1], positions[:, :-1]
+            draft.forward(*prefix)
+            for i, m in enumerate(verifiers):
+                caches[i] = run_cached(m, *prefix, None, keep=1)[1]
         pending, pos = ids[:, -1], positions[:, -1]  # the last prompt token (not in any cache) and its position
         out: list[list[int]] = [[] for _ in range(rows)]
         running = [True] * rows
         k, produced = self.draft_len, 0
+        # the draft length follows measured times, so a seeded run, whose random draws depend on it, keeps its own
+        adaptive = self.adaptive and (params.greedy or params.seed is None)
         while any(running) and produced < max_new_tokens:
             k = min(k, max_new_tokens - produced - 1)  # a round commits at most k + 1 tokens
-            drafted, draft_probs, value_rows = [], [], []
+            drafted, draft_probs, value_steps = [], [], []
             token = pending
+            started = time.perf_counter()
             for j in range(k + 1):
-                step = (token[:, None], torch.cat([mask, mask.new_ones(rows, j)], -1), (pos + j)[:, None])
-                # with the target's `overlap`, value models run in their own threads while the draft base runs
-                running_values = [pool.submit(self._forward, v, *step, caches[2 + i]) for i, v in enumerate(values)] \
-                    if pool is not None else None
-                d_logits, caches[1] = self._forward(self.draft_base, *step, caches[1])
-                v_logits = []
-                for i, v in enumerate(values):
-                    logits, caches[2 + i] = running_values[i].result() if running_values is not None else \
-                        self._forward(v, *step, caches[2 + i])
-                    v_logits.append(logits[:, -1])
-                value_rows.append(v_logits)
+                d_logits, *v_logits = draft.forward(token[:, None], torch.cat([mask, mask.new_ones(rows, j)], -1),
+                                                    (pos + j)[:, None])
+                value_steps.append(v_logits)
                 if j == k:
                     break
-                q = step_probs(self.draft.compose([d_logits[:, -1], *v_logits]), params)
-                token = q.argmax(-1) if params.greedy else torch.multinomial(q, 1, generator=gen)[:, 0]
+                composed = self.draft.compose([d_logits, *v_logits])
+                if params.greedy:
+                    token = composed.argmax(-1)
+                else:
+                    q = step_probs(composed, params)
+                    token = torch.multinomial(q, 1, generator=gen)[:, 0]
+                    draft_probs.append(q)
                 drafted.append(token)
-                draft_probs.append(q)
+            drafted_at = time.perf_counter()
             seq = torch.stack([pending, *drafted], 1)
             verify_mask = torch.cat([mask, mask.new_ones(rows, k)], -1)
-            t_logits, caches[0] = self._forward(self.target.base, seq, verify_mask,
-                                                pos[:, None] + torch.arange(k + 1), caches[0])
-            composed = torch.stack([self.target.compose([t_logits[:, i], *value_rows[i]]) for i in range(k + 1)], 1)
-            target_probs = step_probs(composed.flatten(0, 1), params).view(rows, k + 1, -1)
+            verify_pos = pos[:, None] + torch.arange(k + 1)
+            verified = []
+            for i, m in enumerate(verifiers):
+                logits, caches[i] = run_cached(m, seq, verify_mask, verify_pos, caches[i], keep=k + 1)
+                verified.append(logits)
+            self.stats.draft_seconds += drafted_at - started
+            self.stats.draft_steps += k + 1
+            self.stats.add_verification(k + 1, time.perf_counter() - drafted_at)
+            value_logits = verified[1:] if self.recompute_values else \
+                [torch.stack([step[i] for step in value_steps], 1) for i in range(len(values))]
+            composed = self.target.compose([verified[0], *value_logits])  # [B, k + 1, V]
             drafted_rows = torch.stack(drafted, 1) if drafted else seq[:, :0]
-            q_rows = torch.stack(draft_probs, 1) if draft_probs else target_probs[:, :0]
-            verdicts = [verify_draft(target_probs[r], q_rows[r], drafted_rows[r], gen) for r in range(rows)]
+            verdicts = greedy_verdicts(composed, drafted_rows) if params.greedy else \
+                [verify_draft(step_probs(composed[r], params), torch.stack([q[r] for q in draft_probs])
+                              if draft_probs else composed[r, :0], drafted_rows[r], gen) for r in range(rows)]
             live = [r for r in range(rows) if running[r]]
             n = min(verdicts[r][0] for r in live)  # accepted drafted tokens committed to every row
             committed = [drafted_rows[r, :n].tolist() + [int(drafted_rows[r, n]) if verdicts[r][0] > n
@@ -165,9 +270,12 @@ class SpeculativeComposedGenerator:
             self.stats.rounds += 1
             self.stats.drafted += k * len(live)
             self.stats.accepted += sum(verdicts[r][0] for r in live)
+            self.stats.rejected += sum(verdicts[r][0] < k for r in live)
             self.stats.draft_lengths.append(k)
+            kept = mask.shape[1] + n  # every model keeps the committed tokens but the new pending one
+            draft.truncate(kept)
             for cache in caches:
-                keep_first(cache, cache.get_seq_length() - (k - n))
+                keep_first(cache, kept)
             mask = torch.cat([mask, mask.new_ones(rows, n + 1)], -1)
             pending, pos, produced = torch.tensor([c[-1] for c in committed]), pos + n + 1, produced + n + 1
             for r in live:
@@ -180,9 +288,8 @@ class SpeculativeComposedGenerator:
                     if len(out[r]) == max_new_tokens:
                         running[r] = False
                         break
-            if self.adaptive:
-                k = min(self.max_draft_len, k + 2) if n == k else max(1, k - 1)
-            k = max(k, 1)
+            if adaptive:
+                k = self.stats.best_draft_len(self.max_draft_len, len(live))
         return out
 
     def generate(self, prompt: str, max_new_tokens: int = 64, sampling: SamplingParams | None = None) -> str:
