@@ -57,7 +57,7 @@ class SpeculativeStats:
         (k + 1) draft steps + one verification of k + 1 tokens; a and both costs are what this run has measured
         so far.
         A batch commits what all its rows accepted, so a token is kept with probability a^rows."""
-        a = min((self.accepted + 1) / (self.accepted + self.rejected + 2), 0.99) ** rows
+        a = min((self.accepted + 3) / (self.accepted + self.rejected + 4), 0.99) ** rows  # prior: 3 of 4 accepted
         step = self.draft_seconds / self.draft_steps
         return max(range(1, longest + 1),
                    key=lambda k: (1 - a ** (k + 1)) / (1 - a) / ((k + 1) * step + self.verify_seconds(k + 1)))
@@ -110,6 +110,10 @@ class TransformersDraft:
         first = run(0)
         return [first, *(f.result() for f in futures)] if futures else \
             [first, *(run(i) for i in range(1, len(self.models)))]
+
+    @property
+    def length(self) -> int:
+        return self.caches[0].get_seq_length() if self.caches[0] is not None else 0
 
     def truncate(self, length: int) -> None:
         for cache in self.caches:
@@ -224,6 +228,7 @@ class SpeculativeComposedGenerator:
         out: list[list[int]] = [[] for _ in range(rows)]
         running = [True] * rows
         k, produced = self.draft_len, 0
+        behind = seq_start = ids[:, :0]  # committed tokens before `pending` that the draft has not run on yet
         # the draft length follows measured times, so a seeded run, whose random draws depend on it, keeps its own
         adaptive = self.adaptive and (params.greedy or params.seed is None)
         while any(running) and produced < max_new_tokens:
@@ -232,8 +237,11 @@ class SpeculativeComposedGenerator:
             token = pending
             started = time.perf_counter()
             for j in range(k + 1):
-                d_logits, *v_logits = draft.forward(token[:, None], torch.cat([mask, mask.new_ones(rows, j)], -1),
-                                                    (pos + j)[:, None])
+                if j == k and self.recompute_values:
+                    break  # the verifier computes the values after the last drafted token; the draft sees it later
+                fed = torch.cat([behind, token[:, None]], 1) if j == 0 else token[:, None]
+                d_logits, *v_logits = draft.forward(fed, torch.cat([mask, mask.new_ones(rows, j)], -1),
+                                                    pos[:, None] + j + torch.arange(1 - fed.shape[1], 1))
                 value_steps.append(v_logits)
                 if j == k:
                     break
@@ -254,7 +262,7 @@ class SpeculativeComposedGenerator:
                 logits, caches[i] = run_cached(m, seq, verify_mask, verify_pos, caches[i], keep=k + 1)
                 verified.append(logits)
             self.stats.draft_seconds += drafted_at - started
-            self.stats.draft_steps += k + 1
+            self.stats.draft_steps += len(value_steps)
             self.stats.add_verification(k + 1, time.perf_counter() - drafted_at)
             value_logits = verified[1:] if self.recompute_values else \
                 [torch.stack([step[i] for step in value_steps], 1) for i in range(len(values))]
@@ -273,7 +281,8 @@ class SpeculativeComposedGenerator:
             self.stats.rejected += sum(verdicts[r][0] < k for r in live)
             self.stats.draft_lengths.append(k)
             kept = mask.shape[1] + n  # every model keeps the committed tokens but the new pending one
-            draft.truncate(kept)
+            behind = seq[:, draft.length - kept :] if draft.length < kept else seq_start  # seq ends at index kept
+            draft.truncate(min(draft.length, kept))
             for cache in caches:
                 keep_first(cache, kept)
             mask = torch.cat([mask, mask.new_ones(rows, n + 1)], -1)
