@@ -1,7 +1,7 @@
 """Composed decoding speed and memory, every method measured side by side in one run.
 
     python benchmarks/decode.py                       # built-in family: target mini-l, draft mini-s
-    python benchmarks/decode.py --batch-sizes 1 --prompt-lens 64 --new-tokens 16   # quick look
+    python benchmarks/decode.py --batch-sizes 1 --prompt-lens 32 --new-tokens 16   # quick look
 
 Methods (all decode exactly --new-tokens tokens, end-of-sequence ignored):
   target       the target base alone (plain cached decoding)
@@ -43,7 +43,7 @@ import reporting  # noqa: E402
 from transfertune.composed import ComposedModel  # noqa: E402
 from transfertune.loading import load_base, load_causal_lm  # noqa: E402
 from transfertune.sampling import SamplingParams  # noqa: E402
-from transfertune.speculative import SpeculativeComposedGenerator  # noqa: E402
+from transfertune.speculative import SpeculativeComposedGenerator, SpeculativeStats  # noqa: E402
 from transfertune.value_model import ValueModel  # noqa: E402
 
 
@@ -60,7 +60,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--prompt-lens", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--prompt-lens", type=int, nargs="+", default=[32, 128],
+                   help="prompt tokens (default 32 128: with 128 new tokens, within the family's 256-token context)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per cell; the fastest is kept")
     p.add_argument("--naive-max-batch", type=int, default=8, help="skip the (slow) naive reference above this")
@@ -137,12 +138,19 @@ SPECULATIVE = {"speculative": {}, "speculative_exact": {"exact": True},
 
 
 def speculative(cm: ComposedModel, draft, prompts, new_tokens: int, stats: dict, **options):
+    """One generator for the warm-up and the timed runs: its draft length adapts as it runs (as it would over
+    the requests of a long job); the statistics are the last run's."""
+    spec = SpeculativeComposedGenerator(cm, draft, draft_len=3, **options)
+    spec.eos_ids = set()
+
     def run():
-        spec = SpeculativeComposedGenerator(cm, draft, draft_len=3, **options)
-        spec.eos_ids = set()
+        before = SpeculativeStats(spec.stats.rounds, spec.stats.drafted, spec.stats.accepted,
+                                  list(spec.stats.draft_lengths))
         spec.generate_batch(prompts, new_tokens)
-        stats.update(acceptance=spec.stats.acceptance_rate, mean_draft_len=sum(spec.stats.draft_lengths) /
-                     len(spec.stats.draft_lengths), tokens_per_round=new_tokens / spec.stats.rounds)
+        s, rounds = spec.stats, spec.stats.rounds - before.rounds
+        lengths = s.draft_lengths[len(before.draft_lengths):]
+        stats.update(acceptance=(s.accepted - before.accepted) / max(1, s.drafted - before.drafted),
+                     mean_draft_len=sum(lengths) / len(lengths), tokens_per_round=new_tokens / rounds)
 
     return run
 
@@ -159,7 +167,7 @@ def rss_probe(args) -> None:
     cm = {"target": lambda: ComposedModel(base, tok, []), "value": lambda: ComposedModel(value.model, tok, []),
           "composed": lambda: ComposedModel(base, tok, [value])}[method]()
     reset = memory.reset_peak()
-    lockstep(cm, make_prompts(tok, 8, 256), args.new_tokens)()
+    lockstep(cm, make_prompts(tok, 8, 128), args.new_tokens)()
     peak = memory.peak_bytes(reset)
     print(json.dumps({"method": method, "peak_above_baseline_mb": round((peak - baseline) / 2**20, 1)}))
 
@@ -257,7 +265,7 @@ def format_table(result: dict) -> str:
         )
     if "memory_mb" in result:
         m = result["memory_mb"]
-        lines.append(f"\nPeak RSS above the import baseline (batch 8, prompt 256): target {m['target']} MB, value "
+        lines.append(f"\nPeak RSS above the import baseline (batch 8, prompt 128): target {m['target']} MB, value "
                      f"{m['value']} MB, composed {m['composed']} MB = {m['composed_over_sum']:.2f} x (target + value).")
     return "\n".join(lines).replace("nan", "-")
 

@@ -17,10 +17,11 @@ def test_decode_benchmark_writes_table_json_and_plot(model_dir, tmp_path):
     result = json.loads(out.read_text())
     assert out.with_suffix(".png").is_file()
     b1, b2 = result["rows"]
-    assert {"target", "value", "draft", "composed", "proxy", "naive", "speculative",
-            "speculative_overlap"} == set(b1["seconds_per_step"])
+    assert {"target", "value", "draft", "composed", "proxy", "naive", "speculative", "speculative_exact",
+            "speculative_transformers"} == set(b1["seconds_per_step"])
     assert "speculative" not in b2["seconds_per_step"]  # above --speculative-max-batch
-    assert 0 <= b1["speculative"]["acceptance"] <= 1
+    assert 0 <= b1["speculative"]["acceptance"] <= 1 and b1["speculative"]["mean_draft_len"] >= 1
+    assert "batch 1: speculative decoding runs at" in bench.speculation_note(result)
     assert b1["ratio_to_limit"]["composed"] > 0
     mem = result["memory_mb"]
     assert mem["composed"] > 0 and mem["composed_over_sum"] > 0

@@ -47,6 +47,27 @@ def test_generate_reads_stdin_and_streams(trained_dir):
     assert res.stdout.strip() == "no"
 
 
+def test_generate_with_a_draft_gives_the_composed_models_text(trained_dir, capsys, model_dir, tmp_path):
+    """--draft: speculative decoding of the same composed model (a bigger base verifies, the trained base drafts)."""
+    _, out, _ = trained_dir
+    target, draft = model_dir("llama", hidden=48, seed=1), model_dir("llama", seed=3)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Review 3: the movie was great. Positive?\nReview 8: the movie\nThe cat sat\n")
+    common = ["generate", "--base", target, "--value", str(out), "--prompt-file", str(prompts), "--max-new-tokens",
+              "12", "--jsonl", "--stop", "zz"]
+    capsys.readouterr()
+    assert main(common) == 0
+    plain = capsys.readouterr().out
+    assert main([*common, "--draft", draft, "--batch-size", "2"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main([*common, "--draft", draft, "--stream"]) == 2
+    assert "--stream cannot be combined with --draft" in capsys.readouterr().err
+    assert main([*common, "--draft", model_dir("qwen2", seed=3), "--proxy-tuned", draft, "--proxy-untuned",
+                 draft]) == 2
+    err = capsys.readouterr().err
+    assert "--draft" in err and "proxy-tuning" in err
+
+
 def test_errors_are_messages_not_tracebacks(trained_dir, tmp_path, capsys, model_dir, other_tokenizer):
     base, out, _ = trained_dir
     bad = tmp_path / "bad.jsonl"

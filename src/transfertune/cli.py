@@ -220,6 +220,9 @@ def cmd_generate(args) -> None:
     from .sampling import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.draft and args.stream:
+        raise InputError("--stream cannot be combined with --draft: speculative decoding commits several tokens "
+                         "at a time")
     items = _read_prompts(args)
     chats = [[{"role": "user", "content": p}] if args.chat and isinstance(p, str) else p for p in items]
     gen = _load_composed(args).generator()
@@ -233,14 +236,34 @@ def cmd_generate(args) -> None:
                 print(piece, end="", flush=True)
             print()
         return
+    if args.draft:
+        speculative = _speculative_generator(args, gen.composed)
+        generate = lambda batch: speculative.generate_texts(  # noqa: E731
+            batch, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop)
+    else:
+        generate = lambda batch: gen.generate(  # noqa: E731
+            batch, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop).text
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="generating", disable=len(prompts) <= args.batch_size):
-        batch = prompts[start : start + args.batch_size]
-        out = gen.generate(batch, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop)
-        for item, text in zip(items[start : start + args.batch_size], out.text):
+        texts = generate(prompts[start : start + args.batch_size])
+        for item, text in zip(items[start : start + args.batch_size], texts):
             shown = {"prompt": item} if isinstance(item, str) else {"messages": item}
             print(json.dumps({**shown, "response": text}) if args.jsonl else text)
+
+
+def _speculative_generator(args, composed):
+    """--draft: the draft base, loaded where and as the target base is."""
+    from .loading import load_base
+    from .speculative import SpeculativeComposedGenerator
+
+    placement = _placement(args)
+    draft, draft_tokenizer = load_base(args.draft, dtype=placement["dtype"], device=placement["device"],
+                                       trust_remote_code=args.trust_remote_code)
+    try:
+        return SpeculativeComposedGenerator(composed, draft, draft_tokenizer)
+    except ValueError as err:
+        raise InputError(f"--draft {args.draft}: {err}") from None
 
 
 def _render_chats(cm, items: list) -> list[str]:
@@ -558,6 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--batch-size", type=COUNT, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--draft", metavar="BASE",
+                   help="speculative decoding: this smaller base (same vocabulary) drafts tokens together with the "
+                        "value models and the base verifies them; the output is the composed model's. Pays at "
+                        "--batch-size 1 (see docs/performance.md)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("score", help="per-token log-probs of responses under the composed model",

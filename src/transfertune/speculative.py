@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
 from .composed import ComposedModel
 from .cross_vocab import keep_first
 from .data import encode_prompt
-from .generation import left_pad
+from .generation import find_stop, left_pad
 from .sampling import SamplingParams, filter_logits
 from .sequence import input_device
 from .vocab import vocab_fingerprint
@@ -30,37 +31,33 @@ class SpeculativeStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
-    rejected: int = 0  # rounds (x rows) that ended at a rejected token
     draft_lengths: list[int] = field(default_factory=list)
-    draft_seconds: float = 0.0  # spent in draft steps (`draft_steps` of them)
-    draft_steps: int = 0
-    verify_fit: list[float] = field(default_factory=lambda: [0.0] * 5)  # sums n, x, y, xx, xy: seconds y of
-    # verifying x tokens, for a least-squares line
-
-    def add_verification(self, tokens: int, seconds: float) -> None:
-        for i, term in enumerate((1, tokens, seconds, tokens * tokens, tokens * seconds)):
-            self.verify_fit[i] += term
-
-    def verify_seconds(self, tokens: int) -> float:
-        n, x, y, xx, xy = self.verify_fit
-        spread = n * xx - x * x
-        slope = max(0.0, (n * xy - x * y) / spread) if spread > 0 else 0.0
-        return (y - slope * x) / n + slope * tokens
+    by_length: dict[int, list[float]] = field(default_factory=dict)  # draft length -> [seconds, tokens, rounds]
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
-    def best_draft_len(self, longest: int, rows: int = 1) -> int:
-        """The draft length with the most tokens per second: a round of k drafted tokens commits
-        (1 - a^(k+1)) / (1 - a) tokens on average when each is accepted with probability a, and costs
-        (k + 1) draft steps + one verification of k + 1 tokens; a and both costs are what this run has measured
-        so far.
-        A batch commits what all its rows accepted, so a token is kept with probability a^rows."""
-        a = min((self.accepted + 3) / (self.accepted + self.rejected + 4), 0.99) ** rows  # prior: 3 of 4 accepted
-        step = self.draft_seconds / self.draft_steps
-        return max(range(1, longest + 1),
-                   key=lambda k: (1 - a ** (k + 1)) / (1 - a) / ((k + 1) * step + self.verify_seconds(k + 1)))
+    def record(self, draft_len: int, tokens: int, seconds: float) -> None:
+        """A round that drafted `draft_len` tokens and committed `tokens` (per row) in `seconds`."""
+        totals = self.by_length.setdefault(draft_len, [0.0, 0, 0])
+        totals[0] += seconds
+        totals[1] += tokens
+        totals[2] += 1
+
+    def next_draft_len(self, current: int, longest: int, min_rounds: int = 3) -> int:
+        """Hill climbing on measured speed: keep `current` until it has `min_rounds` rounds, then take the draft
+        length with the most committed tokens per second so far, or first a neighbour of it not yet measured.
+        Speed is measured rather than modelled: acceptance comes in runs, and what a drafted token costs against a
+        verified one depends on the models, the batch and the machine."""
+        def measured(k):
+            return self.by_length.get(k, [0.0, 0, 0])[2] >= min_rounds
+
+        if not measured(current):
+            return current
+        best = max((k for k in self.by_length if measured(k)),
+                   key=lambda k: self.by_length[k][1] / self.by_length[k][0])
+        return next((k for k in (best + 1, best - 1) if 1 <= k <= longest and not measured(k)), best)
 
 
 def step_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -152,9 +149,9 @@ class SpeculativeComposedGenerator:
     models themselves: greedy output is then token for token what plain composed decoding gives, at the cost
     of a second value pass. A transformers draft computes the values as plain decoding does: always exact.
 
-    `adaptive` picks each round's draft length from the acceptance and the draft and verification times
-    measured so far (`SpeculativeStats.best_draft_len`); seeded sampling keeps `draft_len`, so that a seed
-    gives the same tokens on every run.
+    `adaptive` picks each round's draft length from the speed measured so far with each length
+    (`SpeculativeStats.next_draft_len`); seeded sampling keeps `draft_len`, so that a seed gives the same
+    tokens on every run.
     """
 
     def __init__(self, target: ComposedModel, draft_base, draft_tokenizer=None, *, draft_len: int = 4,
@@ -253,7 +250,6 @@ class SpeculativeComposedGenerator:
                     token = torch.multinomial(q, 1, generator=gen)[:, 0]
                     draft_probs.append(q)
                 drafted.append(token)
-            drafted_at = time.perf_counter()
             seq = torch.stack([pending, *drafted], 1)
             verify_mask = torch.cat([mask, mask.new_ones(rows, k)], -1)
             verify_pos = pos[:, None] + torch.arange(k + 1)
@@ -261,9 +257,6 @@ class SpeculativeComposedGenerator:
             for i, m in enumerate(verifiers):
                 logits, caches[i] = run_cached(m, seq, verify_mask, verify_pos, caches[i], keep=k + 1)
                 verified.append(logits)
-            self.stats.draft_seconds += drafted_at - started
-            self.stats.draft_steps += len(value_steps)
-            self.stats.add_verification(k + 1, time.perf_counter() - drafted_at)
             value_logits = verified[1:] if self.recompute_values else \
                 [torch.stack([step[i] for step in value_steps], 1) for i in range(len(values))]
             composed = self.target.compose([verified[0], *value_logits])  # [B, k + 1, V]
@@ -278,7 +271,6 @@ class SpeculativeComposedGenerator:
             self.stats.rounds += 1
             self.stats.drafted += k * len(live)
             self.stats.accepted += sum(verdicts[r][0] for r in live)
-            self.stats.rejected += sum(verdicts[r][0] < k for r in live)
             self.stats.draft_lengths.append(k)
             kept = mask.shape[1] + n  # every model keeps the committed tokens but the new pending one
             behind = seq[:, draft.length - kept :] if draft.length < kept else seq_start  # seq ends at index kept
@@ -297,10 +289,20 @@ class SpeculativeComposedGenerator:
                     if len(out[r]) == max_new_tokens:
                         running[r] = False
                         break
-            if adaptive:
-                k = self.stats.best_draft_len(self.max_draft_len, len(live))
+            if adaptive and k > 0:
+                self.stats.record(k, n + 1, time.perf_counter() - started)
+                k = self.stats.next_draft_len(k, self.max_draft_len)
         return out
 
-    def generate(self, prompt: str, max_new_tokens: int = 64, sampling: SamplingParams | None = None) -> str:
-        ids = self.generate_ids(encode_prompt(self.tokenizer, prompt), max_new_tokens, sampling)
-        return self.tokenizer.decode([t for t in ids if t not in self.eos_ids], skip_special_tokens=True)
+    def generate_texts(self, prompts: Sequence[str], max_new_tokens: int = 64, sampling: SamplingParams | None = None,
+                       stop: Sequence[str] = ()) -> list[str]:
+        """Text generated for each prompt (one batch), cut before the first stop string; prompts are checked
+        against the context length as plain generation checks them (`ComposedGenerator.fit_context`)."""
+        ids, max_new_tokens = self.target.generator().fit_context(
+            [encode_prompt(self.tokenizer, p) for p in prompts], max_new_tokens)
+        texts = []
+        for row in self.generate_batch(ids, max_new_tokens, sampling):
+            text = self.tokenizer.decode([t for t in row if t not in self.eos_ids], skip_special_tokens=True)
+            cut = find_stop(text, stop)
+            texts.append(text if cut is None else text[:cut])
+        return texts
