@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+HELDOUT_TEXT = ROOT / "models" / "heldout-slice.txt"
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -83,9 +84,11 @@ def load_value(args, tokenizer):
 
 
 def make_prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
-    """Real text (this file's docstring) cut to `length` tokens, shifted per row so rows differ."""
-    ids = tokenizer(__doc__ * 8)["input_ids"]
-    return [ids[i * 3 : i * 3 + length] for i in range(batch)]
+    """Held-out book text (models/heldout-slice.txt: Gutenberg books no built-in model trained on) cut to
+    `length` tokens, each row from another place in it."""
+    ids = tokenizer(HELDOUT_TEXT.read_text(encoding="utf-8"))["input_ids"]
+    stride = max(1, (len(ids) - length) // max(1, batch))
+    return [ids[i * stride : i * stride + length] for i in range(batch)]
 
 
 def timed(fn, repeats: int) -> float:

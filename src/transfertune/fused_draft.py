@@ -96,8 +96,9 @@ class StackedLlama:
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm without its weight (folded into the next projection), computed in float32 as Llama does."""
-        h = x.float()
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        if x.dtype != torch.float32:
+            return self._norm(x.float()).to(x.dtype)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
         """Run `ids` [B, T] (at `positions` [B, T]) after the cached tokens; `mask` [B, cached + T] marks real
@@ -123,9 +124,9 @@ class StackedLlama:
             values[:, :, start:end] = proj[:, :, :, qk : qk + kv].reshape(n * B, T, kv, self.head_dim).transpose(1, 2)
             attended = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=attn_mask,
                                                       enable_gqa=True)
-            x = x + torch.bmm(attended.transpose(1, 2).reshape(n, B * T, -1), layer["out"])
+            x = torch.baddbmm(x, attended.transpose(1, 2).reshape(n, B * T, -1), layer["out"])
             gate, up = torch.bmm(self._norm(x), layer["gate_up"]).chunk(2, -1)
-            x = x + torch.bmm(F.silu(gate) * up, layer["down"])
+            x = torch.baddbmm(x, F.silu(gate) * up, layer["down"])
         self.length = end
         last = x.view(n, B, T, self.hidden)[:, :, -1]
         return list(torch.bmm(self._norm(last), self.head).float().unbind(0))
