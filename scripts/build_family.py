@@ -114,12 +114,13 @@ def load_tokenizer(work: Path, which: str) -> PreTrainedTokenizerFast:
 
 
 def world_documents(split: str) -> list[str]:
-    """Documents of a synthetic stream: biographies of the v1 or v2 people, or blocks of 16 arithmetic lines."""
+    """Documents of a synthetic stream: biographies of the v1 or v2 people, or blocks of 16 arithmetic lines
+    (`arith_reversed`: answers in digits written least significant digit first)."""
     entities = load_world(WORLD_PATH)
     if split in ("bios_v1", "bios_v2"):
         people = [e for e in entities if e.generation == split[-2:]]
         return biographies(people, RENDERINGS, seed=WORLD_SEED + (1 if split == "bios_v1" else 2))
-    lines = arithmetic_text(200_000, seed=WORLD_SEED + 3).split("\n")
+    lines = arithmetic_text(200_000, seed=WORLD_SEED + 3, reversed_digits=split == "arith_reversed").split("\n")
     return ["\n".join(lines[i : i + 16]) for i in range(0, len(lines), 16)]
 
 
@@ -279,7 +280,8 @@ def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int, p
             model.eval()
             for g, group in probe_sets.items():
                 record[f"probe_{g}"] = round(knowledge_probe(model, tok, group)["all"], 4)
-            record["arithmetic"] = round(arithmetic_accuracy(model, tok, problems), 4)
+            record["arithmetic"] = round(arithmetic_accuracy(model, tok, problems,
+                                                             reversed_digits="arith_reversed" in spec.mix), 4)
             model.train()
             bar.set_postfix(loss=record["loss"], probe=record["probe_v1"], arith=record["arithmetic"])
         log.write(json.dumps(record) + "\n")

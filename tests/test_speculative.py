@@ -60,19 +60,32 @@ def test_draft_equal_to_target_accepts_everything_when_sampling(model_dir, token
     assert spec.stats.draft_lengths[:-1] == [4] * (len(spec.stats.draft_lengths) - 1)  # seeded: no adapting
 
 
-@pytest.mark.parametrize("start, speed, best", [
-    (2, {1: 2.0, 2: 3.0, 3: 4.0, 4: 3.5, 5: 1.0}, 3),  # tokens per second at each draft length
-    (4, {1: 3.0, 2: 4.0, 3: 2.0, 4: 1.0, 5: 0.5}, 2),
-])
-def test_draft_length_climbs_to_the_fastest_measured(start, speed, best):
-    stats, k, path = SpeculativeStats(), start, []
-    for _ in range(40):
-        stats.record(k, 3, 3 / speed[k])
-        k = stats.next_draft_len(k, longest=5)
-        path.append(k)
-    assert path[:2] == [start, start]  # 3 rounds measured before moving
-    assert path[-10:] == [best] * 10
-    assert stats.by_length[best - 1][2] == stats.by_length[best + 1][2] == 3  # both neighbours measured, left
+def test_best_draft_len_follows_acceptance_and_costs():
+    def stats(accepted, rejected, step, verify_one, verify_per_token):
+        s = SpeculativeStats(accepted=accepted, rejected=rejected, draft_seconds=step * 10, draft_steps=10)
+        for tokens in (2, 5, 2, 5):
+            s.add_verification(tokens, verify_one + verify_per_token * (tokens - 1))
+        return s
+
+    assert stats(10, 90, 0.1, 1.0, 0.0).best_draft_len(12) == 1  # a draft the verifier rarely agrees with
+    assert stats(990, 10, 0.01, 1.0, 0.0).best_draft_len(12) == 12  # cheap and nearly always right
+    good = stats(80, 20, 0.1, 1.0, 0.0)
+    assert 1 < good.best_draft_len(12) < 12
+    assert good.best_draft_len(12, rows=8) < good.best_draft_len(12)  # a batch keeps what all its rows accepted
+    costly = stats(80, 20, 0.1, 1.0, 0.5)
+    assert costly.best_draft_len(12) < good.best_draft_len(12)  # verifying costs per token
+    assert costly.verify_seconds(7) == pytest.approx(4.0) and good.verify_seconds(7) == pytest.approx(1.0)
+
+
+def test_adaptive_drafting_times_two_lengths_first(model_dir, tokenizer):
+    """The first rounds alternate draft_len and twice it, so the cost model sees verification at two sizes."""
+    target, _ = target_and_draft(model_dir, tokenizer)
+    spec = SpeculativeComposedGenerator(target, target.base, draft_len=2, max_draft_len=12,
+                                        draft_engine="transformers")
+    spec.eos_ids = set()
+    spec.generate_ids(encode_prompt(tokenizer, "The"), 60)
+    assert spec.stats.draft_lengths[:4] == [2, 4, 2, 4]  # two lengths first: verification timed at two sizes
+    assert spec.stats.acceptance_rate == 1.0 and spec.stats.rejected == 0
 
 
 def test_verify_rule_reproduces_the_target_distribution():

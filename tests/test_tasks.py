@@ -51,6 +51,20 @@ def test_arithmetic_answers_are_right_and_heldout_problems_never_in_the_corpus()
             assert is_heldout_problem(int(a), op, int(b)) == heldout
 
 
+@pytest.mark.parametrize("reversed_digits", [False, True])
+def test_pretraining_arithmetic_lines_are_right_in_either_digit_order(reversed_digits):
+    from transfertune.world import arithmetic_text, is_heldout_problem
+
+    digit_lines = [line for line in arithmetic_text(300, seed=5, reversed_digits=reversed_digits).split("\n")
+                   if line[0].isdigit()]
+    assert len(digit_lines) > 150
+    for line in digit_lines:
+        a, op, b, _, c = line.split()
+        expected = str(int(a) + int(b) if op == "+" else int(a) - int(b))
+        assert c == (expected[::-1] if reversed_digits else expected)
+        assert not is_heldout_problem(int(a), op, int(b))
+
+
 def test_ag_news_rows_carry_all_four_classes():
     for r in load_task("ag_news", "heldout_example"):
         assert len(r["choices"]) == 4

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .world import (ANSWER_TEMPLATES, ATTRIBUTE_NOUNS, ATTRIBUTES, PROBE_TEMPLATES, QUESTION_TEMPLATES, VALUES, Entity,
-                    fill, solve)
+                    fill, solve, written_answer)
 
 
 @torch.no_grad()
@@ -84,8 +84,9 @@ def heldout_arithmetic(n: int, seed: int = 1, heldout: bool = True) -> list[tupl
 
 @torch.no_grad()
 def arithmetic_accuracy(model, tok, problems: list[tuple[int, str, int]], batch_size: int = 128,
-                        progress: bool = False) -> float:
-    """Greedy completion of '<a> <op> <b> =' (digits are single tokens in the family's tokenizers)."""
+                        progress: bool = False, reversed_digits: bool = False) -> float:
+    """Greedy completion of '<a> <op> <b> =' (digits are single tokens in the family's tokenizers); with
+    `reversed_digits` the answer is expected least significant digit first (world.written_answer)."""
     device = next(model.parameters()).device
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     correct = 0
@@ -103,5 +104,5 @@ def arithmetic_accuracy(model, tok, problems: list[tuple[int, str, int]], batch_
                              do_sample=False, pad_token_id=tok.pad_token_id)
         for (a, op, b), row in zip(chunk, out[:, width:]):
             text = tok.decode(row, skip_special_tokens=True).split("\n")[0].strip()
-            correct += text == str(solve(a, op, b))
+            correct += text == written_answer(solve(a, op, b), reversed_digits)
     return correct / len(problems)

@@ -31,33 +31,40 @@ class SpeculativeStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejected: int = 0  # rows x rounds that ended at a rejected drafted token
     draft_lengths: list[int] = field(default_factory=list)
-    by_length: dict[int, list[float]] = field(default_factory=dict)  # draft length -> [seconds, tokens, rounds]
+    draft_seconds: float = 0.0  # spent drafting, over `draft_steps` steps
+    draft_steps: int = 0
+    verify_sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # n, x, y, xx, xy of (tokens, seconds)
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
-    def record(self, draft_len: int, tokens: int, seconds: float) -> None:
-        """A round that drafted `draft_len` tokens and committed `tokens` (per row) in `seconds`."""
-        totals = self.by_length.setdefault(draft_len, [0.0, 0, 0])
-        totals[0] += seconds
-        totals[1] += tokens
-        totals[2] += 1
+    def add_verification(self, tokens: int, seconds: float) -> None:
+        for i, term in enumerate((1, tokens, seconds, tokens * tokens, tokens * seconds)):
+            self.verify_sums[i] += term
 
-    def next_draft_len(self, current: int, longest: int, min_rounds: int = 3) -> int:
-        """Hill climbing on measured speed: keep `current` until it has `min_rounds` rounds, then take the draft
-        length with the most committed tokens per second so far, or first a neighbour of it not yet measured.
-        Speed is measured rather than modelled: acceptance comes in runs, and what a drafted token costs against a
-        verified one depends on the models, the batch and the machine."""
-        def measured(k):
-            return self.by_length.get(k, [0.0, 0, 0])[2] >= min_rounds
+    def verify_seconds(self, tokens: int) -> float:
+        """Seconds to verify `tokens` tokens: the least-squares line through the verifications so far."""
+        n, x, y, xx, xy = self.verify_sums
+        spread = n * xx - x * x
+        slope = max(0.0, (n * xy - x * y) / spread) if spread > 1e-9 else 0.0
+        return (y - slope * x) / n + slope * tokens
 
-        if not measured(current):
-            return current
-        best = max((k for k in self.by_length if measured(k)),
-                   key=lambda k: self.by_length[k][1] / self.by_length[k][0])
-        return next((k for k in (best + 1, best - 1) if 1 <= k <= longest and not measured(k)), best)
+    def best_draft_len(self, longest: int, rows: int = 1) -> int:
+        """The draft length that commits the most tokens per second. With each drafted token accepted with
+        probability a (a row's, estimated from every round so far, prior 3 of 4; a batch keeps a token only when
+        all its rows accept it: a^rows), a round of k drafted tokens commits (1 - a^(k+1)) / (1 - a) tokens and
+        costs k + 1 draft steps + the verification of k + 1 tokens, both timed as the run goes. The model pools
+        every round, so a run of easy text does not make one length look better than another."""
+        a = min((self.accepted + 3) / (self.accepted + self.rejected + 4), 0.99) ** rows
+        step = self.draft_seconds / self.draft_steps
+
+        def tokens_per_second(k):
+            return (1 - a ** (k + 1)) / (1 - a) / ((k + 1) * step + self.verify_seconds(k + 1))
+
+        return max(range(1, longest + 1), key=tokens_per_second)
 
 
 def step_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -126,6 +133,7 @@ def run_cached(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Te
 
 
 DRAFT_ENGINES = ("auto", "fused", "transformers")
+EXPLORE = (1, 2, 1, 2)  # draft lengths of the first rounds with `adaptive`, times draft_len
 
 
 def greedy_verdicts(composed: torch.Tensor, drafted: torch.Tensor) -> list[tuple[int, int]]:
@@ -149,8 +157,8 @@ class SpeculativeComposedGenerator:
     models themselves: greedy output is then token for token what plain composed decoding gives, at the cost
     of a second value pass. A transformers draft computes the values as plain decoding does: always exact.
 
-    `adaptive` picks each round's draft length from the speed measured so far with each length
-    (`SpeculativeStats.next_draft_len`); seeded sampling keeps `draft_len`, so that a seed gives the same
+    `adaptive` picks each round's draft length from the acceptance and the costs measured so far
+    (`SpeculativeStats.best_draft_len`); seeded sampling keeps `draft_len`, so that a seed gives the same
     tokens on every run.
     """
 
@@ -253,10 +261,14 @@ class SpeculativeComposedGenerator:
             seq = torch.stack([pending, *drafted], 1)
             verify_mask = torch.cat([mask, mask.new_ones(rows, k)], -1)
             verify_pos = pos[:, None] + torch.arange(k + 1)
+            drafted_at = time.perf_counter()
             verified = []
             for i, m in enumerate(verifiers):
                 logits, caches[i] = run_cached(m, seq, verify_mask, verify_pos, caches[i], keep=k + 1)
                 verified.append(logits)
+            self.stats.draft_seconds += drafted_at - started
+            self.stats.draft_steps += k + 1
+            self.stats.add_verification(k + 1, time.perf_counter() - drafted_at)
             value_logits = verified[1:] if self.recompute_values else \
                 [torch.stack([step[i] for step in value_steps], 1) for i in range(len(values))]
             composed = self.target.compose([verified[0], *value_logits])  # [B, k + 1, V]
@@ -271,6 +283,7 @@ class SpeculativeComposedGenerator:
             self.stats.rounds += 1
             self.stats.drafted += k * len(live)
             self.stats.accepted += sum(verdicts[r][0] for r in live)
+            self.stats.rejected += sum(verdicts[r][0] < k for r in live)
             self.stats.draft_lengths.append(k)
             kept = mask.shape[1] + n  # every model keeps the committed tokens but the new pending one
             behind = seq[:, draft.length - kept :] if draft.length < kept else seq_start  # seq ends at index kept
@@ -289,9 +302,10 @@ class SpeculativeComposedGenerator:
                     if len(out[r]) == max_new_tokens:
                         running[r] = False
                         break
-            if adaptive and k > 0:
-                self.stats.record(k, n + 1, time.perf_counter() - started)
-                k = self.stats.next_draft_len(k, self.max_draft_len)
+            if adaptive and self.stats.rounds >= len(EXPLORE):
+                k = self.stats.best_draft_len(self.max_draft_len, len(live))
+            elif adaptive:  # first rounds: two lengths, so that verification is timed at two token counts
+                k = max(1, min(self.max_draft_len, self.draft_len * EXPLORE[self.stats.rounds]))
         return out
 
     def generate_texts(self, prompts: Sequence[str], max_new_tokens: int = 64, sampling: SamplingParams | None = None,

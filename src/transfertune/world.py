@@ -173,20 +173,26 @@ def is_heldout_problem(a: int, op: str, b: int) -> bool:
     return (7 * a + 3 * b + (op == "-")) % 10 == 0
 
 
-def arithmetic_line(rng: random.Random) -> str:
+def written_answer(c: int, reversed_digits: bool = False) -> str:
+    """The answer as digits, most significant first, or least significant first (the order in which addition
+    produces them, which small transformers learn far more easily)."""
+    return str(c)[::-1] if reversed_digits else str(c)
+
+
+def arithmetic_line(rng: random.Random, reversed_digits: bool = False) -> str:
     a, op, b = arithmetic_problem(rng)
     while is_heldout_problem(a, op, b):
         a, op, b = arithmetic_problem(rng)
     c = solve(a, op, b)
     if rng.random() < 0.7:
-        return f"{a} {op} {b} = {c}"
+        return f"{a} {op} {b} = {written_answer(c, reversed_digits)}"
     word = "plus" if op == "+" else "minus"
     return f"{number_words(a)} {word} {number_words(b)} equals {number_words(c)}."
 
 
-def arithmetic_text(lines: int, seed: int) -> str:
+def arithmetic_text(lines: int, seed: int, reversed_digits: bool = False) -> str:
     rng = random.Random(seed)
-    return "\n".join(arithmetic_line(rng) for _ in range(lines))
+    return "\n".join(arithmetic_line(rng, reversed_digits) for _ in range(lines))
 
 
 def save_world(entities: list[Entity], path: Path, seed: int) -> None:
