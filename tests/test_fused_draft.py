@@ -60,3 +60,13 @@ def test_only_plain_llama_models_fuse(model_dir, tokenizer):
     assert not can_fuse([load_causal_lm(model_dir("qwen2", hidden=32, seed=2))])  # biased q/k/v projections
     lora = ValueModel.create(llama, tokenizer=tokenizer, lora=LoraSettings(r=2))
     assert not can_fuse([lora])
+
+
+def test_half_precision_models_run_in_their_own_dtype(model_dir, tokenizer):
+    model = load_causal_lm(model_dir("llama", hidden=32, seed=2)).to(torch.bfloat16)
+    ids = torch.tensor([encode_prompt(tokenizer, "It was the best of times")])
+    draft = FusedDraft([model], batch=1, max_len=ids.shape[1])
+    got = draft.forward(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])[0]
+    assert draft.stacks[0][1].keys[0].dtype == torch.bfloat16 and got.dtype == torch.float32
+    expected = reference_logits([model], ids, torch.ones_like(ids))[0]
+    assert (got - expected).abs().max() < 0.05 * max(1.0, float(expected.abs().max()))  # bf16 rounding

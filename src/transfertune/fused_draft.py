@@ -20,8 +20,11 @@ def _plain_llama(model) -> bool:
     from transformers import LlamaForCausalLM
 
     c = model.config
+    # RoPE tables are computed once, so rotary embeddings that change with the sequence length are left out
+    rope = getattr(getattr(getattr(model, "model", None), "rotary_emb", None), "rope_type", "default")
     return (type(model) is LlamaForCausalLM and not getattr(c, "attention_bias", False)
-            and not getattr(c, "mlp_bias", False) and c.hidden_act == "silu" and getattr(c, "pretraining_tp", 1) == 1)
+            and not getattr(c, "mlp_bias", False) and c.hidden_act == "silu" and getattr(c, "pretraining_tp", 1) == 1
+            and rope not in ("dynamic", "longrope"))
 
 
 def _unwrap(model):
@@ -32,7 +35,8 @@ def _unwrap(model):
 
 
 def can_fuse(models) -> bool:
-    """Whether every model is a plain Llama causal LM (full weights, no biases, SiLU MLP) that can run here."""
+    """Whether every model is a plain Llama causal LM (full weights, no biases, SiLU MLP, RoPE independent of the
+    sequence length) that can run here."""
     return all(_plain_llama(_unwrap(m)) for m in models)
 
 

@@ -233,7 +233,8 @@ class SpeculativeComposedGenerator:
         out: list[list[int]] = [[] for _ in range(rows)]
         running = [True] * rows
         k, produced = self.draft_len, 0
-        behind = seq_start = ids[:, :0]  # committed tokens before `pending` that the draft has not run on yet
+        no_tokens = ids[:, :0]
+        behind = no_tokens  # committed tokens before `pending` that the draft has not run on yet
         # the draft length follows measured times, so a seeded run, whose random draws depend on it, keeps its own
         adaptive = self.adaptive and (params.greedy or params.seed is None)
         while any(running) and produced < max_new_tokens:
@@ -286,7 +287,8 @@ class SpeculativeComposedGenerator:
             self.stats.rejected += sum(verdicts[r][0] < k for r in live)
             self.stats.draft_lengths.append(k)
             kept = mask.shape[1] + n  # every model keeps the committed tokens but the new pending one
-            behind = seq[:, draft.length - kept :] if draft.length < kept else seq_start  # seq ends at index kept
+            # the draft is behind only when every drafted token was kept (exact mode skips the last draft step)
+            behind = seq[:, draft.length - kept :] if draft.length < kept else no_tokens
             draft.truncate(min(draft.length, kept))
             for cache in caches:
                 keep_first(cache, kept)
