@@ -33,11 +33,7 @@ MIX = {"bios_v1": 6, "arith": 8, "books": 2}
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["mini-s", "mini-l"])
-    p.add_argument("--tokens", type=int, default=500_000)
-    p.add_argument("--work", type=Path, default=ROOT / "runs" / "family")
-    p.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "data" / "gutenberg-en")
-    p.add_argument("--threads", type=int, default=1)
+    bf.add_pilot_args(p, ["mini-s", "mini-l"], 500_000)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tok = bf.load_tokenizer(args.work, "main")

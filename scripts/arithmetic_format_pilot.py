@@ -35,12 +35,8 @@ STREAMS = {"msd": "arith", "reversed": "arith_reversed"}
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["mini-s", "mini-m", "mini-l"])
+    bf.add_pilot_args(p, ["mini-s", "mini-m", "mini-l"], 1_000_000)
     p.add_argument("--formats", nargs="+", choices=sorted(STREAMS), default=["reversed"])
-    p.add_argument("--tokens", type=int, default=1_000_000)
-    p.add_argument("--work", type=Path, default=ROOT / "runs" / "family")
-    p.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "data" / "gutenberg-en")
-    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tok = bf.load_tokenizer(args.work, "main")

@@ -296,6 +296,15 @@ def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int, p
     return run / "final"
 
 
+def add_pilot_args(p, models: list[str], tokens: int) -> None:
+    """Arguments of the pilot scripts: which bases, how many tokens, where the family's runs and books are."""
+    p.add_argument("--models", nargs="+", default=models)
+    p.add_argument("--tokens", type=int, default=tokens)
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "family")
+    p.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "data" / "gutenberg-en")
+    p.add_argument("--threads", type=int, default=1)
+
+
 def shards_used(work: Path, spec: Spec) -> list[str]:
     """Book shards the cached token streams came from: each complete shard ends with one EOS separator."""
     used = []
