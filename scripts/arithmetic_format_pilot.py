@@ -2,14 +2,15 @@
 
     python scripts/arithmetic_format_pilot.py --formats reversed --models mini-s mini-m mini-l [--tokens 1000000]
     python scripts/arithmetic_format_pilot.py --formats msd --models mini-m       # the control: today's format
+    python scripts/arithmetic_format_pilot.py --mix arithmetic ...               # arithmetic only: learnable at all?
 
 The shipped family never learnt arithmetic (MODEL_CARD: seen problems <= 0.1 after 1.5 M arithmetic tokens,
 answers written most significant digit first). This trains each size from scratch on the family's own mix
-(scripts/build_family.py BASE_MIX, 4 of 16 rows arithmetic) with only the answer order changed, for --tokens
-tokens with the family's schedule, and measures greedy arithmetic in the format it was trained on: on problems
-the corpus never writes (held out by rule) and on problems it does write (seen). One JSON line per (model,
-format), with the curve, goes to models/pilot/arithmetic-format.jsonl; weights stay in runs/family/pilot-format-*.
-The shipped models do not change.
+(scripts/build_family.py BASE_MIX, 4 of 16 rows arithmetic; --mix arithmetic: arithmetic alone) with only the
+answer order changed, for --tokens tokens with the family's schedule, and measures greedy arithmetic in the
+format it was trained on: on problems the corpus never writes (held out by rule) and on problems it does write
+(seen). One JSON line per (model, format, mix), with the curve, goes to models/pilot/arithmetic-format.jsonl;
+weights stay in runs/family/pilot-format-*. The shipped models do not change.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bf.add_pilot_args(p, ["mini-s", "mini-m", "mini-l"], 1_000_000)
     p.add_argument("--formats", nargs="+", choices=sorted(STREAMS), default=["reversed"])
+    p.add_argument("--mix", choices=("family", "arithmetic"), default="family",
+                   help="family: the family's own mix (4 of 16 rows arithmetic); arithmetic: arithmetic only")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tok = bf.load_tokenizer(args.work, "main")
@@ -44,8 +47,9 @@ def main() -> None:
     for fmt in args.formats:
         for size in args.models:
             spec = bf.FAMILY[size]
-            mix = {STREAMS[fmt] if k == "arith" else k: v for k, v in bf.BASE_MIX.items()}
-            name = f"pilot-format-{size}-{fmt}-{args.tokens}"
+            mix = {STREAMS[fmt] if k == "arith" else k: v for k, v in bf.BASE_MIX.items()} \
+                if args.mix == "family" else {STREAMS[fmt]: bf.BATCH}
+            name = f"pilot-format-{size}-{fmt}-{args.mix}-{args.tokens}"
             bf.FAMILY[name] = bf.Spec(name, "main", spec.hidden, spec.layers, spec.heads, spec.kv_heads,
                                       tokens=args.tokens, lr=spec.lr, mix=mix)
             start = time.time()
@@ -53,7 +57,7 @@ def main() -> None:
             model = LlamaForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
             reversed_digits = fmt == "reversed"
             log = [json.loads(line) for line in (args.work / name / "log.jsonl").read_text().splitlines()]
-            line = {"model": size, "format": fmt, "tokens": args.tokens, "mix": mix,
+            line = {"model": size, "format": fmt, "mix_name": args.mix, "tokens": args.tokens, "mix": mix,
                     "heldout": arithmetic_accuracy(model, tok, heldout_arithmetic(400), reversed_digits=reversed_digits),
                     "seen": arithmetic_accuracy(model, tok, heldout_arithmetic(400, heldout=False),
                                                 reversed_digits=reversed_digits),
