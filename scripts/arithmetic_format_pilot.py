@@ -9,8 +9,9 @@ answers written most significant digit first). This trains each size from scratc
 (scripts/build_family.py BASE_MIX, 4 of 16 rows arithmetic; --mix arithmetic: arithmetic alone) with only the
 answer order changed, for --tokens tokens with the family's schedule, and measures greedy arithmetic in the
 format it was trained on: on problems the corpus never writes (held out by rule) and on problems it does write
-(seen). One JSON line per (model, format, mix), with the curve, goes to models/pilot/arithmetic-format.jsonl;
-weights stay in runs/family/pilot-format-*. The shipped models do not change.
+(seen). One JSON line per (model, format, mix), with the curve, goes to models/pilot/arithmetic-format.jsonl,
+and the MODEL_CARD's notes are rewritten from it; weights stay in runs/family/pilot-format-*. The shipped
+models do not change.
 """
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ def main() -> None:
             print(json.dumps(line), flush=True)
             with (ROOT / "models" / "pilot" / "arithmetic-format.jsonl").open("a") as f:
                 f.write(json.dumps(line) + "\n")
+    models = ROOT / "models"
+    bf.write_model_card(json.loads((models / "family.json").read_text()), models / "MODEL_CARD.md")
 
 
 if __name__ == "__main__":

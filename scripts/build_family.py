@@ -428,6 +428,26 @@ def anneal_note(path: Path) -> str:
             f"`pilot/arithmetic-anneal.jsonl`).")
 
 
+def format_note(path: Path) -> str:
+    """Sentences on `scripts/arithmetic_format_pilot.py`'s results (answers least significant digit first), when it
+    has been run."""
+    if not path.is_file():
+        return (" It probably needs reversed-digit answers (least-significant digit first) from the start of "
+                "pretraining (untested).")
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    cells = "; ".join(f"{r['model']}, {r.get('mix_name', 'family')} mix, {r['format']}: {r['seen']:.3f}" for r in runs)
+    tokens = ", ".join(sorted({f"{r['tokens'] / 1e6:g} M" for r in runs}))
+    learnt = sorted({f"{r['model']} ({r['format']})" for r in runs if r["seen"] >= 0.5})
+    steps = ", ".join(sorted({str(r["tokens"] // (BATCH * CONTEXT)) for r in runs}))
+    verdict = (f"learnt by {', '.join(learnt)}" if learnt else
+               f"neither digit order was learnt within {steps} optimiser steps, not even on arithmetic alone; whether "
+               f"reversed answers help over the family's full budget ({FAMILY['mini-l'].tokens // (BATCH * CONTEXT)} "
+               "steps for mini-l) stays open")
+    return (f" {'From' if learnt else 'Nor from'} scratch with answers least significant digit first "
+            f"(`scripts/arithmetic_format_pilot.py`, seen-problem accuracy after {tokens} tokens: {cells}; "
+            f"`pilot/arithmetic-format.jsonl`): {verdict}.")
+
+
 def write_model_card(family: dict, path: Path) -> None:
     """MODEL_CARD.md from family.json; the demo results section is kept if the card already has one."""
     rows = []
@@ -448,6 +468,7 @@ def write_model_card(family: dict, path: Path) -> None:
     if path.is_file() and "\n## Demo results" in path.read_text():
         kept = path.read_text()[path.read_text().index("\n## Demo results"):]
     anneal = anneal_note(path.parent / "pilot" / "arithmetic-anneal.jsonl")
+    formats = format_note(path.parent / "pilot" / "arithmetic-format.jsonl")
     path.write_text(f"""# Built-in miniature model family
 
 Llama-architecture causal LMs pretrained from scratch on 2 CPU cores by `scripts/build_family.py`
@@ -516,8 +537,7 @@ has to carry. No size learnt the arithmetic (see the notes below).
   first scheduled for 5 M tokens; at 4.5 M its probe (0.89 on 40 people) was still below mini-m's final 0.96,
   so it was resumed from its step-1100 checkpoint with a 6 M-token cosine schedule (the curve shows the bump).
   Arithmetic stayed near zero for every size: two-digit addition with carries, written most-significant digit
-  first, was not learnt from ~1.5 M arithmetic tokens at these sizes (see the curves).{anneal} It probably
-  needs reversed-digit answers (least-significant digit first) from the start of pretraining (untested). A
+  first, was not learnt from ~1.5 M arithmetic tokens at these sizes (see the curves).{anneal}{formats} A
   `mini-l-v2` sibling (spec in the build script) was not built within the CPU budget.
 - Loss curves: `loss_curves.png`. Licence: the weights are derived only from public-domain (US) texts; we
   release them under the project's licence.
