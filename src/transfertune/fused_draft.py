@@ -7,8 +7,9 @@ for a stack of models: every weight of n same-shape models is stacked into one t
 the ops of one (batched matmuls), and the KV cache is a preallocated tensor that rolls back by moving a
 length. Models of another shape form their own stack.
 
-Only the draft uses it: its logits pick tokens the verifier may reject, so rounding that differs from
-transformers' own forward pass changes what is accepted, never what is emitted (see speculative.py).
+Only speculative decoding uses it. The draft base's logits only propose tokens, so rounding that differs from
+transformers' own forward pass changes what is accepted, not what is emitted; the value logits are reused by
+the verifier, where that rounding (near 1e-6) can break a near-tie the other way (speculative.py, `exact`).
 """
 from __future__ import annotations
 
