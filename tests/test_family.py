@@ -10,7 +10,7 @@ from transfertune.vocab import vocab_fingerprint
 
 FAMILY_JSON = builtin_models_dir() / "family.json"
 FAMILY = json.loads(FAMILY_JSON.read_text()) if FAMILY_JSON.is_file() else {"models": {}}
-SHIPPED = ["mini-s", "mini-m", "mini-l", "mini-m-v2", "mini-x"]
+SHIPPED = ["mini-s", "mini-m", "mini-l", "mini-m-v2", "mini-l-v2", "mini-x"]
 
 
 def slice_loss(model, tok, text: str, context: int) -> float:
@@ -44,7 +44,7 @@ def test_heldout_loss_falls_strictly_with_size():
 
 def test_same_tokenizer_except_mini_x():
     fps = {n: FAMILY["models"][n]["vocab_fingerprint"] for n in SHIPPED}
-    assert fps["mini-s"] == fps["mini-m"] == fps["mini-l"] == fps["mini-m-v2"] != fps["mini-x"]
+    assert fps["mini-s"] == fps["mini-m"] == fps["mini-l"] == fps["mini-m-v2"] == fps["mini-l-v2"] != fps["mini-x"]
 
 
 def test_head_dim_at_least_32():
@@ -64,7 +64,7 @@ def test_knowledge_rises_with_size_until_it_saturates():
 
 def test_v2_siblings_know_the_new_people_and_v1_bases_do_not():
     m, chance = FAMILY["models"], FAMILY["probe_chance"]
-    for v1, v2 in (("mini-m", "mini-m-v2"),):
+    for v1, v2 in (("mini-m", "mini-m-v2"), ("mini-l", "mini-l-v2")):
         assert m[v1]["probe_v2"] < chance + 0.05
         assert m[v2]["probe_v2"] > m[v1]["probe_v2"] + 0.2
 

@@ -15,7 +15,7 @@ import random
 import time
 from pathlib import Path
 
-DEFAULT_TARGETS = ["mini-s", "mini-m", "mini-l", "mini-m-v2"]
+DEFAULT_TARGETS = ["mini-s", "mini-m", "mini-l", "mini-m-v2", "mini-l-v2"]
 DEFAULT_TASKS = ["people_qa", "arithmetic"]
 DEFAULT_EVALS = ["people_qa/heldout_example", "people_qa/heldout_new", "arithmetic/heldout_example"]
 
