@@ -35,6 +35,8 @@ results: $(STAMP)
 		--docs-section main --docs-title "Transfer to a bigger base: questions about people the value model was never asked about"
 	$(EVAL) --source mini-m --targets mini-m-v2 --tasks people_qa --split heldout_new \
 		--docs-section update-m --docs-title "Knowledge update: value model trained on mini-m, questions about new people (mini-m-v2)"
+	$(EVAL) --source mini-l --targets mini-l-v2 --tasks people_qa --split heldout_new \
+		--docs-section update-l --docs-title "Knowledge update: value model trained on mini-l, questions about new people (mini-l-v2)"
 	$(EVAL) --source mini-s --targets mini-x --tasks people_qa --split heldout_example --vocab-map align \
 		--methods target source+value target+value target_ft target_lora \
 		--docs-section cross-vocab --docs-title "Another vocabulary: value model trained on mini-s, composed with mini-x through a token map"
