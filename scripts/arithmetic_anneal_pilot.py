@@ -12,7 +12,6 @@ change).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,6 @@ sys.path.insert(0, str(ROOT / "src"))
 import build_family as bf  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
-from transfertune.probe import arithmetic_accuracy, heldout_arithmetic  # noqa: E402
 
 MIX = {"bios_v1": 6, "arith": 8, "books": 2}
 
@@ -46,16 +44,10 @@ def main() -> None:
         final = bf.pretrain(bf.FAMILY[name], args.corpus, args.work, 0, 10_000, probe_every=10_000)
         rows = {}
         for label, path in (("before", args.work / parent / "final"), ("after", final)):
-            model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            rows[label] = {"seen": arithmetic_accuracy(model, tok, heldout_arithmetic(400, heldout=False)),
-                           "heldout": arithmetic_accuracy(model, tok, heldout_arithmetic(400))}
-        line = {"model": parent, "anneal_tokens": args.tokens, "mix": MIX, "lr": 1e-3, **rows,
-                "seconds": round(time.time() - start)}
-        print(json.dumps(line), flush=True)
-        with (ROOT / "models" / "pilot" / "arithmetic-anneal.jsonl").open("a") as f:
-            f.write(json.dumps(line) + "\n")
-    models = ROOT / "models"
-    bf.write_model_card(json.loads((models / "family.json").read_text()), models / "MODEL_CARD.md")
+            rows[label] = bf.arithmetic_scores(LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tok)
+        bf.record_pilot({"model": parent, "anneal_tokens": args.tokens, "mix": MIX, "lr": 1e-3, **rows,
+                         "seconds": round(time.time() - start)}, "arithmetic-anneal")
+    bf.rewrite_model_card()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT / "src"))
 import build_family as bf  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
-from transfertune.probe import arithmetic_accuracy, heldout_arithmetic  # noqa: E402
 
 STREAMS = {"msd": "arith", "reversed": "arith_reversed"}
 
@@ -56,19 +55,13 @@ def main() -> None:
             start = time.time()
             final = bf.pretrain(bf.FAMILY[name], args.corpus, args.work, 0, 10_000, probe_every=max(1, steps // 5))
             model = LlamaForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
-            reversed_digits = fmt == "reversed"
             log = [json.loads(line) for line in (args.work / name / "log.jsonl").read_text().splitlines()]
             line = {"model": size, "format": fmt, "mix_name": args.mix, "tokens": args.tokens, "mix": mix,
-                    "heldout": arithmetic_accuracy(model, tok, heldout_arithmetic(400), reversed_digits=reversed_digits),
-                    "seen": arithmetic_accuracy(model, tok, heldout_arithmetic(400, heldout=False),
-                                                reversed_digits=reversed_digits),
+                    **bf.arithmetic_scores(model, tok, reversed_digits=fmt == "reversed"),
                     "curve_heldout": [[r["tokens"], r["arithmetic"]] for r in log if "arithmetic" in r],
                     "seconds": round(time.time() - start)}
-            print(json.dumps(line), flush=True)
-            with (ROOT / "models" / "pilot" / "arithmetic-format.jsonl").open("a") as f:
-                f.write(json.dumps(line) + "\n")
-    models = ROOT / "models"
-    bf.write_model_card(json.loads((models / "family.json").read_text()), models / "MODEL_CARD.md")
+            bf.record_pilot(line, "arithmetic-format")
+    bf.rewrite_model_card()
 
 
 if __name__ == "__main__":

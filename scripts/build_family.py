@@ -306,6 +306,26 @@ def add_pilot_args(p, models: list[str], tokens: int) -> None:
     p.add_argument("--threads", type=int, default=1)
 
 
+def arithmetic_scores(model, tok, reversed_digits: bool = False) -> dict:
+    """Greedy arithmetic on 400 problems the corpus never writes ("heldout") and 400 it does ("seen")."""
+    return {"heldout": arithmetic_accuracy(model, tok, heldout_arithmetic(400), reversed_digits=reversed_digits),
+            "seen": arithmetic_accuracy(model, tok, heldout_arithmetic(400, heldout=False),
+                                        reversed_digits=reversed_digits)}
+
+
+def record_pilot(line: dict, name: str) -> None:
+    """Print a pilot's result and append it to models/pilot/<name>.jsonl."""
+    print(json.dumps(line), flush=True)
+    with (ROOT / "models" / "pilot" / f"{name}.jsonl").open("a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def rewrite_model_card() -> None:
+    """MODEL_CARD.md again from models/family.json and the pilots' results."""
+    models = ROOT / "models"
+    write_model_card(json.loads((models / "family.json").read_text()), models / "MODEL_CARD.md")
+
+
 def shards_used(work: Path, spec: Spec) -> list[str]:
     """Book shards the cached token streams came from: each complete shard ends with one EOS separator."""
     used = []
