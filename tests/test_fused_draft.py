@@ -29,7 +29,7 @@ def test_stacks_match_each_models_forward_pass_with_padding_and_rollback(model_d
     models = [same_shape[0], other_shape, same_shape[1], value]
     prompts = [encode_prompt(tokenizer, p) for p in ("It was the best of times, it was", "Answer:")]
     ids, mask = left_pad(prompts, 1)
-    draft = FusedDraft(models, batch=2, max_len=ids.shape[1] + 8)
+    draft = FusedDraft(models).start(batch=2, max_len=ids.shape[1] + 8)
     assert len(draft.stacks) == 2  # the 32-wide models (a value model among them) share one
 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -48,7 +48,7 @@ def test_stacks_match_each_models_forward_pass_with_padding_and_rollback(model_d
 
 
 def test_cache_overflow_is_refused(model_dir):
-    draft = FusedDraft([load_causal_lm(model_dir("llama", hidden=32, seed=2))], batch=1, max_len=4)
+    draft = FusedDraft([load_causal_lm(model_dir("llama", hidden=32, seed=2))]).start(batch=1, max_len=4)
     ids = torch.arange(3, 8)[None]
     with pytest.raises(ValueError, match="holds 4 tokens"):
         draft.forward(ids, torch.ones_like(ids), torch.arange(5)[None])
@@ -65,7 +65,7 @@ def test_only_plain_llama_models_fuse(model_dir, tokenizer):
 def test_half_precision_models_run_in_their_own_dtype(model_dir, tokenizer):
     model = load_causal_lm(model_dir("llama", hidden=32, seed=2)).to(torch.bfloat16)
     ids = torch.tensor([encode_prompt(tokenizer, "It was the best of times")])
-    draft = FusedDraft([model], batch=1, max_len=ids.shape[1])
+    draft = FusedDraft([model]).start(batch=1, max_len=ids.shape[1])
     got = draft.forward(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])[0]
     assert draft.stacks[0][1].keys[0].dtype == torch.bfloat16 and got.dtype == torch.float32
     expected = reference_logits([model], ids, torch.ones_like(ids))[0]

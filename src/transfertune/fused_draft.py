@@ -51,14 +51,16 @@ def _shape_key(model) -> tuple:
 
 class StackedLlama:
     """n Llama models of one shape run as one: stacked weights, one KV cache tensor per layer [n*B, kv, S, d].
+    The weights are stacked once; `start` gives each generation its cache.
 
     Each RMSNorm's weight is folded into the projection after it (norm(x) * w @ W = norm(x) @ (w * W)), and
     RoPE into the q/k projection, which also yields rotate_half(q) and rotate_half(k): rotating is then
     qk * cos + qk_rotated * sin, with cos and sin tabulated once."""
 
-    def __init__(self, models: list, batch: int, max_len: int):
+    def __init__(self, models: list):
         c = models[0].config
-        self.n, self.batch, self.max_len = len(models), batch, max_len
+        self.n = len(models)
+        self.rotary = models[0].model.rotary_emb
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.hidden, self.eps = c.hidden_size, c.rms_norm_eps
@@ -85,13 +87,22 @@ class StackedLlama:
                 "down": stacked(lambda m: m.model.layers[i].mlp.down_proj.weight.T),
             } for i in range(c.num_hidden_layers)]
             self.head = stacked(lambda m: m.model.norm.weight[:, None] * m.lm_head.weight.T)
-            dev, dtype = self.head.device, self.head.dtype
-            cos, sin = models[0].model.rotary_emb(self.head, torch.arange(max_len, device=dev)[None])
-            self.cos, self.sin = cos[0], sin[0]  # [max_len, d]
+        self.cos = self.sin = self.head.new_zeros(0, self.head_dim)  # RoPE tables [positions, d], grown by `start`
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.max_len = self.length = 0
+
+    @torch.no_grad()
+    def start(self, batch: int, max_len: int) -> None:
+        """An empty KV cache for `batch` rows of at most `max_len` tokens."""
+        dev, dtype = self.head.device, self.head.dtype
+        if max_len > len(self.cos):
+            cos, sin = self.rotary(self.head, torch.arange(max_len, device=dev)[None])
+            self.cos, self.sin = cos[0], sin[0]
         self.keys = [torch.zeros(self.n * batch, self.kv_heads, max_len, self.head_dim, dtype=dtype, device=dev)
                      for _ in self.layers]
         self.values = [torch.zeros_like(k) for k in self.keys]
-        self.length = 0
+        self.max_len, self.length = max_len, 0
 
     def _rotate_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """Rows of a projection whose output is rotate_half of the original's, head by head."""
@@ -141,15 +152,21 @@ class FusedDraft:
     """Draft base + value models, each group of same-shape Llama models one StackedLlama.
 
     The interface of speculative decoding's draft side: `forward` (one call per drafted position, or the
-    prompt), `truncate` (roll every cache back to its first `length` tokens)."""
+    prompt), `truncate` (roll every cache back to its first `length` tokens). The weights are copied (stacked)
+    here, once; `start` begins each generation with empty caches."""
 
-    def __init__(self, models: list, batch: int, max_len: int):
+    def __init__(self, models: list):
         nets = [_unwrap(m) for m in models]
         groups: dict[tuple, list[int]] = {}
         for i, net in enumerate(nets):
             groups.setdefault(_shape_key(net), []).append(i)
-        self.stacks = [(idx, StackedLlama([nets[i] for i in idx], batch, max_len)) for idx in groups.values()]
+        self.stacks = [(idx, StackedLlama([nets[i] for i in idx])) for idx in groups.values()]
         self.count = len(models)
+
+    def start(self, batch: int, max_len: int) -> "FusedDraft":
+        for _, stack in self.stacks:
+            stack.start(batch, max_len)
+        return self
 
     @property
     def length(self) -> int:

@@ -281,15 +281,10 @@ class ComposedGenerator:
                     reasons[i] = "eos"
                     continue
                 tokens[i].append(t)
-                if stop and find_stop(self.tokenizer.decode(tokens[i]), stop) is not None:
+                if stop and _find_stop(self.tokenizer.decode(tokens[i]), stop) is not None:
                     reasons[i] = "stop"
                     finished[i] = True
-        texts = []
-        for toks in tokens:
-            text = self.tokenizer.decode(toks, skip_special_tokens=True)
-            cut = find_stop(text, stop)
-            texts.append(text if cut is None else text[:cut])
-        return GenerationOutput(texts, tokens, reasons)
+        return GenerationOutput([text_before_stop(self.tokenizer, toks, stop) for toks in tokens], tokens, reasons)
 
     def stream(
         self,
@@ -365,7 +360,7 @@ class TextStream:
         """Add a token; return the text that became settled."""
         self.tokens.append(token)
         changed = self._update()
-        cut = find_stop(self.text, self.stop, max(0, changed - self.longest + 1))
+        cut = _find_stop(self.text, self.stop, max(0, changed - self.longest + 1))
         if cut is not None:
             self.text, self.stopped = self.text[:cut], True
             return self.flush()
@@ -384,7 +379,14 @@ class TextStream:
         return piece
 
 
-def find_stop(text: str, stop: Sequence[str], start: int = 0) -> int | None:
+def text_before_stop(tokenizer, tokens: list[int], stop: Sequence[str]) -> str:
+    """The text of `tokens`, cut before the first stop string."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    cut = _find_stop(text, stop)
+    return text if cut is None else text[:cut]
+
+
+def _find_stop(text: str, stop: Sequence[str], start: int = 0) -> int | None:
     """Where the first stop string in text[start:] begins (None: nowhere)."""
     hits = [i for i in (text.find(s, start) for s in stop if s) if i >= 0]
     return min(hits) if hits else None

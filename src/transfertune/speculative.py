@@ -20,7 +20,7 @@ import torch
 from .composed import ComposedModel
 from .cross_vocab import keep_first
 from .data import encode_prompt
-from .generation import find_stop, left_pad
+from .generation import left_pad, text_before_stop
 from .sampling import SamplingParams, filter_logits
 from .sequence import input_device
 from .vocab import vocab_fingerprint
@@ -183,6 +183,10 @@ class SpeculativeComposedGenerator:
             raise ValueError("a fused draft needs plain Llama models (full weights, no biases) for the draft base "
                              "and every value model; use draft_engine='transformers'")
         self.fused = draft_engine == "fused" or (draft_engine == "auto" and fusable)
+        if self.fused:
+            from .fused_draft import FusedDraft
+
+            self.fused_draft = FusedDraft([draft_base, *target.values])  # weights stacked once, here
         self.target = target
         self.draft_base = draft_base
         self.draft = ComposedModel(draft_base, target.tokenizer, target.values, weights=target.weights,
@@ -190,17 +194,14 @@ class SpeculativeComposedGenerator:
         self.tokenizer = target.tokenizer
         self.draft_len, self.max_draft_len, self.adaptive = draft_len, max_draft_len, adaptive
         self.recompute_values = self.fused and exact
-        generator = target.generator()
-        self.eos_ids, self.pad_id = generator.eos_ids, generator.pad_id
+        self.plain = target.generator()  # plain composed decoding: end-of-sequence ids, padding, context checks
+        self.eos_ids, self.pad_id = self.plain.eos_ids, self.plain.pad_id
         self.stats = SpeculativeStats()
 
     def _draft_side(self, rows: int, max_len: int):
-        models = [self.draft_base, *self.target.values]
         if self.fused:
-            from .fused_draft import FusedDraft
-
-            return FusedDraft(models, rows, max_len)
-        return TransformersDraft(models, self.target.overlap_pool())
+            return self.fused_draft.start(rows, max_len)
+        return TransformersDraft([self.draft_base, *self.target.values], self.target.overlap_pool())
 
     @torch.no_grad()
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64,
@@ -314,11 +315,7 @@ class SpeculativeComposedGenerator:
                        stop: Sequence[str] = ()) -> list[str]:
         """Text generated for each prompt (one batch), cut before the first stop string; prompts are checked
         against the context length as plain generation checks them (`ComposedGenerator.fit_context`)."""
-        ids, max_new_tokens = self.target.generator().fit_context(
+        ids, max_new_tokens = self.plain.fit_context(
             [encode_prompt(self.tokenizer, p) for p in prompts], max_new_tokens)
-        texts = []
-        for row in self.generate_batch(ids, max_new_tokens, sampling):
-            text = self.tokenizer.decode([t for t in row if t not in self.eos_ids], skip_special_tokens=True)
-            cut = find_stop(text, stop)
-            texts.append(text if cut is None else text[:cut])
-        return texts
+        return [text_before_stop(self.tokenizer, [t for t in row if t not in self.eos_ids], stop)
+                for row in self.generate_batch(ids, max_new_tokens, sampling)]
