@@ -44,7 +44,7 @@ import reporting  # noqa: E402
 from transfertune.composed import ComposedModel  # noqa: E402
 from transfertune.loading import load_base, load_causal_lm  # noqa: E402
 from transfertune.sampling import SamplingParams  # noqa: E402
-from transfertune.speculative import SpeculativeComposedGenerator, SpeculativeStats  # noqa: E402
+from transfertune.speculative import SpeculativeComposedGenerator  # noqa: E402
 from transfertune.value_model import ValueModel  # noqa: E402
 
 
@@ -147,13 +147,12 @@ def speculative(cm: ComposedModel, draft, prompts, new_tokens: int, stats: dict,
     spec.eos_ids = set()
 
     def run():
-        before = SpeculativeStats(spec.stats.rounds, spec.stats.drafted, spec.stats.accepted,
-                                  list(spec.stats.draft_lengths))
+        s = spec.stats
+        rounds, drafted, accepted = s.rounds, s.drafted, s.accepted  # before this run
         spec.generate_batch(prompts, new_tokens)
-        s, rounds = spec.stats, spec.stats.rounds - before.rounds
-        lengths = s.draft_lengths[len(before.draft_lengths):]
-        stats.update(acceptance=(s.accepted - before.accepted) / max(1, s.drafted - before.drafted),
-                     mean_draft_len=sum(lengths) / len(lengths), tokens_per_round=new_tokens / rounds)
+        lengths = s.draft_lengths[rounds:]
+        stats.update(acceptance=(s.accepted - accepted) / max(1, s.drafted - drafted),
+                     mean_draft_len=sum(lengths) / len(lengths), tokens_per_round=new_tokens / len(lengths))
 
     return run
 
