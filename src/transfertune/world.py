@@ -175,7 +175,7 @@ def is_heldout_problem(a: int, op: str, b: int) -> bool:
 
 def written_answer(c: int, reversed_digits: bool = False) -> str:
     """The answer as digits, most significant first, or least significant first (the order in which addition
-    produces them, which small transformers learn far more easily)."""
+    produces them; scripts/arithmetic_format_pilot.py tests whether the family learns it more easily)."""
     return str(c)[::-1] if reversed_digits else str(c)
 
 
