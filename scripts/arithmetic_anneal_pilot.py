@@ -2,7 +2,8 @@
 
     python scripts/arithmetic_anneal_pilot.py [--models mini-s mini-l] [--tokens 500000]
 
-Continues each finished base (runs/family/<model>/final, from scripts/build_family.py) for --tokens more tokens on
+Continues each finished phase-1 base (runs/family/<model>-phase1/final, from scripts/build_family.py) for --tokens
+more tokens on
 an arithmetic-heavy mix ({'bios_v1': 6, 'arith': 8, 'books': 2} rows per batch of 16, lr 1e-3, 20 warm-up steps,
 cosine), then measures greedy arithmetic on problems the corpus contains ("seen") and on held-out ones, as the
 MODEL_CARD does. Appends one JSON line per model to models/pilot/arithmetic-anneal.jsonl and rewrites the
@@ -35,9 +36,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tok = bf.load_tokenizer(args.work, "main")
-    for parent in args.models:
+    for model in args.models:
+        parent = f"{model}-phase1"
         spec = bf.FAMILY[parent]
-        name = f"pilot-anneal-{parent}-{args.tokens}"
+        name = f"pilot-anneal-{model}-{args.tokens}"
         bf.FAMILY[name] = bf.Spec(name, "main", spec.hidden, spec.layers, spec.heads, spec.kv_heads,
                                   tokens=args.tokens, lr=1e-3, mix=dict(MIX), init_from=parent, warmup=20)
         start = time.time()
@@ -45,7 +47,7 @@ def main() -> None:
         rows = {}
         for label, path in (("before", args.work / parent / "final"), ("after", final)):
             rows[label] = bf.arithmetic_scores(LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tok)
-        bf.record_pilot({"model": parent, "anneal_tokens": args.tokens, "mix": MIX, "lr": 1e-3, **rows,
+        bf.record_pilot({"model": model, "anneal_tokens": args.tokens, "mix": MIX, "lr": 1e-3, **rows,
                          "seconds": round(time.time() - start)}, "arithmetic-anneal")
     bf.rewrite_model_card()
 

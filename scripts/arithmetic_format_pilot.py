@@ -46,7 +46,7 @@ def main() -> None:
     steps = args.tokens // (bf.BATCH * bf.CONTEXT)
     for fmt in args.formats:
         for size in args.models:
-            spec = bf.FAMILY[size]
+            spec = bf.FAMILY[f"{size}-phase1"]
             mix = {STREAMS[fmt] if k == "arith" else k: v for k, v in bf.BASE_MIX.items()} \
                 if args.mix == "family" else {STREAMS[fmt]: bf.BATCH}
             name = f"pilot-format-{size}-{fmt}-{args.mix}-{args.tokens}"

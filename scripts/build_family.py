@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from transfertune.probe import arithmetic_accuracy, heldout_arithmetic, knowledge_probe, probe_chance  # noqa: E402
 from transfertune.vocab import vocab_fingerprint  # noqa: E402
-from transfertune.world import arithmetic_text, biographies, load_world, make_entities, save_world  # noqa: E402
+from transfertune.world import (addition_problems, addition_text, arithmetic_text, biographies, load_world,  # noqa: E402
+                                make_entities, save_world)
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 CORPUS_SOURCE = "rcdm-uga/Gutenberg_Text @ a0b16d35a9851168ce9ac649851c17b7ab08d48e (public domain, US)"
@@ -48,8 +49,13 @@ WORLD_SEED = 0
 N_V1, N_V2 = 400, 100  # people in every base's corpus / only in the -v2 siblings' (sized by the pilot, MODEL_CARD)
 RENDERINGS = 60        # distinct biographies written per person (fresh phrasing and order each time)
 WORLD_PATH = ROOT / "data" / "world" / "entities.json"
-BASE_MIX = {"bios_v1": 9, "arith": 4, "books": 3}  # rows of each batch drawn from each stream
-NEW_MIX = {"bios_v2": 6, "bios_v1": 3, "arith": 4, "books_new": 3}
+BASE_MIX = {"bios_v1": 9, "arith": 4, "books": 3}  # rows of each batch drawn from each stream (phase 1)
+NEW_MIX = {"bios_v2": 6, "bios_v1": 3, "arith": 4, "books_new": 3}  # the -v2 siblings' knowledge update (phase 1)
+# Phase 2, the skill phase: every exported base continues on addition with reversed sums (world.addition_text),
+# with a replay of the people it knows and books, so it keeps its knowledge. -v2 siblings replay both generations
+# and read their newer books.
+SKILL_MIX = {"bios_v1": 4, "addition": 10, "books": 2}
+SKILL_MIX_V2 = {"bios_v1": 2, "bios_v2": 2, "addition": 10, "books_new": 2}
 
 
 @dataclass
@@ -65,6 +71,7 @@ class Spec:
     mix: dict = None
     init_from: str | None = None
     warmup: int = 50
+    export: bool = True  # False: an intermediate run (phase 1), the start of an exported one
 
     def __post_init__(self):
         if self.mix is None:
@@ -75,15 +82,34 @@ CONTEXT = 256
 BATCH = 16
 # head_dim 32 everywhere. Token budgets grow with size, as in compute-optimal families (tokens ~ parameters),
 # sized for 2 CPU cores (~75 min, two runs side by side).
+SHAPES = {"mini-s": (96, 4, 3, 3), "mini-m": (192, 6, 6, 3), "mini-l": (256, 8, 8, 4)}
+
+
+def _spec(name: str, shape: str, **kw) -> Spec:
+    return Spec(name, "main", *SHAPES[shape], **kw)
+
+
 FAMILY = {
-    "mini-s": Spec("mini-s", "main", 96, 4, 3, 3, tokens=3_000_000, lr=3e-3),
-    "mini-m": Spec("mini-m", "main", 192, 6, 6, 3, tokens=4_000_000, lr=3e-3),
-    "mini-l": Spec("mini-l", "main", 256, 8, 8, 4, tokens=6_000_000, lr=2.5e-3),
-    "mini-m-v2": Spec("mini-m-v2", "main", 192, 6, 6, 3, tokens=2_000_000, lr=1.5e-3, mix=dict(NEW_MIX),
-                      init_from="mini-m"),
-    # built after the others (session 8), alone on the 2 cores: `--only mini-l-v2` builds it from mini-l
-    "mini-l-v2": Spec("mini-l-v2", "main", 256, 8, 8, 4, tokens=2_000_000, lr=1.2e-3, mix=dict(NEW_MIX),
-                      init_from="mini-l"),
+    # phase 1: knowledge (the encyclopedia), books and phase-1 arithmetic
+    "mini-s-phase1": _spec("mini-s-phase1", "mini-s", tokens=3_000_000, lr=3e-3, export=False),
+    "mini-m-phase1": _spec("mini-m-phase1", "mini-m", tokens=4_000_000, lr=3e-3, export=False),
+    "mini-l-phase1": _spec("mini-l-phase1", "mini-l", tokens=6_000_000, lr=2.5e-3, export=False),
+    "mini-m-v2-phase1": _spec("mini-m-v2-phase1", "mini-m", tokens=2_000_000, lr=1.5e-3, mix=dict(NEW_MIX),
+                              init_from="mini-m-phase1", export=False),
+    "mini-l-v2-phase1": _spec("mini-l-v2-phase1", "mini-l", tokens=2_000_000, lr=1.2e-3, mix=dict(NEW_MIX),
+                              init_from="mini-l-phase1", export=False),
+    # phase 2: the skill (budgets grow with size; each -v2 sibling takes its parent's budget)
+    "mini-s": _spec("mini-s", "mini-s", tokens=1_000_000, lr=2e-3, mix=dict(SKILL_MIX), init_from="mini-s-phase1",
+                    warmup=20),
+    "mini-m": _spec("mini-m", "mini-m", tokens=1_500_000, lr=2e-3, mix=dict(SKILL_MIX), init_from="mini-m-phase1",
+                    warmup=20),
+    "mini-l": _spec("mini-l", "mini-l", tokens=2_000_000, lr=2e-3, mix=dict(SKILL_MIX), init_from="mini-l-phase1",
+                    warmup=20),
+    "mini-m-v2": _spec("mini-m-v2", "mini-m", tokens=1_500_000, lr=2e-3, mix=dict(SKILL_MIX_V2),
+                       init_from="mini-m-v2-phase1", warmup=20),
+    "mini-l-v2": _spec("mini-l-v2", "mini-l", tokens=2_000_000, lr=2e-3, mix=dict(SKILL_MIX_V2),
+                       init_from="mini-l-v2-phase1", warmup=20),
+    # another tokenizer, phase 1 only (cross-vocabulary transfer of knowledge)
     "mini-x": Spec("mini-x", "x", 192, 6, 6, 3, tokens=2_000_000, lr=2.5e-3),
 }
 SLICE_CHARS = 40_000  # held-out text shipped in models/ for the regression test
@@ -121,6 +147,9 @@ def world_documents(split: str) -> list[str]:
     if split in ("bios_v1", "bios_v2"):
         people = [e for e in entities if e.generation == split[-2:]]
         return biographies(people, RENDERINGS, seed=WORLD_SEED + (1 if split == "bios_v1" else 2))
+    if split == "addition":
+        lines = addition_text(200_000, seed=WORLD_SEED + 4).split("\n")
+        return ["\n".join(lines[i : i + 16]) for i in range(0, len(lines), 16)]
     lines = arithmetic_text(200_000, seed=WORLD_SEED + 3, reversed_digits=split == "arith_reversed").split("\n")
     return ["\n".join(lines[i : i + 16]) for i in range(0, len(lines), 16)]
 
@@ -247,7 +276,8 @@ def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int, p
     valid = encode_split(corpus, work, spec.tokenizer, "valid", max_tokens=600_000)
     people = load_world(WORLD_PATH)
     probe_sets = {g: [e for e in people if e.generation == g][:PROBE_PEOPLE] for g in ("v1", "v2")}
-    problems = heldout_arithmetic(200)
+    skill = "addition" in spec.mix
+    problems = ([(a, "+", b) for a, b in addition_problems(200)] if skill else heldout_arithmetic(200))
     torch.manual_seed(seed)
     model = make_model(spec, tok)
     if spec.init_from:
@@ -281,10 +311,11 @@ def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int, p
             model.eval()
             for g, group in probe_sets.items():
                 record[f"probe_{g}"] = round(knowledge_probe(model, tok, group)["all"], 4)
-            record["arithmetic"] = round(arithmetic_accuracy(model, tok, problems,
-                                                             reversed_digits="arith_reversed" in spec.mix), 4)
+            record["addition" if skill else "arithmetic"] = round(arithmetic_accuracy(
+                model, tok, problems, reversed_digits=skill or "arith_reversed" in spec.mix), 4)
             model.train()
-            bar.set_postfix(loss=record["loss"], probe=record["probe_v1"], arith=record["arithmetic"])
+            bar.set_postfix(loss=record["loss"], probe=record["probe_v1"],
+                            skill=record["addition" if skill else "arithmetic"])
         log.write(json.dumps(record) + "\n")
         log.flush()
         if (step + 1) % save_every == 0 and step + 1 < steps:
@@ -295,6 +326,34 @@ def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int, p
         {**asdict(spec), "steps": steps, "tokens_seen": steps * BATCH * CONTEXT, "context": CONTEXT,
          "batch": BATCH, "seed": seed, "wall_clock_s": round(time.time() - start, 1)}))
     return run / "final"
+
+
+def adopt_phase1(work: Path, source: Path) -> None:
+    """Use an earlier export of the family (models/ before phase 2 existed, with its family.json) as the finished
+    phase-1 runs (and mini-x, which has no phase 2), so phase 2 can be built without pretraining phase 1 again. The weights were stored in fp16:
+    phase 2 starts from them in fp32, without phase 1's optimiser state (it re-warms its own)."""
+    exported = json.loads((source / "family.json").read_text())["models"]
+    for name, spec in FAMILY.items():
+        shipped = name.removesuffix("-phase1")
+        final = work / name / "final"
+        if "addition" in spec.mix or (final / "config.json").is_file() or shipped not in exported:
+            continue
+        final.mkdir(parents=True)
+        for f in (source / shipped).iterdir():
+            (final / f.name).write_bytes(f.read_bytes())
+        info = exported[shipped]
+        steps = info["tokens_seen"] // (BATCH * CONTEXT)
+        (final / "train.json").write_text(json.dumps(
+            {**asdict(spec), "steps": steps, "tokens_seen": info["tokens_seen"], "context": CONTEXT, "batch": BATCH,
+             "seed": 0, "wall_clock_s": info["wall_clock_s"], "adopted_from": f"{shipped}, exported before the skill phase",
+             "phase1_knows": {k: v for k, v in info.items() if k.startswith(("probe", "arithmetic"))}}))
+        print(f"phase 1 of {shipped}: adopted {source / shipped}")
+    for which, model in (("main", "mini-s"), ("x", "mini-x")):
+        out = work / f"tokenizer-{which}"
+        if not (out / "tokenizer.json").is_file() and (source / model / "tokenizer.json").is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                (out / f).write_bytes((source / model / f).read_bytes())
 
 
 def add_pilot_args(p, models: list[str], tokens: int) -> None:
@@ -359,7 +418,7 @@ def export(corpus: Path, work: Path, out: Path, only: list[str] | None = None) -
               "probe_chance": round(probe_chance(), 4), "models": {}}
     for name, spec in FAMILY.items():
         final = work / name / "final"
-        if not (final / "config.json").is_file() or (only and name not in only):
+        if not spec.export or not (final / "config.json").is_file() or (only and name not in only):
             continue
         model = LlamaForCausalLM.from_pretrained(final, dtype=torch.float32)
         dest = out / name
@@ -368,14 +427,17 @@ def export(corpus: Path, work: Path, out: Path, only: list[str] | None = None) -
         tok.save_pretrained(dest)
         exported = LlamaForCausalLM.from_pretrained(dest, dtype=torch.float32).eval()
         valid = encode_split(corpus, work, spec.tokenizer, "valid", max_tokens=600_000)
-        info = json.loads((final / "train.json").read_text())
+        runs = lineage(work, name)
         loss = heldout_loss(exported, valid, 512)
         family["models"][name] = {
             "parameters": sum(p.numel() for p in exported.parameters()),
             "hidden": spec.hidden, "layers": spec.layers, "vocab_size": len(tok),
             "tokenizer": spec.tokenizer, "vocab_fingerprint": vocab_fingerprint(tok),
-            "tokens_seen": info["tokens_seen"], "data": shards_used(work, spec), "init_from": spec.init_from,
-            "wall_clock_s": info["wall_clock_s"], "heldout_loss": round(loss, 4),
+            "tokens_seen": sum(r["tokens_seen"] for r in runs), "data": shards_used(work, spec),
+            "init_from": spec.init_from, "wall_clock_s": round(sum(r["wall_clock_s"] for r in runs), 1),
+            "phases": [{k: r[k] for k in ("name", "tokens_seen", "mix", "lr", "wall_clock_s", "adopted_from") if k in r}
+                       for r in runs],
+            "heldout_loss": round(loss, 4),
             "heldout_ppl": round(math.exp(loss), 2),
             # loss per token and per byte of the shipped slice: bytes make different tokenizers comparable
             "slice_loss": round(slice_loss(exported, tok, text_slice), 4),
@@ -392,6 +454,15 @@ def export(corpus: Path, work: Path, out: Path, only: list[str] | None = None) -
     write_model_card(family, out / "MODEL_CARD.md")
 
 
+def lineage(work: Path, name: str) -> list[dict]:
+    """train.json of every run a model was built through, first run first (phase 1, the knowledge update, phase 2)."""
+    runs = []
+    while name:
+        runs.insert(0, json.loads((work / name / "final" / "train.json").read_text()))
+        name = FAMILY[name].init_from
+    return runs
+
+
 QA_PROBE_PEOPLE = 100  # people per generation for the probes after a QA instruction (first of the world's list)
 
 
@@ -404,8 +475,16 @@ def knows(model, tok) -> dict:
         probe = knowledge_probe(model, tok, [e for e in people if e.generation == g])
         result[f"probe_{g}"] = round(probe["all"], 4)
         result[f"probe_{g}_by_attribute"] = {k: round(v, 4) for k, v in probe.items() if k != "all"}
-    result["arithmetic"] = round(arithmetic_accuracy(model, tok, heldout_arithmetic(400)), 4)
-    return {**result, **reachable(model, tok)}
+    return {**result, **addition_scores(model, tok), **reachable(model, tok)}
+
+
+def addition_scores(model, tok) -> dict:
+    """The skill: greedy sums (reversed digits) of 400 held-out pairs and of 400 pairs the corpus writes."""
+    scores = {}
+    for key, heldout in (("addition", True), ("addition_seen", False)):
+        problems = [(a, "+", b) for a, b in addition_problems(400, heldout=heldout)]
+        scores[key] = round(arithmetic_accuracy(model, tok, problems, reversed_digits=True), 4)
+    return scores
 
 
 def reachable(model, tok) -> dict:
@@ -418,7 +497,6 @@ def reachable(model, tok) -> dict:
         for instruction in ("train", "heldout"):
             key = f"probe_qa_{g}" + ("" if instruction == "train" else "_heldout_instruction")
             result[key] = round(knowledge_probe(model, tok, group, instruction=instruction)["all"], 4)
-    result["arithmetic_seen"] = round(arithmetic_accuracy(model, tok, heldout_arithmetic(400, heldout=False)), 4)
     return result
 
 
@@ -434,7 +512,7 @@ def refresh_knows(out: Path) -> None:
 
 
 KNOWS_COLUMNS = ("probe_v1", "probe_qa_v1", "probe_qa_v1_heldout_instruction", "probe_v2", "probe_qa_v2",
-                 "arithmetic", "arithmetic_seen")
+                 "addition", "addition_seen")
 
 
 def anneal_note(path: Path) -> str:
@@ -462,24 +540,37 @@ def format_note(path: Path) -> str:
     steps = ", ".join(sorted({str(r["tokens"] // (BATCH * CONTEXT)) for r in runs}))
     verdict = (f"learnt by {', '.join(learnt)}" if learnt else
                f"neither digit order was learnt within {steps} optimiser steps, not even on arithmetic alone; whether "
-               f"reversed answers help over the family's full budget ({FAMILY['mini-l'].tokens // (BATCH * CONTEXT)} "
+               f"reversed answers help over the family's full budget ({FAMILY['mini-l-phase1'].tokens // (BATCH * CONTEXT)} "
                "steps for mini-l) stays open")
     return (f" {'From' if learnt else 'Nor from'} scratch with answers least significant digit first "
             f"(`scripts/arithmetic_format_pilot.py`, seen-problem accuracy after {tokens} tokens: {cells}; "
             f"`pilot/arithmetic-format.jsonl`): {verdict}.")
 
 
+def _tokens(m: dict) -> str:
+    phases = m.get("phases") or [{"tokens_seen": m["tokens_seen"]}]
+    return " + ".join(f"{p['tokens_seen'] / 1e6:.2f}" for p in phases) + " M"
+
+
+def skill_note(family: dict) -> str:
+    """The skill's gradient in words, from family.json (names the sizes that learnt it and those that did not)."""
+    m = family["models"]
+    sizes = [n for n in ("mini-s", "mini-m", "mini-l") if "addition" in m.get(n, {})]
+    cells = ", ".join(f"{n} {m[n]['addition']:.3f}" for n in sizes)
+    return f"held-out sums after the skill phase: {cells}"
+
+
 def write_model_card(family: dict, path: Path) -> None:
     """MODEL_CARD.md from family.json; the demo results section is kept if the card already has one."""
     rows = []
     for name, m in family["models"].items():
-        init = f"{m['init_from']} + " if m["init_from"] else ""
         shards = f"{m['data'][0].removesuffix('.txt')}..{m['data'][-1].removesuffix('.txt')}"
         rows.append(
             f"| {name} | {m['parameters'] / 1e6:.2f} M | {m['hidden']} x {m['layers']} | {m['vocab_size']} "
-            f"({m['tokenizer']}) | {init}{m['tokens_seen'] / 1e6:.2f} M ({shards}) | {m['wall_clock_s'] / 60:.1f} min "
+            f"({m['tokenizer']}) | {_tokens(m)} ({shards}) | {m['wall_clock_s'] / 60:.1f} min "
             f"| {m['heldout_loss']:.3f} | {m['heldout_ppl']:.1f} | `{m['vocab_fingerprint']}` |"
         )
+
     def cell(m: dict, key: str) -> str:
         return f"{m[key]:.3f}" if key in m else "-"
 
@@ -490,24 +581,24 @@ def write_model_card(family: dict, path: Path) -> None:
         kept = path.read_text()[path.read_text().index("\n## Demo results"):]
     anneal = anneal_note(path.parent / "pilot" / "arithmetic-anneal.jsonl")
     formats = format_note(path.parent / "pilot" / "arithmetic-format.jsonl")
-    siblings = (" `mini-l-v2` was built later (`--only mini-l-v2`), alone on both cores: its wall-clock is not "
-                "comparable with the others'." if "mini-l-v2" in family["models"] else
-                " A `mini-l-v2` sibling (spec in the build script) was not built within the CPU budget.")
+    phase2 = {n: FAMILY[n] for n in ("mini-s", "mini-m", "mini-l", "mini-m-v2", "mini-l-v2")}
+    budgets = ", ".join(f"{n} {spec.tokens / 1e6:g} M" for n, spec in phase2.items())
+    adopted = any("adopted_from" in p for m in family["models"].values() for p in m.get("phases", [])[:-1])
     path.write_text(f"""# Built-in miniature model family
 
 Llama-architecture causal LMs pretrained from scratch on 2 CPU cores by `scripts/build_family.py`
 (`make family`), so that every transfertune claim can be measured without a model hub. They are tiny: use them
 to measure transfer, not as assistants. Written by the build script from `family.json`; do not edit by hand.
 
-## What each base knows, untuned
+## What each base knows and can do, untuned
 
 The corpus is a small fictional world (`src/transfertune/world.py`, `data/world/entities.json`): biographies of
 {family['people']['v1']} invented people that every base read, {family['people']['v2']} more that only the -v2
-siblings read, two-digit arithmetic in digits and words, and Gutenberg books. mini-s learns about a third of
-the facts, mini-m and mini-l nearly all of them (token budgets grow with size); that difference is what transfer
-has to carry. No size learnt the arithmetic (see the notes below).
+siblings read, two-digit addition, and Gutenberg books. Pretraining has two phases: phase 1 teaches the people
+(and the books), phase 2, the skill phase, teaches addition while replaying the people. Bigger bases know more
+people and add better ({skill_note(family)}); that difference is what transfer has to carry.
 
-| model | parameters | probe, v1 people | after QA instruction | after held-out instruction | probe, v2 people | after QA instruction | arithmetic, held-out | arithmetic, seen | held-out book loss |
+| model | parameters | probe, v1 people | after QA instruction | after held-out instruction | probe, v2 people | after QA instruction | addition, held-out | addition, seen | held-out book loss |
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(knows_rows)}
 
@@ -520,19 +611,20 @@ has to carry. No size learnt the arithmetic (see the notes below).
   <town>."), or after its held-out instruction ("Recall the home town. ..."): whether the fact can be reached
   from the prompt that QA tuning and transfer start from. A base can hold a fact and not produce it after a
   given prompt, and which prompts work differs between bases (`models/instruction_sweep.json`, written by
-  `scripts/instruction_sweep.py` on training people only: mini-l reaches 0.98 after "State the ...", 0.21 after
-  "Name the ..."); people_qa's instructions are the ones that reach the most in every base.
-- Arithmetic: greedy completion of "a + b =" / "a - b =" (two-digit operands) on 400 problems that the corpus
-  never contains (held out by rule, `world.is_heldout_problem`) and on 400 that it does contain ("seen").
-  The rule depends only on the operands' last digits, so whole last-digit pairs are absent from the corpus:
-  held-out problems test systematic generalisation, not recall. Even seen problems stay at <= 0.1: the skill
-  itself was not learnt at these sizes.
+  `scripts/instruction_sweep.py` on training people only, on the phase-1 models: mini-l reached 0.98 after
+  "State the ...", 0.21 after "Name the ..."); people_qa's instructions are the ones that reached the most in
+  every base.
+- Addition: greedy completion of "a + b =" (two-digit operands) on 400 sums the corpus never writes
+  (`world.is_heldout_addition`, a rule over whole operands: every last-digit pair also occurs among the written
+  sums, so a held-out sum tests the column-addition procedure, not recall) and on 400 it writes ("seen").
+  Sums are written least significant digit first ("47 + 38 = 58" means 85), the order in which column
+  addition produces them; the word-problem task (`data/tasks/arithmetic`) answers in the same notation.
 - Both are measured by `scripts/build_family.py` at export; `log.jsonl` curves of the same probes during
-  pretraining are drawn in `loss_curves.png`.
+  pretraining are drawn in `loss_curves.png` (phase 2) and `loss_curves_phase1.png` (phase 1).
 
 ## Models
 
-| model | parameters | hidden x layers | vocabulary | tokens seen (shards) | wall-clock | held-out loss | perplexity | vocab fingerprint |
+| model | parameters | hidden x layers | vocabulary | tokens seen, per phase (shards) | wall-clock | held-out loss | perplexity | vocab fingerprint |
 |---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
@@ -541,29 +633,40 @@ has to carry. No size learnt the arithmetic (see the notes below).
 - Tokenizers: byte-level BPE (`tokenizers`), digits split one per token, `<|endoftext|>` (end of text, also
   BOS) and `<|pad|>`. `main` (4096 tokens, trained on train-00 + world text) is shared by mini-s/m/l and the
   -v2 siblings; `x` (6144 tokens, trained on train-05 + world text) is mini-x's, for cross-vocabulary transfer.
-- Data: each batch of 16 windows of 256 tokens draws {family['mix']['base']} rows from each stream (bios_v1:
+- Phase 1: each batch of 16 windows of 256 tokens draws {family['mix']['base']} rows from each stream (bios_v1:
   biographies of the v1 people, {family['renderings']} renderings each, fresh phrasing and attribute order;
-  arith: arithmetic lines; books: {family['corpus']}, train-00..07). The -v2 siblings continue their parent on
-  {family['mix']['new']}: the new people, a replay of the old ones, and books train-08..11 never seen before
-  (a "newer version" with a knowledge update). Held-out loss: nats per token on the first 131k tokens of
-  `valid-00.txt` (15 whole books never trained on); per-token losses of mini-x are not comparable with the
-  others (another tokenizer).
-- Sizing (`models/pilot/*.jsonl`, drawn with the family's own curves in `exposures.png`): with 200 people and up to ~35 exposures per person,
-  mini-s and mini-m stayed at chance on the probe through 300 steps; knowledge is limited by exposures per
-  person, not capacity (a 0.8 M-parameter model holds far more than 100 x 4 facts), so the world was cut to
-  {family['people']['v1']} + {family['people']['v2']} people and the bios share of every batch raised so that
-  each v1 person is written ~300 times within the CPU budget. A few thousand people (as in "Physics of
-  Language Models") would need ~20x the tokens: hours on a GPU, not on 2 cores.
+  arith: phase-1 arithmetic lines; books: {family['corpus']}, train-00..07). The -v2 siblings continue their
+  parent's phase 1 on {family['mix']['new']}: the new people, a replay of the old ones, and books train-08..11
+  never seen before (a "newer version" with a knowledge update).
+- Phase 2 (the skill phase): every base but mini-x continues on {SKILL_MIX} (-v2 siblings:
+  {SKILL_MIX_V2}, so they keep both generations of people and read their newer books); addition: lines
+  "a + b = <reversed sum>" in blocks of 16, never a held-out sum. Budgets grow with size ({budgets}); lr 2e-3
+  after 20 warm-up steps, cosine to a tenth. A -v2 sibling is its parent's phase 1, then the knowledge update,
+  then the same skill phase as its parent: the two share phase 1, not phase 2.{" This export's phase 1 is the family shipped before the skill phase existed (git cc652ce, `--phase1-from`): phase 2 started from its fp16 weights, in fp32, with a fresh optimiser." if adopted else ""}
+  mini-x has no phase 2: it serves cross-vocabulary transfer of knowledge.
+- Why phase 2: phase 1 wrote two-digit addition and subtraction with the answer most significant digit first
+  (and in words), held out by last-digit pair, and no size learnt it from ~1.5 M arithmetic tokens.{anneal}{formats}
+  A pilot (`scripts/addition_order_pilot.py`, `pilot/addition-order.jsonl`: phase-1 bases on arithmetic lines
+  alone) found the order that is learnt: mini-m learnt reversed sums between steps 200 and 300 (0.10 -> 0.92
+  on held-out sums) while mini-s stayed below 0.02 through 350 steps, and neither order was learnt by mini-s
+  with subtraction mixed in. Phase 1 wrote 90% of all two-digit problems in the other digit order, so most
+  held-out sums did occur there, most significant digit first; none occurs in phase 2.
+- Held-out loss: nats per token on the first 131k tokens of `valid-00.txt` (15 whole books never trained on);
+  per-token losses of mini-x are not comparable with the others (another tokenizer).
+- Sizing of phase 1 (`models/pilot/*.jsonl`, drawn with the family's own curves in `exposures.png`): with 200
+  people and up to ~35 exposures per person, mini-s and mini-m stayed at chance on the probe through 300 steps;
+  knowledge is limited by exposures per person, not capacity (a 0.8 M-parameter model holds far more than
+  100 x 4 facts), so the world was cut to {family['people']['v1']} + {family['people']['v2']} people and the
+  bios share of every batch raised so that each v1 person is written ~300 times within the CPU budget. A few
+  thousand people (as in "Physics of Language Models") would need ~20x the tokens: hours on a GPU, not on 2
+  cores. mini-l's phase 1 was first scheduled for 5 M tokens; at 4.5 M its probe (0.89 on 40 people) was still
+  below mini-m's final 0.96, so it was resumed from its step-1100 checkpoint with a 6 M-token cosine schedule.
 - `heldout-slice.txt` (40k characters of valid-00) and each model's `slice_loss` in `family.json` are what
   `tests/test_family.py` checks, to catch a broken or swapped checkpoint.
-- Wall-clock: two models trained side by side on the 2 cores (one thread each, while other work ran), so
-  times include sharing. Budgets grow with size (3 / 4 / 6 M tokens), as in compute-optimal families. mini-l was
-  first scheduled for 5 M tokens; at 4.5 M its probe (0.89 on 40 people) was still below mini-m's final 0.96,
-  so it was resumed from its step-1100 checkpoint with a 6 M-token cosine schedule (the curve shows the bump).
-  Arithmetic stayed near zero for every size: two-digit addition with carries, written most-significant digit
-  first, was not learnt from ~1.5 M arithmetic tokens at these sizes (see the curves).{anneal}{formats}{siblings}
-- Loss curves: `loss_curves.png`. Licence: the weights are derived only from public-domain (US) texts; we
-  release them under the project's licence.
+- Wall-clock: the sum over phases; runs shared the 2 cores with other runs and other work (phase 2: five runs
+  side by side, one thread each), so times include sharing.
+- Licence: the weights are derived only from public-domain (US) texts and generated text; we release them
+  under the project's licence.
 {kept}""")
 
 
@@ -573,33 +676,35 @@ def _log_rows(log: Path, key: str) -> list[dict]:
 
 
 def plot_curves(work: Path, path: Path) -> None:
-    """Held-out book loss, knowledge probe (v1 and v2 people) and arithmetic against training tokens."""
+    """Held-out book loss, knowledge probe (v1 and v2 people) and the skill against training tokens; each run
+    starts where the runs it continues ended, and a model's phases share its colour. Runs adopted from an earlier
+    export (`--phase1-from`) have no log: their curves are in models/loss_curves_phase1.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [("valid_loss", "held-out book loss (nats/token)"), ("probe_v1", "knowledge probe: v1 people"),
-              ("probe_v2", "knowledge probe: v2 people (new)"), ("arithmetic", "arithmetic, held-out problems")]
+              ("probe_v2", "knowledge probe: v2 people (new)"), ("addition", "skill: held-out sums (reversed)")]
+    exported = [n for n, spec in FAMILY.items() if spec.export]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
     for ax, (key, title) in zip(axes, panels):
-        for i, name in enumerate(FAMILY):
+        for name in FAMILY:
             log = work / name / "log.jsonl"
             if not log.is_file():
                 continue
             rows = _log_rows(log, key)
-            offset = 0
-            if FAMILY[name].init_from:
-                parent = json.loads((work / FAMILY[name].init_from / "final" / "train.json").read_text())
-                offset = parent["tokens_seen"]
-            ax.plot([offset + r["tokens"] for r in rows], [r[key] for r in rows], label=name, color=f"C{i}")
+            offset = sum(r["tokens_seen"] for r in lineage(work, name)[:-1]) if FAMILY[name].init_from else 0
+            model = name.removesuffix("-phase1")
+            ax.plot([offset + r["tokens"] for r in rows], [r[key] for r in rows], color=f"C{exported.index(model)}",
+                    label=model if FAMILY[name].export else None, ls="-" if FAMILY[name].export else "--")
         if key.startswith("probe"):
             ax.axhline(probe_chance(), color="gray", ls=":", lw=1, label="chance")
         ax.set_xlabel("training tokens")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Built-in family v2: pretraining on the fictional world + books")
+    fig.suptitle("Built-in family v2: the skill phase (phase 1, dashed, when it was trained in the same work dir)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -621,9 +726,12 @@ def plot_exposures(work: Path, pilot: Path, path: Path, people_v1: int) -> None:
         curves.append((f"pilot {name.split('-', 1)[1]}, {run['people']} people", pilot / f"{name}.jsonl",
                        run["bios_rows"] / BATCH, run["people"], "--"))
     for name in ("mini-s", "mini-m", "mini-l"):
-        if (work / name / "log.jsonl").is_file():
-            curves.append((f"{name}, {people_v1} people", work / name / "log.jsonl",
-                           FAMILY[name].mix["bios_v1"] / BATCH, people_v1, "-"))
+        run = f"{name}-phase1"
+        if (work / run / "log.jsonl").is_file():
+            curves.append((f"{name}, {people_v1} people", work / run / "log.jsonl",
+                           FAMILY[run].mix["bios_v1"] / BATCH, people_v1, "-"))
+    if not any(style == "-" for *_, style in curves) and path.is_file():
+        return  # phase 1 was adopted from an earlier export: keep the plot drawn from its logs
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label, log, share, n, style in curves:
         rows = _log_rows(log, "probe_v1")
@@ -662,6 +770,9 @@ def main() -> None:
                    help="people in every base's corpus / only in the -v2 siblings' (when the world is made)")
     p.add_argument("--tokens", type=int, help="token budget of every model trained (pilot runs)")
     p.add_argument("--probe-every", type=int, default=200, help="knowledge/arithmetic probe every N steps")
+    p.add_argument("--phase1-from", type=Path, metavar="DIR",
+                   help="an earlier export of the family (models/ with family.json, from before the skill phase) to "
+                        "use as the finished phase-1 runs instead of pretraining them")
     args = p.parse_args()
     if not (args.corpus / "valid-00.txt").is_file():
         sys.exit(f"build_family: error: {args.corpus} has no valid-00.txt; pass --corpus PATH to gutenberg-en")
@@ -671,6 +782,8 @@ def main() -> None:
     WORLD_PATH = args.world
     if args.knows_only:
         return refresh_knows(args.out)
+    if args.phase1_from:
+        adopt_phase1(args.work, args.phase1_from)
     if not WORLD_PATH.is_file():
         save_world(make_entities(*args.people, seed=WORLD_SEED), WORLD_PATH, WORLD_SEED)
     people = load_world(WORLD_PATH)

@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from transfertune.world import (  # noqa: E402
-    ANSWER_TEMPLATES, ATTRIBUTES, QUESTION_TEMPLATES, arithmetic_problem, fill, is_heldout_problem, load_world, solve,
+    ANSWER_TEMPLATES, ATTRIBUTES, QUESTION_TEMPLATES, addition_problem, fill, is_heldout_addition, load_world,
+    reversed_sum,
 )
 
 EOT = "<|endoftext|>"
@@ -108,19 +109,13 @@ WORLD_TASKS = {
     "people_qa": {"kind": "qa", "train": "3 question phrasings per attribute", "heldout": "1 phrasing per attribute"},
     "arithmetic": {"kind": "qa", "train": "word problems 0-3", "heldout": "word problems 4-5"},
 }
-WORD_PROBLEMS = {  # (story, the equation it asks for); the answer writes the equation out, the base computes it
+WORD_PROBLEMS = {  # stories asking for a sum; the answer writes the equation out, the base computes it
     "+": ["{who} has {a} apples and buys {b} more. How many apples does {who} have now?",
           "A shelf holds {a} books. {who} adds {b} books. How many books are on the shelf?",
           "{who} walked {a} miles on Monday and {b} miles on Tuesday. How many miles in total?",
           "There are {a} sheep in a field and {b} more arrive. How many sheep are there?",
           "{who} saved {a} coins and then found {b} coins. How many coins does {who} have?",
           "A train carries {a} passengers and {b} more get on. How many passengers are on the train?"],
-    "-": ["{who} has {a} apples and gives away {b}. How many apples does {who} have left?",
-          "A shelf holds {a} books. {who} takes {b} books away. How many books are left on the shelf?",
-          "{who} had {a} coins and spent {b}. How many coins are left?",
-          "There are {a} sheep in a field and {b} wander off. How many sheep remain?",
-          "{who} must read {a} pages and has read {b}. How many pages are left to read?",
-          "A train carries {a} passengers and {b} get off. How many passengers stay on the train?"],
 }
 TRAIN_STORIES, HELDOUT_STORIES = range(4), range(4, 6)
 NAMES = ["Mia", "Tom", "Ada", "Ben", "Eva", "Sam", "Ivy", "Leo"]
@@ -159,21 +154,23 @@ def people_qa(world: Path, seed: int) -> dict[str, list[dict]]:
 
 
 def arithmetic_task(seed: int, train_size: int = 2000, heldout_size: int = 400) -> dict[str, list[dict]]:
-    """Word problems answered by writing out the equation: train on problems the pretraining corpus contains,
-    heldout_example on problems it never contains, heldout_template on stories never trained on."""
+    """Word problems answered by writing out the sum in the family's skill notation (world.addition_line: the sum's
+    digits least significant first, "37 + 48 = 58" for 85): train on sums the pretraining corpus contains,
+    heldout_example on sums it never contains (world.is_heldout_addition), heldout_template on stories never
+    trained on."""
     rng = random.Random(seed)
 
     def row(problem, story):
-        a, op, b = problem
-        text = WORD_PROBLEMS[op][story].format(who=rng.choice(NAMES), a=a, b=b)
-        return {"prompt": text + "\n", "response": f"{a} {op} {b} = {solve(a, op, b)}", "task": "arithmetic",
-                "template": f"{op}{story}", "example": f"{a}{op}{b}", "answer": str(solve(a, op, b))}
+        a, b = problem
+        text = WORD_PROBLEMS["+"][story].format(who=rng.choice(NAMES), a=a, b=b)
+        return {"prompt": text + "\n", "response": f"{a} + {b} = {reversed_sum(a, b)}", "task": "arithmetic",
+                "template": f"+{story}", "example": f"{a}+{b}", "answer": reversed_sum(a, b), "sum": a + b}
 
     def problems(n, heldout):
         seen, out = set(), []
         while len(out) < n:
-            p = arithmetic_problem(rng)
-            if is_heldout_problem(*p) == heldout and p not in seen:
+            p = addition_problem(rng)
+            if is_heldout_addition(*p) == heldout and p not in seen:
                 seen.add(p)
                 out.append(p)
         return out

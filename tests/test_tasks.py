@@ -41,14 +41,39 @@ def test_people_qa_splits_separate_people_and_generations():
         assert r["prompt"].endswith(" " + r["example"]) and r["response"].endswith(" " + r["answer"] + ".")
 
 
-def test_arithmetic_answers_are_right_and_heldout_problems_never_in_the_corpus():
-    from transfertune.world import is_heldout_problem
+def test_arithmetic_answers_are_right_and_heldout_sums_never_in_the_corpus():
+    from transfertune.world import is_heldout_addition
 
-    for split, heldout in (("train", False), ("heldout_example", True)):
+    for split, heldout in (("train", False), ("heldout_example", True), ("heldout_template", False)):
         for r in load_task("arithmetic", split):
             a, op, b, _, c = r["response"].split()
-            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(r["answer"])
-            assert is_heldout_problem(int(a), op, int(b)) == heldout
+            assert op == "+" and c == r["answer"] and int(c[::-1]) == int(a) + int(b) == r["sum"]
+            assert is_heldout_addition(int(a), int(b)) == heldout
+
+
+def test_skill_phase_addition_lines_are_right_and_skip_heldout_sums():
+    from transfertune.world import addition_problems, addition_text, is_heldout_addition
+
+    lines = addition_text(500, seed=5).split("\n")
+    assert len(lines) == 500
+    for line in lines:
+        a, op, b, _, c = line.split()
+        assert op == "+" and c == str(int(a) + int(b))[::-1]
+        assert not is_heldout_addition(int(a), int(b))
+    held = addition_problems(50)
+    assert len(set(held)) == 50 and all(is_heldout_addition(a, b) for a, b in held)
+
+
+def test_heldout_sums_mix_every_digit():
+    """Every (last digit, last digit) pair of the operands occurs among both the held-out and the written sums,
+    so a held-out sum asks for a procedure the corpus teaches, not for a digit pair it never shows."""
+    from transfertune.world import is_heldout_addition
+
+    pairs = {False: set(), True: set()}
+    for a in range(10, 100):
+        for b in range(10, 100):
+            pairs[is_heldout_addition(a, b)].add((a % 10, b % 10))
+    assert len(pairs[True]) == len(pairs[False]) == 100
 
 
 @pytest.mark.parametrize("reversed_digits", [False, True])

@@ -434,12 +434,12 @@ def cmd_models(args) -> None:
         return
     card = builtin_models_dir() / "family.json"
     family = json.loads(card.read_text()).get("models", {}) if card.is_file() else {}
-    print(f"{'model':10s} {'params':>8s} {'vocab':>6s} {'knows v1':>9s} {'knows v2':>9s} {'arith':>6s}  "
-          f"(knowledge probe and held-out arithmetic, untuned: {builtin_models_dir() / 'MODEL_CARD.md'})")
+    print(f"{'model':10s} {'params':>8s} {'vocab':>6s} {'knows v1':>9s} {'knows v2':>9s} {'adds':>6s}  "
+          f"(knowledge probe and held-out addition, untuned: {builtin_models_dir() / 'MODEL_CARD.md'})")
     for name in names:
         m = family.get(name, {})
         cells = [f"{m['parameters'] / 1e6:.2f}M" if "parameters" in m else "-", str(m.get("vocab_size", "-"))]
-        cells += [f"{m[k]:.3f}" if k in m else "-" for k in ("probe_v1", "probe_v2", "arithmetic")]
+        cells += [f"{m[k]:.3f}" if k in m else "-" for k in ("probe_v1", "probe_v2", "addition")]
         print(f"{name:10s} {cells[0]:>8s} {cells[1]:>6s} {cells[2]:>9s} {cells[3]:>9s} {cells[4]:>6s}")
 
 

@@ -195,6 +195,49 @@ def arithmetic_text(lines: int, seed: int, reversed_digits: bool = False) -> str
     return "\n".join(arithmetic_line(rng, reversed_digits) for _ in range(lines))
 
 
+# The skill the family learns in its second pretraining phase (scripts/build_family.py SKILL_MIX): two-digit
+# addition with the sum written least significant digit first ("47 + 38 = 58" means 85), the order in which
+# column addition produces the digits, so every answer digit depends only on digits already seen. Phase 1's
+# most-significant-first lines were not learnt at any size; with this order mini-m learnt it within ~300 steps of
+# arithmetic-only training while mini-s did not in 500 (models/pilot/addition-order.jsonl).
+def addition_problem(rng: random.Random) -> tuple[int, int]:
+    return rng.randint(10, 99), rng.randint(10, 99)
+
+
+def is_heldout_addition(a: int, b: int) -> bool:
+    """One sum in ~nine is never written in the pretraining corpus. The rule mixes every digit of both operands
+    (unlike is_heldout_problem, which held out whole last-digit pairs), so a held-out sum tests the learnt
+    column-addition procedure on operands never added together, with every digit pair seen elsewhere."""
+    return (7 * a + 3 * b) % 37 % 10 == 0
+
+
+def reversed_sum(a: int, b: int) -> str:
+    return str(a + b)[::-1]
+
+
+def addition_line(rng: random.Random) -> str:
+    a, b = addition_problem(rng)
+    while is_heldout_addition(a, b):
+        a, b = addition_problem(rng)
+    return f"{a} + {b} = {reversed_sum(a, b)}"
+
+
+def addition_text(lines: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return "\n".join(addition_line(rng) for _ in range(lines))
+
+
+def addition_problems(n: int, seed: int = 1, heldout: bool = True) -> list[tuple[int, int]]:
+    """n distinct sums the corpus never writes (heldout) or does write (heldout=False)."""
+    rng = random.Random(seed)
+    problems: list[tuple[int, int]] = []
+    while len(problems) < n:
+        p = addition_problem(rng)
+        if is_heldout_addition(*p) == heldout and p not in problems:
+            problems.append(p)
+    return problems
+
+
 def save_world(entities: list[Entity], path: Path, seed: int) -> None:
     rows = [e.__dict__ for e in entities]
     path.parent.mkdir(parents=True, exist_ok=True)
