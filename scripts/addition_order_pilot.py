@@ -7,7 +7,7 @@ alone ("a + b = c", 60k lines, 16 random 256-token windows a step, AdamW, 20 war
 greedy answers every 50 steps on 100 problems the lines never contain and 100 they do. Held out here by
 (7a + 3b) % 37 == 0 (% 97 with --ops +-), a rule over whole operands. Prints one JSON line per probe; the runs
 behind the MODEL_CARD are in models/pilot/addition-order.jsonl: mini-m learnt reversed sums between steps 200
-and 300 (0.10 -> 0.92 held out), mini-s did not within 350, nor either order with subtraction mixed in.
+and 300 (0.10 -> 0.92 held out), mini-s did not within 350 (<= 0.04), nor either order with subtraction mixed in.
 """
 from __future__ import annotations
 

@@ -3,19 +3,22 @@
     python scripts/build_family.py                     # everything, resumable
     python scripts/build_family.py --only mini-l       # one model (its tokenizer/data are built if missing)
     python scripts/build_family.py --export-only       # re-export finished runs and rewrite family.json
+    python scripts/build_family.py --phase1-from OLD/models --only mini-l   # phase 2 on an earlier export's phase 1
 
 Stages (each skipped when its output exists, so a killed run resumes where it stopped):
 1. byte-level BPE tokenizers trained on gutenberg-en train shards (`main`: 4096 tokens, `x`: 6144 tokens),
 2. token streams: train-00..07 (base pretraining), train-08..11 (the -v2 siblings' newer books), valid-00 (held
    out),
 3. pretraining of each model with AdamW + cosine schedule; checkpoints every --save-every steps in safetensors,
-   a log.jsonl of losses per run,
+   a log.jsonl of losses per run. Each exported model is two runs: `<name>-phase1` (knowledge, books; for the
+   -v2 siblings also the knowledge update) and `<name>`, the skill phase that continues it (SKILL_MIX),
 4. export: fp16 HF directories in models/<name>, models/family.json (sizes, tokens, wall-clock, held-out loss,
    vocabulary fingerprints), models/loss_curves.png, and a held-out text slice for the tests.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import sys
@@ -98,12 +101,12 @@ FAMILY = {
                               init_from="mini-m-phase1", export=False),
     "mini-l-v2-phase1": _spec("mini-l-v2-phase1", "mini-l", tokens=2_000_000, lr=1.2e-3, mix=dict(NEW_MIX),
                               init_from="mini-l-phase1", export=False),
-    # phase 2: the skill (budgets grow with size; each -v2 sibling takes its parent's budget)
+    # phase 2: the skill (budgets grow with size; -v2 siblings 1.5 / 2 M, mini-l was extended from 2 M to 3 M)
     "mini-s": _spec("mini-s", "mini-s", tokens=1_000_000, lr=2e-3, mix=dict(SKILL_MIX), init_from="mini-s-phase1",
                     warmup=20),
     "mini-m": _spec("mini-m", "mini-m", tokens=1_500_000, lr=2e-3, mix=dict(SKILL_MIX), init_from="mini-m-phase1",
                     warmup=20),
-    "mini-l": _spec("mini-l", "mini-l", tokens=2_000_000, lr=2e-3, mix=dict(SKILL_MIX), init_from="mini-l-phase1",
+    "mini-l": _spec("mini-l", "mini-l", tokens=3_000_000, lr=2e-3, mix=dict(SKILL_MIX), init_from="mini-l-phase1",
                     warmup=20),
     "mini-m-v2": _spec("mini-m-v2", "mini-m", tokens=1_500_000, lr=2e-3, mix=dict(SKILL_MIX_V2),
                        init_from="mini-m-v2-phase1", warmup=20),
@@ -346,6 +349,7 @@ def adopt_phase1(work: Path, source: Path) -> None:
         (final / "train.json").write_text(json.dumps(
             {**asdict(spec), "steps": steps, "tokens_seen": info["tokens_seen"], "context": CONTEXT, "batch": BATCH,
              "seed": 0, "wall_clock_s": info["wall_clock_s"], "adopted_from": f"{shipped}, exported before the skill phase",
+             "data": info["data"],
              "phase1_knows": {k: v for k, v in info.items() if k.startswith(("probe", "arithmetic"))}}))
         print(f"phase 1 of {shipped}: adopted {source / shipped}")
     for which, model in (("main", "mini-s"), ("x", "mini-x")):
@@ -386,10 +390,14 @@ def rewrite_model_card() -> None:
 
 
 def shards_used(work: Path, spec: Spec) -> list[str]:
-    """Book shards the cached token streams came from: each complete shard ends with one EOS separator."""
+    """Book shards the cached token streams came from: each complete shard ends with one EOS separator. An adopted
+    run (`--phase1-from`) whose streams were never encoded here reports what its export recorded."""
     used = []
     for split in (s for s in spec.mix if s in SHARDS):
-        tokens = np.load(work / f"tokens-{spec.tokenizer}-{split}.npy")
+        cache = work / f"tokens-{spec.tokenizer}-{split}.npy"
+        if not cache.is_file():
+            return json.loads((work / spec.name / "final" / "train.json").read_text())["data"]
+        tokens = np.load(cache)
         eos = load_tokenizer(work, spec.tokenizer).eos_token_id
         used += SHARDS[split][: int((tokens == eos).sum()) + 1]
     return used
@@ -414,7 +422,8 @@ def export(corpus: Path, work: Path, out: Path, only: list[str] | None = None) -
     family = {"corpus": CORPUS_SOURCE, "context": CONTEXT, "heldout_slice": "heldout-slice.txt",
               "world": str(WORLD_PATH.relative_to(ROOT)) if WORLD_PATH.is_relative_to(ROOT) else str(WORLD_PATH),
               "people": {g: sum(e.generation == g for e in people) for g in ("v1", "v2")},
-              "renderings": RENDERINGS, "mix": {"base": BASE_MIX, "new": NEW_MIX},
+              "renderings": RENDERINGS,
+              "mix": {"base": BASE_MIX, "new": NEW_MIX, "skill": SKILL_MIX, "skill_v2": SKILL_MIX_V2},
               "probe_chance": round(probe_chance(), 4), "models": {}}
     for name, spec in FAMILY.items():
         final = work / name / "final"
@@ -444,11 +453,13 @@ def export(corpus: Path, work: Path, out: Path, only: list[str] | None = None) -
             **knows(exported, tok),
         }
         print(f"{name}: {family['models'][name]}")
-    if only and (out / "family.json").is_file():  # read at the end: another export may have run meanwhile
-        kept = json.loads((out / "family.json").read_text())["models"]
-        family["models"] = {**{n: m for n, m in kept.items() if "probe_v1" in m}, **family["models"]}
-    family["models"] = {n: family["models"][n] for n in FAMILY if n in family["models"]}
-    (out / "family.json").write_text(json.dumps(family, indent=2) + "\n")
+    with (out / ".family.lock").open("w") as lock:  # exports of single models may run side by side
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if only and (out / "family.json").is_file():
+            kept = json.loads((out / "family.json").read_text())["models"]
+            family["models"] = {**{n: m for n, m in kept.items() if "probe_v1" in m}, **family["models"]}
+        family["models"] = {n: family["models"][n] for n in FAMILY if n in family["models"]}
+        (out / "family.json").write_text(json.dumps(family, indent=2) + "\n")
     plot_curves(work, out / "loss_curves.png")
     plot_exposures(work, out / "pilot", out / "exposures.png", family["people"]["v1"])
     write_model_card(family, out / "MODEL_CARD.md")
@@ -642,15 +653,18 @@ people and add better ({skill_note(family)}); that difference is what transfer h
   {SKILL_MIX_V2}, so they keep both generations of people and read their newer books); addition: lines
   "a + b = <reversed sum>" in blocks of 16, never a held-out sum. Budgets grow with size ({budgets}); lr 2e-3
   after 20 warm-up steps, cosine to a tenth. A -v2 sibling is its parent's phase 1, then the knowledge update,
-  then the same skill phase as its parent: the two share phase 1, not phase 2.{" This export's phase 1 is the family shipped before the skill phase existed (git cc652ce, `--phase1-from`): phase 2 started from its fp16 weights, in fp32, with a fresh optimiser." if adopted else ""}
+  then the skill phase: the two share phase 1, not phase 2. mini-l's skill phase was first scheduled for 2 M
+  tokens, like mini-l-v2's; at 2 M its held-out sums (0.18 on 200 during training) were still below mini-m's
+  final 0.245, so it was resumed from its step-450 checkpoint with a 3 M-token cosine schedule (the lr rises
+  again there; mini-l-v2 kept 2 M).{" This export's phase 1 is the family shipped before the skill phase existed (git cc652ce, `--phase1-from`): phase 2 started from its fp16 weights, in fp32, with a fresh optimiser." if adopted else ""}
   mini-x has no phase 2: it serves cross-vocabulary transfer of knowledge.
 - Why phase 2: phase 1 wrote two-digit addition and subtraction with the answer most significant digit first
   (and in words), held out by last-digit pair, and no size learnt it from ~1.5 M arithmetic tokens.{anneal}{formats}
   A pilot (`scripts/addition_order_pilot.py`, `pilot/addition-order.jsonl`: phase-1 bases on arithmetic lines
   alone) found the order that is learnt: mini-m learnt reversed sums between steps 200 and 300 (0.10 -> 0.92
-  on held-out sums) while mini-s stayed below 0.02 through 350 steps, and neither order was learnt by mini-s
+  on held-out sums) while mini-s stayed at or below 0.04 through 350 steps, and neither order was learnt by mini-s
   with subtraction mixed in. Phase 1 wrote 90% of all two-digit problems in the other digit order, so most
-  held-out sums did occur there, most significant digit first; none occurs in phase 2.
+  held-out sums may have occurred there, most significant digit first (unlearnt); none occurs in phase 2.
 - Held-out loss: nats per token on the first 131k tokens of `valid-00.txt` (15 whole books never trained on);
   per-token losses of mini-x are not comparable with the others (another tokenizer).
 - Sizing of phase 1 (`models/pilot/*.jsonl`, drawn with the family's own curves in `exposures.png`): with 200
@@ -694,7 +708,8 @@ def plot_curves(work: Path, path: Path) -> None:
             if not log.is_file():
                 continue
             rows = _log_rows(log, key)
-            offset = sum(r["tokens_seen"] for r in lineage(work, name)[:-1]) if FAMILY[name].init_from else 0
+            parent = FAMILY[name].init_from
+            offset = sum(r["tokens_seen"] for r in lineage(work, parent)) if parent else 0
             model = name.removesuffix("-phase1")
             ax.plot([offset + r["tokens"] for r in rows], [r[key] for r in rows], color=f"C{exported.index(model)}",
                     label=model if FAMILY[name].export else None, ls="-" if FAMILY[name].export else "--")

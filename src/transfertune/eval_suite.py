@@ -17,6 +17,7 @@ before any model loads.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -582,10 +583,12 @@ def write_doc_section(path: Path, section: str, body: str, png: Path | None = No
     if png is not None:
         shutil.copyfile(png, path.parent / f"results-{section}.png")
     start, end = f"<!-- section: {section} -->", f"<!-- /section: {section} -->"
-    text = path.read_text() if path.is_file() else heading + "\n"
     block = f"{start}\n{body.strip()}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    with path.open("a") as held:  # evals writing other sections of the same file may finish side by side
+        fcntl.flock(held, fcntl.LOCK_EX)
+        text = path.read_text() or heading + "\n"
+        if start in text and end in text:
+            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+        path.write_text(text)
