@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from transfertune.probe import arithmetic_accuracy  # noqa: E402
 
 
 def main() -> None:
@@ -66,22 +69,11 @@ def main() -> None:
             heldout.append(p)
     seen = [p for p in (problem(er) for _ in range(200)) if not held(p)][:100]
 
-    @torch.no_grad()
     def accuracy(problems):
         model.eval()
-        prompts = [[tok.eos_token_id] + tok(f"{a} {op} {b} =", add_special_tokens=False).input_ids
-                   for a, op, b in problems]
-        width = max(map(len, prompts))
-        x = torch.full((len(prompts), width), tok.pad_token_id)
-        mask = torch.zeros_like(x)
-        for i, ids in enumerate(prompts):
-            x[i, width - len(ids):] = torch.tensor(ids)
-            mask[i, width - len(ids):] = 1
-        out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
+        score = arithmetic_accuracy(model, tok, problems, reversed_digits=args.order == "reversed")
         model.train()
-        return sum(tok.decode(row, skip_special_tokens=True).split("\n")[0].strip() == answer(*p)
-                   for p, row in zip(problems, out[:, width:])) / len(problems)
+        return score
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     windows = np.random.default_rng(0)

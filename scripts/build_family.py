@@ -21,6 +21,7 @@ import argparse
 import fcntl
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -280,6 +281,7 @@ def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int, p
     people = load_world(WORLD_PATH)
     probe_sets = {g: [e for e in people if e.generation == g][:PROBE_PEOPLE] for g in ("v1", "v2")}
     skill = "addition" in spec.mix
+    skill_key = "addition" if skill else "arithmetic"
     problems = ([(a, "+", b) for a, b in addition_problems(200)] if skill else heldout_arithmetic(200))
     torch.manual_seed(seed)
     model = make_model(spec, tok)
@@ -314,11 +316,10 @@ def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int, p
             model.eval()
             for g, group in probe_sets.items():
                 record[f"probe_{g}"] = round(knowledge_probe(model, tok, group)["all"], 4)
-            record["addition" if skill else "arithmetic"] = round(arithmetic_accuracy(
+            record[skill_key] = round(arithmetic_accuracy(
                 model, tok, problems, reversed_digits=skill or "arith_reversed" in spec.mix), 4)
             model.train()
-            bar.set_postfix(loss=record["loss"], probe=record["probe_v1"],
-                            skill=record["addition" if skill else "arithmetic"])
+            bar.set_postfix(loss=record["loss"], probe=record["probe_v1"], skill=record[skill_key])
         log.write(json.dumps(record) + "\n")
         log.flush()
         if (step + 1) % save_every == 0 and step + 1 < steps:
@@ -333,17 +334,15 @@ def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int, p
 
 def adopt_phase1(work: Path, source: Path) -> None:
     """Use an earlier export of the family (models/ before phase 2 existed, with its family.json) as the finished
-    phase-1 runs (and mini-x, which has no phase 2), so phase 2 can be built without pretraining phase 1 again. The weights were stored in fp16:
-    phase 2 starts from them in fp32, without phase 1's optimiser state (it re-warms its own)."""
+    phase-1 runs (and mini-x, which has no phase 2), so phase 2 can be built without pretraining phase 1 again.
+    The weights were stored in fp16: phase 2 starts from them in fp32, without phase 1's optimiser state."""
     exported = json.loads((source / "family.json").read_text())["models"]
     for name, spec in FAMILY.items():
         shipped = name.removesuffix("-phase1")
         final = work / name / "final"
         if "addition" in spec.mix or (final / "config.json").is_file() or shipped not in exported:
             continue
-        final.mkdir(parents=True)
-        for f in (source / shipped).iterdir():
-            (final / f.name).write_bytes(f.read_bytes())
+        shutil.copytree(source / shipped, final)
         info = exported[shipped]
         steps = info["tokens_seen"] // (BATCH * CONTEXT)
         (final / "train.json").write_text(json.dumps(
@@ -357,7 +356,7 @@ def adopt_phase1(work: Path, source: Path) -> None:
         if not (out / "tokenizer.json").is_file() and (source / model / "tokenizer.json").is_file():
             out.mkdir(parents=True, exist_ok=True)
             for f in ("tokenizer.json", "tokenizer_config.json"):
-                (out / f).write_bytes((source / model / f).read_bytes())
+                shutil.copy(source / model / f, out / f)
 
 
 def add_pilot_args(p, models: list[str], tokens: int) -> None:
@@ -564,7 +563,7 @@ def _tokens(m: dict) -> str:
 
 
 def skill_note(family: dict) -> str:
-    """The skill's gradient in words, from family.json (names the sizes that learnt it and those that did not)."""
+    """Held-out addition of mini-s, mini-m and mini-l from family.json, for the card's first paragraph."""
     m = family["models"]
     sizes = [n for n in ("mini-s", "mini-m", "mini-l") if "addition" in m.get(n, {})]
     cells = ", ".join(f"{n} {m[n]['addition']:.3f}" for n in sizes)
