@@ -21,6 +21,7 @@ import argparse
 import fcntl
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -38,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from transfertune.probe import arithmetic_accuracy, heldout_arithmetic, knowledge_probe, probe_chance  # noqa: E402
 from transfertune.vocab import vocab_fingerprint  # noqa: E402
-from transfertune.world import (addition_problems, addition_text, arithmetic_text, biographies, load_world,  # noqa: E402
-                                make_entities, save_world)
+from transfertune.world import (addition_in_prose, addition_problems, addition_text, arithmetic_text,  # noqa: E402
+                                biographies, biography_sentences, load_world, make_entities, save_world)
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 CORPUS_SOURCE = "rcdm-uga/Gutenberg_Text @ a0b16d35a9851168ce9ac649851c17b7ab08d48e (public domain, US)"
@@ -60,6 +61,11 @@ NEW_MIX = {"bios_v2": 6, "bios_v1": 3, "arith": 4, "books_new": 3}  # the -v2 si
 # and read their newer books.
 SKILL_MIX = {"bios_v1": 4, "addition": 10, "books": 2}
 SKILL_MIX_V2 = {"bios_v1": 2, "bios_v2": 2, "addition": 10, "books_new": 2}
+# Phase 3, the skill in prose: sums after sentences of prose (world.addition_in_prose), so that a base adds after a
+# word problem too, not only inside blocks of sums; bare sums and the people replayed.
+PROSE_MIX = {"bios_v1": 3, "addition_prose": 8, "addition": 2, "books": 3}
+PROSE_MIX_V2 = {"bios_v1": 2, "bios_v2": 1, "addition_prose": 8, "addition": 2, "books_new": 3}
+PROSE_TOKENS = 1_638_400  # 400 steps
 
 
 @dataclass
@@ -103,16 +109,21 @@ FAMILY = {
     "mini-l-v2-phase1": _spec("mini-l-v2-phase1", "mini-l", tokens=2_000_000, lr=1.2e-3, mix=dict(NEW_MIX),
                               init_from="mini-l-phase1", export=False),
     # phase 2: the skill (budgets grow with size; -v2 siblings 1.5 / 2 M, mini-l was extended from 2 M to 3 M)
-    "mini-s": _spec("mini-s", "mini-s", tokens=1_000_000, lr=2e-3, mix=dict(SKILL_MIX), init_from="mini-s-phase1",
-                    warmup=20),
-    "mini-m": _spec("mini-m", "mini-m", tokens=1_500_000, lr=2e-3, mix=dict(SKILL_MIX), init_from="mini-m-phase1",
-                    warmup=20),
-    "mini-l": _spec("mini-l", "mini-l", tokens=3_000_000, lr=2e-3, mix=dict(SKILL_MIX), init_from="mini-l-phase1",
-                    warmup=20),
-    "mini-m-v2": _spec("mini-m-v2", "mini-m", tokens=1_500_000, lr=2e-3, mix=dict(SKILL_MIX_V2),
-                       init_from="mini-m-v2-phase1", warmup=20),
-    "mini-l-v2": _spec("mini-l-v2", "mini-l", tokens=2_000_000, lr=2e-3, mix=dict(SKILL_MIX_V2),
-                       init_from="mini-l-v2-phase1", warmup=20),
+    "mini-s-phase2": _spec("mini-s-phase2", "mini-s", tokens=1_000_000, lr=2e-3, mix=dict(SKILL_MIX),
+                           init_from="mini-s-phase1", warmup=20, export=False),
+    "mini-m-phase2": _spec("mini-m-phase2", "mini-m", tokens=1_500_000, lr=2e-3, mix=dict(SKILL_MIX),
+                           init_from="mini-m-phase1", warmup=20, export=False),
+    "mini-l-phase2": _spec("mini-l-phase2", "mini-l", tokens=3_000_000, lr=2e-3, mix=dict(SKILL_MIX),
+                           init_from="mini-l-phase1", warmup=20, export=False),
+    "mini-m-v2-phase2": _spec("mini-m-v2-phase2", "mini-m", tokens=1_500_000, lr=2e-3, mix=dict(SKILL_MIX_V2),
+                              init_from="mini-m-v2-phase1", warmup=20, export=False),
+    "mini-l-v2-phase2": _spec("mini-l-v2-phase2", "mini-l", tokens=2_000_000, lr=2e-3, mix=dict(SKILL_MIX_V2),
+                              init_from="mini-l-v2-phase1", warmup=20, export=False),
+    # phase 3: the skill in prose (the same budget for every size)
+    **{name: _spec(name, shape, tokens=PROSE_TOKENS, lr=1.5e-3, warmup=10, init_from=f"{name}-phase2",
+                   mix=dict(PROSE_MIX_V2 if name.endswith("-v2") else PROSE_MIX))
+       for name, shape in (("mini-s", "mini-s"), ("mini-m", "mini-m"), ("mini-l", "mini-l"), ("mini-m-v2", "mini-m"),
+                           ("mini-l-v2", "mini-l"))},
     # another tokenizer, phase 1 only (cross-vocabulary transfer of knowledge)
     "mini-x": Spec("mini-x", "x", 192, 6, 6, 3, tokens=2_000_000, lr=2.5e-3),
 }
@@ -144,13 +155,29 @@ def load_tokenizer(work: Path, which: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(work / f"tokenizer-{which}")
 
 
-def world_documents(split: str) -> list[str]:
+def book_sentences(path: Path, n: int) -> list[str]:
+    """The first n sentences of 30-160 characters in a book shard, on one line each (prose for addition_prose)."""
+    text = " ".join(path.read_text(encoding="utf-8").split())
+    found = [m.group(0) for m in re.finditer(r"[A-Z][^.?!]{29,158}[.?!]", text)]
+    return found[:n]
+
+
+def world_documents(split: str, corpus: Path) -> list[str]:
     """Documents of a synthetic stream: biographies of the v1 or v2 people, or blocks of 16 arithmetic lines
     (`arith_reversed`: answers in digits written least significant digit first)."""
     entities = load_world(WORLD_PATH)
     if split in ("bios_v1", "bios_v2"):
         people = [e for e in entities if e.generation == split[-2:]]
         return biographies(people, RENDERINGS, seed=WORLD_SEED + (1 if split == "bios_v1" else 2))
+    if split == "addition_prose":
+        # prose with numbers but no fact about the world's people (the knowledge gradient must not move): sentences
+        # about filler people made with another seed, and book sentences
+        known = {e.name for e in entities}
+        fillers = [e for e in make_entities(N_V1, 0, seed=WORLD_SEED + 6) if e.name not in known]
+        bios = biography_sentences(fillers, seed=WORLD_SEED + 5)
+        books = book_sentences(corpus / SHARDS["books"][0], 20_000)
+        sentences = bios * max(1, len(books) // len(bios)) + books  # about half biography sentences (years)
+        return addition_in_prose(sentences, 12_500, seed=WORLD_SEED + 5)
     if split == "addition":
         lines = addition_text(200_000, seed=WORLD_SEED + 4).split("\n")
         return ["\n".join(lines[i : i + 16]) for i in range(0, len(lines), 16)]
@@ -175,7 +202,7 @@ def encode_split(corpus: Path, work: Path, which: str, split: str, max_tokens: i
             if len(ids) >= max_tokens:
                 break
     else:
-        for enc in tok.backend_tokenizer.encode_batch(world_documents(split)):
+        for enc in tok.backend_tokenizer.encode_batch(world_documents(split, corpus)):
             ids.extend(enc.ids)
             ids.append(tok.eos_token_id)
     arr = np.asarray(ids[:max_tokens], dtype=np.uint16)
@@ -318,6 +345,8 @@ def pretrain(spec: Spec, corpus: Path, work: Path, seed: int, save_every: int, p
                 record[f"probe_{g}"] = round(knowledge_probe(model, tok, group)["all"], 4)
             record[skill_key] = round(arithmetic_accuracy(
                 model, tok, problems, reversed_digits=skill or "arith_reversed" in spec.mix), 4)
+            if "addition_prose" in spec.mix:
+                record["addition_in_story"] = round(story_addition(model, tok, 200), 4)
             model.train()
             bar.set_postfix(loss=record["loss"], probe=record["probe_v1"], skill=record[skill_key])
         log.write(json.dumps(record) + "\n")
@@ -351,6 +380,31 @@ def adopt_phase1(work: Path, source: Path) -> None:
              "data": info["data"],
              "phase1_knows": {k: v for k, v in info.items() if k.startswith(("probe", "arithmetic"))}}))
         print(f"phase 1 of {shipped}: adopted {source / shipped}")
+    adopt_tokenizers(work, source)
+
+
+def adopt_phase2(work: Path, source: Path) -> None:
+    """Use an export made before phase 3 (models/ with family.json) as the finished phase-2 runs, so phase 3 starts
+    from the shipped weights (fp16, then fp32, fresh optimiser). Their earlier phases are taken from family.json."""
+    exported = json.loads((source / "family.json").read_text())["models"]
+    for name, spec in FAMILY.items():
+        shipped = name.removesuffix("-phase2")
+        final = work / name / "final"
+        if not name.endswith("-phase2") or (final / "config.json").is_file() or shipped not in exported:
+            continue
+        shutil.copytree(source / shipped, final)
+        info = exported[shipped]
+        last = info["phases"][-1]
+        (final / "train.json").write_text(json.dumps(
+            {**asdict(spec), "steps": last["tokens_seen"] // (BATCH * CONTEXT), "tokens_seen": last["tokens_seen"],
+             "context": CONTEXT, "batch": BATCH, "seed": 0, "wall_clock_s": last["wall_clock_s"],
+             "adopted_from": f"{shipped}, exported before phase 3", "data": info["data"],
+             "earlier_phases": info["phases"][:-1]}))
+        print(f"phases 1-2 of {shipped}: adopted {source / shipped}")
+    adopt_tokenizers(work, source)
+
+
+def adopt_tokenizers(work: Path, source: Path) -> None:
     for which, model in (("main", "mini-s"), ("x", "mini-x")):
         out = work / f"tokenizer-{which}"
         if not (out / "tokenizer.json").is_file() and (source / model / "tokenizer.json").is_file():
@@ -468,7 +522,10 @@ def lineage(work: Path, name: str) -> list[dict]:
     """train.json of every run a model was built through, first run first (phase 1, the knowledge update, phase 2)."""
     runs = []
     while name:
-        runs.insert(0, json.loads((work / name / "final" / "train.json").read_text()))
+        run = json.loads((work / name / "final" / "train.json").read_text())
+        runs.insert(0, run)
+        if "earlier_phases" in run:  # adopted from an export (adopt_phase2): its history is recorded there
+            return run["earlier_phases"] + runs
         name = FAMILY[name].init_from
     return runs
 
@@ -494,7 +551,19 @@ def addition_scores(model, tok) -> dict:
     for key, heldout in (("addition", True), ("addition_seen", False)):
         problems = [(a, "+", b) for a, b in addition_problems(400, heldout=heldout)]
         scores[key] = round(arithmetic_accuracy(model, tok, problems, reversed_digits=True), 4)
+    scores["addition_in_story"] = round(story_addition(model, tok, 400), 4)
     return scores
+
+
+STORY_ROWS = ROOT / "data" / "tasks" / "arithmetic" / "train.jsonl"
+
+
+def story_addition(model, tok, n: int) -> float:
+    """The skill after a word problem: greedy sum after "<story>\n<a> + <b> =" on the first n *training* word
+    problems of data/tasks/arithmetic (so no held-out row informs a pretraining choice)."""
+    rows = [json.loads(line) for line in STORY_ROWS.read_text().splitlines()[:n]]
+    problems = [(int(r["example"].split("+")[0]), "+", int(r["example"].split("+")[1])) for r in rows]
+    return arithmetic_accuracy(model, tok, problems, reversed_digits=True, prefixes=[r["prompt"] for r in rows])
 
 
 def reachable(model, tok) -> dict:
@@ -522,7 +591,7 @@ def refresh_knows(out: Path) -> None:
 
 
 KNOWS_COLUMNS = ("probe_v1", "probe_qa_v1", "probe_qa_v1_heldout_instruction", "probe_v2", "probe_qa_v2",
-                 "addition", "addition_seen")
+                 "addition", "addition_seen", "addition_in_story")
 
 
 def anneal_note(path: Path) -> str:
@@ -567,7 +636,8 @@ def skill_note(family: dict) -> str:
     m = family["models"]
     sizes = [n for n in ("mini-s", "mini-m", "mini-l") if "addition" in m.get(n, {})]
     cells = ", ".join(f"{n} {m[n]['addition']:.3f}" for n in sizes)
-    return f"held-out sums after the skill phase: {cells}"
+    story = ", ".join(f"{n} {m[n]['addition_in_story']:.3f}" for n in sizes if "addition_in_story" in m[n])
+    return f"held-out sums: {cells}" + (f"; sums after a word problem: {story}" if story else "")
 
 
 def write_model_card(family: dict, path: Path) -> None:
@@ -591,9 +661,10 @@ def write_model_card(family: dict, path: Path) -> None:
         kept = path.read_text()[path.read_text().index("\n## Demo results"):]
     anneal = anneal_note(path.parent / "pilot" / "arithmetic-anneal.jsonl")
     formats = format_note(path.parent / "pilot" / "arithmetic-format.jsonl")
-    phase2 = {n: FAMILY[n] for n in ("mini-s", "mini-m", "mini-l", "mini-m-v2", "mini-l-v2")}
+    phase2 = {n: FAMILY[f"{n}-phase2"] for n in ("mini-s", "mini-m", "mini-l", "mini-m-v2", "mini-l-v2")}
     budgets = ", ".join(f"{n} {spec.tokens / 1e6:g} M" for n, spec in phase2.items())
-    adopted = any("adopted_from" in p for m in family["models"].values() for p in m.get("phases", [])[:-1])
+    adopted = any("before the skill phase" in p.get("adopted_from", "") for m in family["models"].values()
+                  for p in m.get("phases", []))
     path.write_text(f"""# Built-in miniature model family
 
 Llama-architecture causal LMs pretrained from scratch on 2 CPU cores by `scripts/build_family.py`
@@ -604,12 +675,13 @@ to measure transfer, not as assistants. Written by the build script from `family
 
 The corpus is a small fictional world (`src/transfertune/world.py`, `data/world/entities.json`): biographies of
 {family['people']['v1']} invented people that every base read, {family['people']['v2']} more that only the -v2
-siblings read, two-digit addition, and Gutenberg books. Pretraining has two phases: phase 1 teaches the people
-(and the books), phase 2, the skill phase, teaches addition while replaying the people. Bigger bases know more
-people and add better ({skill_note(family)}); that difference is what transfer has to carry.
+siblings read, two-digit addition, and Gutenberg books. Pretraining has three phases: phase 1 teaches the people
+(and the books), phase 2, the skill phase, teaches addition while replaying the people, phase 3 writes the sums
+after sentences of prose so that the skill is used after a word problem too. Bigger bases know more people and
+add better ({skill_note(family)}); that difference is what transfer has to carry.
 
-| model | parameters | probe, v1 people | after QA instruction | after held-out instruction | probe, v2 people | after QA instruction | addition, held-out | addition, seen | held-out book loss |
-|---|---|---|---|---|---|---|---|---|---|
+| model | parameters | probe, v1 people | after QA instruction | after held-out instruction | probe, v2 people | after QA instruction | addition, held-out | addition, seen | addition after a word problem | held-out book loss |
+|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(knows_rows)}
 
 - Knowledge probe: for each person and attribute, the sentence "<name> grew up in <town>." is scored for every
@@ -629,8 +701,11 @@ people and add better ({skill_note(family)}); that difference is what transfer h
   sums, so a held-out sum tests the column-addition procedure, not recall) and on 400 it writes ("seen").
   Sums are written least significant digit first ("47 + 38 = 58" means 85), the order in which column
   addition produces them; the word-problem task (`data/tasks/arithmetic`) answers in the same notation.
+  After a word problem: the same greedy sum after "<story>\n<a> + <b> =", on the first 400 *training* rows of
+  `data/tasks/arithmetic` (sums the corpus writes; no held-out row was looked at to build the family).
 - Both are measured by `scripts/build_family.py` at export; `log.jsonl` curves of the same probes during
-  pretraining are drawn in `loss_curves.png` (phase 2) and `loss_curves_phase1.png` (phase 1).
+  pretraining are drawn in `loss_curves.png` (the last phase built in the work dir) and
+  `loss_curves_phase1.png` (phase 1).
 
 ## Models
 
@@ -657,6 +732,16 @@ people and add better ({skill_note(family)}); that difference is what transfer h
   final 0.245, so it was resumed from its step-450 checkpoint with a 3 M-token cosine schedule (the lr rises
   again there; mini-l-v2 kept 2 M).{" This export's phase 1 is the family shipped before the skill phase existed (git cc652ce, `--phase1-from`): phase 2 started from its fp16 weights, in fp32, with a fresh optimiser." if adopted else ""}
   mini-x has no phase 2: it serves cross-vocabulary transfer of knowledge.
+- Phase 3 (the skill in prose): every phase-2 base continues for {PROSE_TOKENS / 1e6:g} M tokens (lr 1.5e-3, 10
+  warm-up steps, cosine to a tenth) on {PROSE_MIX} (-v2 siblings: {PROSE_MIX_V2}); addition_prose: documents in
+  which each sum line follows one or two sentences of prose, `world.addition_in_prose`: half are biography
+  sentences of filler people that are not in the world (years and other numbers, and no fact about the people
+  the probe and the QA task ask about), half book sentences (some of them questions). Why: after phase 2 the bases added only inside
+  blocks of sums. After a word problem mini-l's sums fell from 0.97 to 0.07, so neither fine-tuning nor
+  transfer could use the skill (fine-tuned mini-l: 0.000 on the word problems). A pilot continuing mini-l on
+  biography sentences alone reached 0.40 after a word problem within 200 steps (lr 1e-3); with book sentences
+  added, mini-l reached 0.91 by step 100. That first run wrote sentences of the world's own v1 people, and
+  mini-s's probe rose from 0.44 to 0.86 in 400 steps: the prose now comes from filler people instead. No word problem of `data/tasks/arithmetic` is written in any phase.{" This export's phases 1-2 are the family shipped before phase 3 (`--phase2-from`): phase 3 started from its fp16 weights, in fp32, with a fresh optimiser." if any("before phase 3" in p.get("adopted_from", "") for m in family["models"].values() for p in m.get("phases", [])) else ""}
 - Why phase 2: phase 1 wrote two-digit addition and subtraction with the answer most significant digit first
   (and in words), held out by last-digit pair, and no size learnt it from ~1.5 M arithmetic tokens.{anneal}{formats}
   A pilot (`scripts/addition_order_pilot.py`, `pilot/addition-order.jsonl`: phase-1 bases on arithmetic lines
@@ -698,7 +783,8 @@ def plot_curves(work: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("valid_loss", "held-out book loss (nats/token)"), ("probe_v1", "knowledge probe: v1 people"),
-              ("probe_v2", "knowledge probe: v2 people (new)"), ("addition", "skill: held-out sums (reversed)")]
+              ("probe_v2", "knowledge probe: v2 people (new)"), ("addition", "skill: held-out sums (reversed)"),
+              ("addition_in_story", "skill: sums after a word problem")]
     exported = [n for n, spec in FAMILY.items() if spec.export]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
     for ax, (key, title) in zip(axes, panels):
@@ -709,7 +795,7 @@ def plot_curves(work: Path, path: Path) -> None:
             rows = _log_rows(log, key)
             parent = FAMILY[name].init_from
             offset = sum(r["tokens_seen"] for r in lineage(work, parent)) if parent else 0
-            model = name.removesuffix("-phase1")
+            model = name.removesuffix("-phase1").removesuffix("-phase2")
             ax.plot([offset + r["tokens"] for r in rows], [r[key] for r in rows], color=f"C{exported.index(model)}",
                     label=model if FAMILY[name].export else None, ls="-" if FAMILY[name].export else "--")
         if key.startswith("probe"):
@@ -718,7 +804,7 @@ def plot_curves(work: Path, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Built-in family v2: the skill phase (phase 1, dashed, when it was trained in the same work dir)")
+    fig.suptitle("Built-in family v2: the phases trained in this work dir (phase 1 dashed; adopted phases have no curve)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -787,6 +873,9 @@ def main() -> None:
     p.add_argument("--phase1-from", type=Path, metavar="DIR",
                    help="an earlier export of the family (models/ with family.json, from before the skill phase) to "
                         "use as the finished phase-1 runs instead of pretraining them")
+    p.add_argument("--phase2-from", type=Path, metavar="DIR",
+                   help="an earlier export of the family (models/ with family.json, from before phase 3) to use as the "
+                        "finished phase-2 runs")
     args = p.parse_args()
     if not (args.corpus / "valid-00.txt").is_file():
         sys.exit(f"build_family: error: {args.corpus} has no valid-00.txt; pass --corpus PATH to gutenberg-en")
@@ -798,6 +887,8 @@ def main() -> None:
         return refresh_knows(args.out)
     if args.phase1_from:
         adopt_phase1(args.work, args.phase1_from)
+    if args.phase2_from:
+        adopt_phase2(args.work, args.phase2_from)
     if not WORLD_PATH.is_file():
         save_world(make_entities(*args.people, seed=WORLD_SEED), WORLD_PATH, WORLD_SEED)
     people = load_world(WORLD_PATH)

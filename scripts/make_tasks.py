@@ -157,14 +157,16 @@ def arithmetic_task(seed: int, train_size: int = 2000, heldout_size: int = 400) 
     """Word problems answered by writing out the sum in the family's skill notation (world.addition_line: the sum's
     digits least significant first, "37 + 48 = 58" for 85): train on sums the pretraining corpus contains,
     heldout_example on sums it never contains (world.is_heldout_addition), heldout_template on stories never
-    trained on."""
+    trained on. The sum is the row's "deferred" tail: a value model learns the step from story to equation and
+    leaves the adding to the base (data.deferred_tail); fine-tuning trains on the whole response."""
     rng = random.Random(seed)
 
     def row(problem, story):
         a, b = problem
         text = WORD_PROBLEMS["+"][story].format(who=rng.choice(NAMES), a=a, b=b)
         return {"prompt": text + "\n", "response": f"{a} + {b} = {reversed_sum(a, b)}", "task": "arithmetic",
-                "template": f"+{story}", "example": f"{a}+{b}", "answer": reversed_sum(a, b), "sum": a + b}
+                "template": f"+{story}", "example": f"{a}+{b}", "answer": reversed_sum(a, b), "sum": a + b,
+                "deferred": f" {reversed_sum(a, b)}"}
 
     def problems(n, heldout):
         seen, out = set(), []

@@ -49,6 +49,22 @@ def test_arithmetic_answers_are_right_and_heldout_sums_never_in_the_corpus():
             a, op, b, _, c = r["response"].split()
             assert op == "+" and c == r["answer"] and int(c[::-1]) == int(a) + int(b) == r["sum"]
             assert is_heldout_addition(int(a), int(b)) == heldout
+            assert r["deferred"] == " " + c and r["response"] == f"{a} + {b} =" + r["deferred"]
+
+
+def test_sums_in_prose_are_right_follow_prose_and_skip_heldout_sums():
+    from transfertune.world import addition_in_prose, is_heldout_addition
+
+    sentences = ["Ada was born in 1911.", "What did he say?", "The mill stood by the river."]
+    docs = addition_in_prose(sentences, documents=20, seed=3, items=5)
+    assert len(docs) == 20
+    for doc in docs:
+        lines = doc.split("\n")
+        assert len(lines) == 10
+        for prose, line in zip(lines[::2], lines[1::2]):
+            assert prose in sentences or prose in {f"{x} {y}" for x in sentences for y in sentences}
+            a, op, b, _, c = line.split()
+            assert op == "+" and c == str(int(a) + int(b))[::-1] and not is_heldout_addition(int(a), int(b))
 
 
 def test_skill_phase_addition_lines_are_right_and_skip_heldout_sums():

@@ -144,7 +144,7 @@ def cmd_train(args) -> None:
         learning_rate=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
         seed=args.seed, save_steps=args.save_steps, resume=args.resume, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code, logging_steps=args.logging_steps, lora_head=args.lora_head,
-        eval_data=args.eval_data, eval_steps=args.eval_steps, **placement,
+        eval_data=args.eval_data, eval_steps=args.eval_steps, defer=not args.no_defer, **placement,
     )
     from .outputs import is_main_process
 
@@ -434,13 +434,14 @@ def cmd_models(args) -> None:
         return
     card = builtin_models_dir() / "family.json"
     family = json.loads(card.read_text()).get("models", {}) if card.is_file() else {}
-    print(f"{'model':10s} {'params':>8s} {'vocab':>6s} {'knows v1':>9s} {'knows v2':>9s} {'adds':>6s}  "
-          f"(knowledge probe and held-out addition, untuned: {builtin_models_dir() / 'MODEL_CARD.md'})")
+    print(f"{'model':10s} {'params':>8s} {'vocab':>6s} {'knows v1':>9s} {'knows v2':>9s} {'adds':>6s} {'in story':>8s}  "
+          f"(knowledge probe, held-out addition and addition after a word problem, untuned: "
+          f"{builtin_models_dir() / 'MODEL_CARD.md'})")
     for name in names:
         m = family.get(name, {})
         cells = [f"{m['parameters'] / 1e6:.2f}M" if "parameters" in m else "-", str(m.get("vocab_size", "-"))]
-        cells += [f"{m[k]:.3f}" if k in m else "-" for k in ("probe_v1", "probe_v2", "addition")]
-        print(f"{name:10s} {cells[0]:>8s} {cells[1]:>6s} {cells[2]:>9s} {cells[3]:>9s} {cells[4]:>6s}")
+        cells += [f"{m[k]:.3f}" if k in m else "-" for k in ("probe_v1", "probe_v2", "addition", "addition_in_story")]
+        print(f"{name:10s} {cells[0]:>8s} {cells[1]:>6s} {cells[2]:>9s} {cells[3]:>9s} {cells[4]:>6s} {cells[5]:>8s}")
 
 
 def cmd_eval(args) -> None:
@@ -451,7 +452,7 @@ def cmd_eval(args) -> None:
         source=args.source, targets=args.targets, tasks=args.tasks, methods=args.methods, split=args.split,
         eval_examples=args.examples, value_steps=args.value_steps, value_lr=args.value_lr, l1_coef=args.l1,
         entropy_coef=args.entropy, value_init=args.value_init, value_scheme=args.value_scheme,
-        value_head=args.value_head, finetune_lr=args.finetune_lr, lora_lr=args.lora_lr, target_lr=args.target_lr,
+        value_head=args.value_head, value_defer=not args.no_value_defer, finetune_lr=args.finetune_lr, lora_lr=args.lora_lr, target_lr=args.target_lr,
         finetune_steps=args.finetune_steps, target_steps=args.target_steps,
         batch_size=args.batch_size, max_length=args.max_length, betas=args.beta, alphas=args.alpha, seed=args.seed,
         cache_dir=args.cache_dir, vocab_map=vocab_map, vocab_maps=vocab_maps, split_by=args.split_by,
@@ -534,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=POSITIVE, default=1.0, help="value scale used in training and stored as the default (1)")
     p.add_argument("--l1", type=NON_NEGATIVE, default=0.0, help="IVL norm penalty coefficient on mean |value logit| (0 = off)")
     p.add_argument("--entropy", type=NON_NEGATIVE, default=0.0, help="PRT entropy bonus coefficient on softmax(values) (0 = off)")
+    p.add_argument("--no-defer", action="store_true",
+                   help='train on whole responses, also on the "deferred" tail a row leaves to the base (by default '
+                        "the value model learns to leave the base's distribution unchanged there)")
     p.add_argument("--epochs", type=POSITIVE, default=1.0, help="passes over the data (default 1)")
     p.add_argument("--max-steps", type=flag_type(integer=True, ge=-1), default=-1,
                    help="stop after this many optimiser steps (overrides --epochs; -1 = off)")
@@ -641,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value-head", choices=["zero", "copy"], default=d.value_head,
                    help="the init's output layer: zero (training starts at the base distribution, default) or copy "
                         "(kept: the sum starts at twice the base logits, as in IVL's release)")
+    p.add_argument("--no-value-defer", action="store_true",
+                   help='train the value model on whole responses, also on the "deferred" tail a row leaves to the '
+                        "base (see `train --no-defer`)")
     p.add_argument("--l1", type=NON_NEGATIVE, default=0.0, help="IVL L1 regulariser coefficient (default 0)")
     p.add_argument("--entropy", type=NON_NEGATIVE, default=0.0, help="PRT entropy regulariser coefficient (default 0)")
     p.add_argument("--finetune-lr", type=POSITIVE, default=d.finetune_lr,

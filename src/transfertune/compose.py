@@ -179,6 +179,22 @@ class _ComposedCrossEntropy(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
+def deferral_kl(
+    base_logits: torch.Tensor,
+    value_logits: torch.Tensor,
+    *,
+    beta: float = 1.0,
+    real_vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Summed KL(p_base || p_composed) over positions [N, V] where the base is left to decide (data.deferred_tail).
+
+    Zero exactly when the value logits are constant over the vocabulary there, so minimising it teaches the value
+    model to leave the base's distribution unchanged; its gradient in v is (p_composed - p_base) / beta."""
+    base_log_probs = F.log_softmax(base_logits.detach().float(), dim=-1)
+    composed = composed_log_probs(base_logits.detach(), [value_logits], beta=beta, real_vocab_size=real_vocab_size)
+    return (base_log_probs.exp() * (base_log_probs - composed)).sum()
+
+
 def l1_penalty(value_logits: torch.Tensor) -> torch.Tensor:
     """IVL's norm regulariser: mean |v|_1 / V over positions, i.e. the mean absolute value logit."""
     return value_logits.float().abs().mean()

@@ -104,7 +104,8 @@ def to_prompt_response(record: dict) -> dict:
         check_messages(msgs)
         if msgs[-1]["role"] != "assistant":
             raise DataFormatError('the last of "messages" must have role "assistant"')
-        return {"messages": msgs}
+        deferred_tail(record)
+        return {"messages": msgs, **({"deferred": record["deferred"]} if "deferred" in record else {})}
     key = "response" if "response" in record else "completion"
     response = record.get(key)
     prompt = record.get("prompt")
@@ -121,7 +122,9 @@ def to_prompt_response(record: dict) -> dict:
             response = response[: -len(marker)]
             break
     extra = {k: v for k, v in record.items() if k not in ("prompt", "response", "completion")}
-    return {**extra, "prompt": prompt, "response": response}
+    normalised = {**extra, "prompt": prompt, "response": response}
+    deferred_tail(normalised)
+    return normalised
 
 
 PLAIN_CHAT = "transfertune:plain"
@@ -160,11 +163,14 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return ids
 
 
-def encode_example(tokenizer, example: dict, max_length: int | None = None, add_eos: bool = True) -> dict:
+def encode_example(tokenizer, example: dict, max_length: int | None = None, add_eos: bool = True,
+                   defer: bool = False) -> dict:
     """input_ids = prompt ids + response ids (+ eos); labels mask the prompt with IGNORE_INDEX.
 
     Prompt and response are tokenised separately, exactly as generation sees them.
     A too-long example loses prompt tokens from the left first, then response tokens from the right.
+    With `defer`, a row's "deferred" tail of the response (see `deferred_tail`) and the end of the response are
+    taken out of `labels` and marked 1 in `deferred`: the value model is trained there to leave the base alone.
     """
     if "messages" in example:
         prompt, response = render_chat(tokenizer, example["messages"])
@@ -172,17 +178,53 @@ def encode_example(tokenizer, example: dict, max_length: int | None = None, add_
         prompt, response = example["prompt"], example["response"]
     p = encode_prompt(tokenizer, prompt)
     r = tokenizer(response, add_special_tokens=False)["input_ids"]
+    tail = deferred_tail(example) if defer else None
+    # the rendered response of a chat may end in end-of-turn markup after the tail: that is deferred too
+    kept = None if tail is None else _tokens_before(tokenizer, response, response.rfind(tail), len(r))
     if add_eos and tokenizer.eos_token_id is not None:
         r = r + [tokenizer.eos_token_id]
+    if kept is None:
+        kept = len(r)
     if max_length is not None and len(p) + len(r) > max_length:
         r = r[: max_length - 1]
         p = p[-(max_length - len(r)):]
-    return {"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r}
+    kept = min(kept, len(r))
+    labels = [IGNORE_INDEX] * len(p) + r[:kept] + [IGNORE_INDEX] * (len(r) - kept)
+    if tail is None:
+        return {"input_ids": p + r, "labels": labels}
+    return {"input_ids": p + r, "labels": labels, "deferred": [0] * (len(p) + kept) + [1] * (len(r) - kept)}
+
+
+def deferred_tail(example: dict) -> str | None:
+    """The row's "deferred" field: the end of its response that the *base* is trusted to write (an answer the
+    base computes, such as a sum after "="), or None. The value model is trained on the rest of the response
+    only; on the tail and the response's end it is trained to leave the base's distribution unchanged
+    (compose.deferral_kl), so a bigger base's skill is not overridden by what the source base lacked."""
+    tail = example.get("deferred")
+    if tail is None or tail == "":
+        return None
+    if not isinstance(tail, str):
+        raise DataFormatError(f'"deferred" must be a string, got {_type_name(tail)}')
+    chat = "messages" in example
+    response = example["messages"][-1].get("content") if chat else example.get("response")
+    if not isinstance(response, str) or not response.endswith(tail):
+        where = "the last message's content" if chat else '"response"'
+        raise DataFormatError(f'"deferred" must be the end of {where}: {tail!r} does not end {response!r}')
+    return tail
+
+
+def _tokens_before(tokenizer, response: str, boundary: int, n_tokens: int) -> int:
+    """How many of the response's tokens start before character `boundary` (a token straddling it is kept)."""
+    try:
+        offsets = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
+        return min(n_tokens, len(tokenizer(response[:boundary], add_special_tokens=False)["input_ids"]))
+    return sum(1 for start, _ in offsets if start < boundary)
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    def __init__(self, examples: list[dict], tokenizer, max_length: int | None = 512):
-        self.features = [encode_example(tokenizer, ex, max_length) for ex in examples]
+    def __init__(self, examples: list[dict], tokenizer, max_length: int | None = 512, defer: bool = False):
+        self.features = [encode_example(tokenizer, ex, max_length, defer=defer) for ex in examples]
 
     @classmethod
     def from_jsonl(cls, path, tokenizer, max_length: int | None = 512) -> "SFTDataset":
@@ -211,7 +253,13 @@ class RightPadCollator:
             ids[i, :n] = torch.tensor(f["input_ids"])
             labels[i, :n] = torch.tensor(f["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if any("deferred" in f for f in features):
+            batch["deferred"] = torch.zeros((len(features), width), dtype=torch.long)
+            for i, f in enumerate(features):
+                if "deferred" in f:
+                    batch["deferred"][i, : len(f["deferred"])] = torch.tensor(f["deferred"])
+        return batch
 
 
 def pad_id_of(tokenizer) -> int:

@@ -1,7 +1,8 @@
 """The main job (`make demo`): post-train once on the smallest built-in model, carry it to the others.
 
 1. Train one value model against frozen `mini-s` on closed-book QA about the family's fictional people and on
-   arithmetic word problems (the training splits of `people_qa` and `arithmetic`).
+   arithmetic word problems (the training splits of `people_qa` and `arithmetic`); on the word problems it
+   learns to write the equation and leaves the sum to the base (the rows' "deferred" answers).
 2. Compose it with every base of the family (never fine-tuned) and measure each base alone vs composed on
    held-out questions: people the bases read about but the value model was never asked about, people only the
    -v2 siblings read about, and arithmetic problems no corpus contains. Exact match of the greedy answer and NLL.
@@ -46,7 +47,8 @@ def parse_args(argv=None):
 def train_records(tasks: list[str], seed: int) -> list[dict]:
     from .tasks import load_task
 
-    records = [{"prompt": e["prompt"], "response": e["response"]} for t in tasks for e in load_task(t, "train")]
+    keep = ("prompt", "response", "deferred")  # deferred: the answer a row leaves to the base (data.deferred_tail)
+    records = [{k: e[k] for k in keep if k in e} for t in tasks for e in load_task(t, "train")]
     random.Random(seed).shuffle(records)
     return records
 

@@ -48,6 +48,7 @@ class EvalConfig:
     value_init: str | None = None  # what the value model starts from: None = the source itself, "random", a model
     value_scheme: str = "residual"  # or "cascade" (cascade.py)
     value_head: str = "zero"  # the init's output layer: "zero" (training starts at the base) or "copy" (IVL release)
+    value_defer: bool = True  # rows' "deferred" tails are left to the base (data.deferred_tail); False: whole responses
     l1_coef: float = 0.0
     entropy_coef: float = 0.0
     finetune_steps: int = 200  # source fine-tuning (proxy-tuning, weight diff)
@@ -77,7 +78,7 @@ class EvalConfig:
 
 VOCAB_MAPS = ("exact", "align")
 VALUE_HEADS = ("zero", "copy")
-_DEFAULT_RECIPE = {"init": None, "scheme": "residual", "head": "zero"}  # value models made before these options
+_DEFAULT_RECIPE = {"init": None, "scheme": "residual", "head": "zero", "defer": True}  # value models made before these options
 # config fields that reach the cache keys another way (the user task's identity, the target's own map)
 _NOT_SETTINGS = ("targets", "tasks", "methods", "betas", "alphas", "cache_dir", "vocab_maps", "split_by",
                  "heldout_fraction", "split_seed", "kind", "labels")
@@ -251,7 +252,8 @@ class EvalRunner:
         and the value model's recipe only when not the defaults, so caches made before they existed stay valid)."""
         settings = {k: v for k, v in asdict(self.cfg).items() if k not in _NOT_SETTINGS}
         for key, default in (("dtype", "auto"), ("device", "cpu"), ("value_init", None),
-                             ("value_scheme", "residual"), ("value_head", "zero"), ("target_lr", None)):
+                             ("value_scheme", "residual"), ("value_head", "zero"), ("value_defer", True),
+                             ("target_lr", None)):
             if settings[key] == default:
                 del settings[key]
         return {**settings, "vocab_map": self.vocab_map_for(target)}
@@ -287,14 +289,14 @@ class EvalRunner:
 
         c = self.cfg
         init = None if c.value_init is None else f"random:{c.source}" if c.value_init == "random" else c.value_init
-        recipe = {"init": init, "scheme": c.value_scheme, "head": c.value_head}
+        recipe = {"init": init, "scheme": c.value_scheme, "head": c.value_head, "defer": c.value_defer}
         recipe = {k: v for k, v in recipe.items() if v != _DEFAULT_RECIPE[k]}  # defaults keep the old cache keys
         return self._artifact("value", c.source, task, c.value_steps, lambda out: train_value_model(
             c.source, self.rows(task, "train"), out, max_steps=c.value_steps, learning_rate=c.value_lr,
             batch_size=c.batch_size, max_length=c.max_length, seed=c.seed, l1_coef=c.l1_coef,
             entropy_coef=c.entropy_coef, warmup_steps=max(1, c.value_steps // 20), weight_decay=0.0,
             logging_steps=max(1, c.value_steps // 5), init=init, scheme=c.value_scheme,
-            zero_init_head=c.value_head == "zero",
+            zero_init_head=c.value_head == "zero", defer=c.value_defer,
         ), lr=c.value_lr, l1_coef=c.l1_coef, entropy_coef=c.entropy_coef, **recipe)
 
     def finetuned(self, model: str, task: str, steps: int, lora: bool = False, lr: float | None = None) -> str:
@@ -398,8 +400,13 @@ class EvalRunner:
         return len(cut)
 
     def describe_tasks(self) -> dict:
-        return {t: self.user[t].summary() if t in self.user else {"kind": self.kind(t), "split": self.cfg.split,
-                                                                   "built_in": True} for t in self.tasks}
+        described = {}
+        for t in self.tasks:
+            described[t] = self.user[t].summary() if t in self.user else {"kind": self.kind(t), "split": self.cfg.split,
+                                                                            "built_in": True}
+            if any(r.get("deferred") for r in self.rows(t, "train")):
+                described[t]["deferred"] = True  # rows leave an answer tail to the base (data.deferred_tail)
+        return described
 
     def run(self) -> dict:
         c = self.cfg
@@ -546,7 +553,7 @@ def write_docs(result: dict, table: str, path: Path, png: Path, section: str = "
 Written by `transfertune eval` (config below); do not edit by hand. ![{section}](results-{section}.png)
 
 Source `{c['source']}`; split `{c['split']}` ({c['eval_examples']} examples per task); value model
-{c['value_steps']} steps (l1 {c['l1_coef']}, entropy {c['entropy_coef']}), source fine-tuning
+{c['value_steps']} steps (l1 {c['l1_coef']}, entropy {c['entropy_coef']}{defer_note(result)}), source fine-tuning
 {c['finetune_steps']} steps, target oracles {c['target_steps']} steps.{user_data_lines(result)}
 
 {table}
@@ -559,6 +566,15 @@ Source `{c['source']}`; split `{c['split']}` ({c['eval_examples']} examples per 
 </details>
 """
     write_doc_section(path, section, body, png)
+
+
+def defer_note(result: dict) -> str:
+    """How the value model treated the tasks' "deferred" answer tails, when a task has them."""
+    if not any(t.get("deferred") for t in result.get("tasks", {}).values()):
+        return ""
+    if result["config"].get("value_defer", True):
+        return "; the answer after the rows' `deferred` mark is left to the base"
+    return "; trained on whole responses, the rows' `deferred` tails included"
 
 
 def user_data_lines(result: dict) -> str:

@@ -84,16 +84,20 @@ def heldout_arithmetic(n: int, seed: int = 1, heldout: bool = True) -> list[tupl
 
 @torch.no_grad()
 def arithmetic_accuracy(model, tok, problems: list[tuple[int, str, int]], batch_size: int = 128,
-                        progress: bool = False, reversed_digits: bool = False) -> float:
+                        progress: bool = False, reversed_digits: bool = False,
+                        prefixes: list[str] | None = None) -> float:
     """Greedy completion of '<a> <op> <b> =' (digits are single tokens in the family's tokenizers); with
-    `reversed_digits` the answer is expected least significant digit first (world.written_answer)."""
+    `reversed_digits` the answer is expected least significant digit first (world.written_answer). `prefixes`
+    (one per problem) is text read before the equation, e.g. the word problem it answers."""
     device = next(model.parameters()).device
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     correct = 0
     batches = range(0, len(problems), batch_size)
     for i in tqdm(batches, desc="arithmetic", disable=not progress):
         chunk = problems[i : i + batch_size]
-        prompts = [[bos] + tok(f"{a} {op} {b} =", add_special_tokens=False).input_ids for a, op, b in chunk]
+        before = prefixes[i : i + batch_size] if prefixes is not None else [""] * len(chunk)
+        prompts = [[bos] + tok(f"{text}{a} {op} {b} =", add_special_tokens=False).input_ids
+                   for text, (a, op, b) in zip(before, chunk)]
         width = max(map(len, prompts))
         ids = torch.full((len(chunk), width), tok.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros_like(ids)

@@ -1,6 +1,7 @@
 """ValueTrainer: a `transformers.Trainer` whose loss is the SFT cross-entropy of the *composed* model.
 
     loss = CE(log_softmax(log p_base + v / beta), y)  on response tokens
+         + KL(p_base || p_composed)                    on tokens a row leaves to the base ("deferred")
          + l1_coef * mean|v|  -  entropy_coef * mean H(softmax(v))
 
 Only the value model is trained; the base is frozen, in eval mode, under no_grad. Everything else
@@ -20,7 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .cascade import cascade_embeddings
-from .compose import compose_logits, composed_cross_entropy, l1_penalty, value_entropy
+from .compose import compose_logits, composed_cross_entropy, deferral_kl, l1_penalty, value_entropy
 from .sequence import at_positions, response_positions
 from .value_model import ValueModel
 
@@ -89,7 +90,12 @@ class ValueTrainer(Trainer):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         if self.base_model.device != input_ids.device:
             self.base_model.to(input_ids.device)
+        training = model.training
         rows, cols, targets = response_positions(inputs["labels"])
+        n_trained = len(rows)
+        if training and "deferred" in inputs:  # positions left to the base (data.deferred_tail), after the others
+            deferred_rows, deferred_cols = (inputs["deferred"][:, 1:] != 0).nonzero(as_tuple=True)
+            rows, cols = torch.cat([rows, deferred_rows]), torch.cat([cols, deferred_cols])
         value_inputs = {}
         with torch.no_grad():
             if cfg.scheme == "cascade":  # the value model reads the base's distribution at every position
@@ -101,16 +107,19 @@ class ValueTrainer(Trainer):
             value_inputs["inputs_embeds"] = cascade_embeddings(model, input_ids, full)
             del full
         value = logits_at_positions(model, input_ids, attention_mask, rows, cols, **value_inputs)
-        training = model.training
         # evaluation: the mean over this batch's tokens (num_items_in_batch may count other processes' too)
         n_tokens = num_items_in_batch if num_items_in_batch is not None and training else targets.numel()
-        loss = composed_cross_entropy(base, [value], targets, beta=cfg.beta, real_vocab_size=cfg.vocab_size)
+        loss = composed_cross_entropy(base[:n_trained], [value[:n_trained]], targets, beta=cfg.beta,
+                                      real_vocab_size=cfg.vocab_size)
+        if len(rows) > n_trained:
+            loss = loss + deferral_kl(base[n_trained:], value[n_trained:], beta=cfg.beta,
+                                      real_vocab_size=cfg.vocab_size)
         loss = loss / max(int(n_tokens), 1)
         outputs = None
         if return_outputs:
             with torch.no_grad():
-                outputs = {"composed_logits": compose_logits(base, [value.detach()], beta=cfg.beta,
-                                                             real_vocab_size=cfg.vocab_size)}
+                outputs = {"composed_logits": compose_logits(base[:n_trained], [value[:n_trained].detach()],
+                                                             beta=cfg.beta, real_vocab_size=cfg.vocab_size)}
         del base  # [N, V]: not needed by the backward pass nor the regularisers
         if not training:  # evaluation: held-out composed NLL, the number the regularisers trade against
             self._eval_tokens = getattr(self, "_eval_tokens", 0) + int(attention_mask.sum())
@@ -195,6 +204,7 @@ def train_value_model(
     eval_data=None,
     eval_steps: int | None = None,
     callbacks=None,
+    defer: bool = True,
     **training_args,
 ) -> ValueModel:
     """Train a value model against frozen `base` on `data` (a JSONL path or a list of records) and save it
@@ -207,7 +217,8 @@ def train_value_model(
     whole layer, see ValueModel.create). `eval_data` (same formats as `data`) is held out: its composed loss is
     logged as `eval_loss` every `eval_steps` steps (default `logging_steps`) and at the end. `callbacks` are
     `transformers.TrainerCallback`s added to the Trainer (their `on_log` sees every log line, tokens/s included).
-    Everything is checked before any model loads."""
+    Rows with a "deferred" tail (data.deferred_tail) leave that tail to the base unless `defer=False`, which trains
+    on whole responses; `eval_loss` always scores whole responses. Everything is checked before any model loads."""
     from transformers import set_seed
 
     from .data import RightPadCollator, SFTDataset, pad_id_of
@@ -246,7 +257,7 @@ def train_value_model(
         "lora_head": lora_head if lora is not None else None,
         "zero_init_head": zero_init_head, **({"scheme": scheme} if scheme != "residual" else {}), "beta": beta, "l1_coef": l1_coef, "entropy_coef": entropy_coef,
         "learning_rate": learning_rate, "batch_size": batch_size, "grad_accum": grad_accum,
-        "max_length": max_length, "seed": seed,
+        "max_length": max_length, "seed": seed, **({} if defer else {"defer": False}),
     }
     with claim_output(output_dir, settings=settings, overwrite=overwrite, resume=resume, reads=reads) as claim:
         set_seed(seed)
@@ -267,7 +278,7 @@ def train_value_model(
         value.config.extra["chat_format"] = "template" if value.tokenizer.chat_template else "plain"
         value.check_compatible(tokenizer, base)
         max_length = fit_context(max_length, {f"base '{base}'": base_model, f"init '{init}'": value.model})
-        dataset = SFTDataset(records, tokenizer, max_length)
+        dataset = SFTDataset(records, tokenizer, max_length, defer=defer)
         eval_dataset = SFTDataset(eval_records, tokenizer, max_length) if eval_records is not None else None
         trainer = ValueTrainer(
             value, base_model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
