@@ -36,6 +36,9 @@ results: $(STAMP)
 	$(EVAL) --source mini-s --targets mini-m mini-l --tasks arithmetic --split heldout_example \
 		--methods target source source+value target+value proxy target_ft target_lora \
 		--docs-section skill --docs-title "Transfer of a skill: word problems on sums never written in pretraining"
+	$(EVAL) --source mini-s --targets mini-m mini-l --tasks arithmetic --split heldout_example --no-value-defer \
+		--methods source+value target+value \
+		--docs-section skill-whole --docs-title "The same skill, value model trained on whole responses (the sums too)"
 	$(EVAL) --source mini-m --targets mini-m-v2 --tasks people_qa --split heldout_new \
 		--docs-section update-m --docs-title "Knowledge update: value model trained on mini-m, questions about new people (mini-m-v2)"
 	$(EVAL) --source mini-l --targets mini-l-v2 --tasks people_qa --split heldout_new \

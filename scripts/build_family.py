@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from transfertune.probe import arithmetic_accuracy, heldout_arithmetic, knowledge_probe, probe_chance  # noqa: E402
 from transfertune.vocab import vocab_fingerprint  # noqa: E402
 from transfertune.world import (addition_in_prose, addition_problems, addition_text, arithmetic_text,  # noqa: E402
-                                biographies, biography_sentences, load_world, make_entities, save_world)
+                                biographies, load_world, make_entities, save_world)
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 CORPUS_SOURCE = "rcdm-uga/Gutenberg_Text @ a0b16d35a9851168ce9ac649851c17b7ab08d48e (public domain, US)"
@@ -63,9 +63,9 @@ SKILL_MIX = {"bios_v1": 4, "addition": 10, "books": 2}
 SKILL_MIX_V2 = {"bios_v1": 2, "bios_v2": 2, "addition": 10, "books_new": 2}
 # Phase 3, the skill in prose: sums after sentences of prose (world.addition_in_prose), so that a base adds after a
 # word problem too, not only inside blocks of sums; bare sums and the people replayed.
-PROSE_MIX = {"bios_v1": 3, "addition_prose": 8, "addition": 2, "books": 3}
-PROSE_MIX_V2 = {"bios_v1": 2, "bios_v2": 1, "addition_prose": 8, "addition": 2, "books_new": 3}
-PROSE_TOKENS = 1_638_400  # 400 steps
+PROSE_MIX = {"bios_v1": 4, "addition_prose": 8, "addition": 1, "books": 3}
+PROSE_MIX_V2 = {"bios_v1": 2, "bios_v2": 2, "addition_prose": 8, "addition": 1, "books_new": 3}
+PROSE_STEPS = {"mini-s": 100, "mini-m": 100, "mini-l": 200, "mini-m-v2": 100, "mini-l-v2": 200}  # grow with size
 
 
 @dataclass
@@ -119,8 +119,9 @@ FAMILY = {
                               init_from="mini-m-v2-phase1", warmup=20, export=False),
     "mini-l-v2-phase2": _spec("mini-l-v2-phase2", "mini-l", tokens=2_000_000, lr=2e-3, mix=dict(SKILL_MIX_V2),
                               init_from="mini-l-v2-phase1", warmup=20, export=False),
-    # phase 3: the skill in prose (the same budget for every size)
-    **{name: _spec(name, shape, tokens=PROSE_TOKENS, lr=1.5e-3, warmup=10, init_from=f"{name}-phase2",
+    # phase 3: the skill in prose (budgets grow with size, as in phase 2)
+    **{name: _spec(name, shape, tokens=PROSE_STEPS[name] * BATCH * CONTEXT, lr=1e-3, warmup=10,
+                   init_from=f"{name}-phase2",
                    mix=dict(PROSE_MIX_V2 if name.endswith("-v2") else PROSE_MIX))
        for name, shape in (("mini-s", "mini-s"), ("mini-m", "mini-m"), ("mini-l", "mini-l"), ("mini-m-v2", "mini-m"),
                            ("mini-l-v2", "mini-l"))},
@@ -163,20 +164,15 @@ def book_sentences(path: Path, n: int) -> list[str]:
 
 
 def world_documents(split: str, corpus: Path) -> list[str]:
-    """Documents of a synthetic stream: biographies of the v1 or v2 people, or blocks of 16 arithmetic lines
-    (`arith_reversed`: answers in digits written least significant digit first)."""
+    """Documents of a synthetic stream: biographies of the v1 or v2 people, blocks of 16 arithmetic lines
+    (`arith_reversed`: answers in digits written least significant digit first), or sums after book sentences."""
     entities = load_world(WORLD_PATH)
     if split in ("bios_v1", "bios_v2"):
         people = [e for e in entities if e.generation == split[-2:]]
         return biographies(people, RENDERINGS, seed=WORLD_SEED + (1 if split == "bios_v1" else 2))
     if split == "addition_prose":
-        # prose with numbers but no fact about the world's people (the knowledge gradient must not move): sentences
-        # about filler people made with another seed, and book sentences
-        known = {e.name for e in entities}
-        fillers = [e for e in make_entities(N_V1, 0, seed=WORLD_SEED + 6) if e.name not in known]
-        bios = biography_sentences(fillers, seed=WORLD_SEED + 5)
-        books = book_sentences(corpus / SHARDS["books"][0], 20_000)
-        sentences = bios * max(1, len(books) // len(bios)) + books  # about half biography sentences (years)
+        # book sentences only: prose about people (even invented ones outside the world) moved what the bases knew
+        sentences = book_sentences(corpus / SHARDS["books"][0], 20_000)
         return addition_in_prose(sentences, 12_500, seed=WORLD_SEED + 5)
     if split == "addition":
         lines = addition_text(200_000, seed=WORLD_SEED + 4).split("\n")
@@ -732,16 +728,20 @@ add better ({skill_note(family)}); that difference is what transfer has to carry
   final 0.245, so it was resumed from its step-450 checkpoint with a 3 M-token cosine schedule (the lr rises
   again there; mini-l-v2 kept 2 M).{" This export's phase 1 is the family shipped before the skill phase existed (git cc652ce, `--phase1-from`): phase 2 started from its fp16 weights, in fp32, with a fresh optimiser." if adopted else ""}
   mini-x has no phase 2: it serves cross-vocabulary transfer of knowledge.
-- Phase 3 (the skill in prose): every phase-2 base continues for {PROSE_TOKENS / 1e6:g} M tokens (lr 1.5e-3, 10
-  warm-up steps, cosine to a tenth) on {PROSE_MIX} (-v2 siblings: {PROSE_MIX_V2}); addition_prose: documents in
-  which each sum line follows one or two sentences of prose, `world.addition_in_prose`: half are biography
-  sentences of filler people that are not in the world (years and other numbers, and no fact about the people
-  the probe and the QA task ask about), half book sentences (some of them questions). Why: after phase 2 the bases added only inside
-  blocks of sums. After a word problem mini-l's sums fell from 0.97 to 0.07, so neither fine-tuning nor
-  transfer could use the skill (fine-tuned mini-l: 0.000 on the word problems). A pilot continuing mini-l on
-  biography sentences alone reached 0.40 after a word problem within 200 steps (lr 1e-3); with book sentences
-  added, mini-l reached 0.91 by step 100. That first run wrote sentences of the world's own v1 people, and
-  mini-s's probe rose from 0.44 to 0.86 in 400 steps: the prose now comes from filler people instead. No word problem of `data/tasks/arithmetic` is written in any phase.{" This export's phases 1-2 are the family shipped before phase 3 (`--phase2-from`): phase 3 started from its fp16 weights, in fp32, with a fresh optimiser." if any("before phase 3" in p.get("adopted_from", "") for m in family["models"].values() for p in m.get("phases", [])) else ""}
+- Phase 3 (the skill in prose): every phase-2 base continues on {PROSE_MIX} (-v2 siblings: {PROSE_MIX_V2}) for
+  {", ".join(f"{n} {k} steps" for n, k in PROSE_STEPS.items())} (budgets grow with size, as in phase 2; lr 1e-3,
+  10 warm-up steps, cosine to a tenth). addition_prose: documents in which each sum line follows one or two
+  sentences of a book shard (train-00; some of them questions), `world.addition_in_prose`. Why: after phase 2
+  the bases added only inside blocks of sums: after a word problem mini-l's sums fell from 0.97 to 0.07, so
+  neither fine-tuning nor transfer could use the skill (fine-tuned mini-l: 0.000 on the word problems). How it
+  was chosen (logs of the tries are not shipped; the numbers are from their `log.jsonl`, probes on 80 people and
+  200 sums): a pilot continuing mini-l with biography sentences of the world's people as the prose reached 0.40
+  after a word problem in 200 steps (lr 1e-3). With book sentences added and 400 steps at lr 1.5e-3, mini-l
+  reached 0.96 by step 100, but mini-s's probe rose from 0.44 towards 0.86 (the biographies are facts); with
+  biographies of filler people outside the world instead, mini-l's probe fell to 0.54 by step 200 (facts about
+  other people in the same form interfere) while mini-m learnt to add (0.99 at step 200) and overtook mini-l.
+  So the prose is book sentences only, the budget is short, and it grows with size. No word problem of
+  `data/tasks/arithmetic` is written in any phase.{" This export's phases 1-2 are the family shipped before phase 3 (`--phase2-from`): phase 3 started from its fp16 weights, in fp32, with a fresh optimiser." if any("before phase 3" in p.get("adopted_from", "") for m in family["models"].values() for p in m.get("phases", [])) else ""}
 - Why phase 2: phase 1 wrote two-digit addition and subtraction with the answer most significant digit first
   (and in words), held out by last-digit pair, and no size learnt it from ~1.5 M arithmetic tokens.{anneal}{formats}
   A pilot (`scripts/addition_order_pilot.py`, `pilot/addition-order.jsonl`: phase-1 bases on arithmetic lines

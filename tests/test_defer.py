@@ -89,3 +89,31 @@ def test_training_leaves_the_base_alone_on_the_deferred_tail(tmp_path, model_dir
         with torch.no_grad():
             logp = composed_log_probs(base_model(ids).logits[0, -1:], [value.model(ids).logits[0, -1:]])
         assert logp.argmax().item() == first
+
+
+def test_cli_flags_turn_deferral_off(monkeypatch, tmp_path, model_dir, verdict_records):
+    import transfertune.eval_suite as eval_suite
+    import transfertune.trainer as trainer
+    from transfertune.cli import main
+
+    seen = {}
+    monkeypatch.setattr(trainer, "train_value_model", lambda *a, **kw: seen.update(train=kw["defer"]))
+    monkeypatch.setattr(eval_suite, "run_eval", lambda cfg, *a, **kw: seen.update(eval=cfg.value_defer) or
+                        {"config": {}, "tasks": {}, "rows": []})
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in verdict_records))
+    base = model_dir("llama", seed=3)
+    for flag, expected in (([], True), (["--no-defer"], False)):
+        seen.clear()
+        try:
+            main(["train", "--base", base, "--data", str(data), "--output", str(tmp_path / f"v{expected}"), *flag])
+        except SystemExit:
+            pass
+        assert seen["train"] is expected
+    for flag, expected in (([], True), (["--no-value-defer"], False)):
+        seen.clear()
+        try:
+            main(["eval", "--source", base, "--targets", base, "--tasks", str(data), *flag])
+        except (SystemExit, KeyError, TypeError):  # the stub's empty result does not print: only the config matters
+            pass
+        assert seen["eval"] is expected

@@ -165,12 +165,15 @@ def test_value_recipe_and_target_rate_reach_training_and_cache_keys(model_dir, t
     base = EvalConfig(source=source, targets=[target], tasks=[tiny_task], cache_dir=str(tmp_path / "c"))
     default = EvalRunner(base)
     assert default.value_dir(tiny_task) == {"lr": base.value_lr, "l1_coef": 0.0, "entropy_coef": 0.0}
+    assert calls[-1][1]["defer"] is True
     varied = EvalRunner(EvalConfig(**{**base.__dict__, "value_scheme": "cascade", "value_init": "random",
-                                      "value_head": "copy", "target_lr": 1e-5}))
+                                      "value_head": "copy", "value_defer": False, "target_lr": 1e-5}))
     assert varied.value_dir(tiny_task) == {"lr": base.value_lr, "l1_coef": 0.0, "entropy_coef": 0.0,
-                                           "init": f"random:{source}", "scheme": "cascade", "head": "copy"}
+                                           "init": f"random:{source}", "scheme": "cascade", "head": "copy",
+                                           "defer": False}
     value_kw = calls[-1][1]
     assert (value_kw["scheme"], value_kw["init"], value_kw["zero_init_head"]) == ("cascade", f"random:{source}", False)
+    assert value_kw["defer"] is False and "value_defer" not in default._settings(target)
     assert varied.finetuned(target, tiny_task, 3, lr=varied.cfg.target_lr)["lr"] == 1e-5
     assert calls[-1][1]["learning_rate"] == 1e-5
     unset = EvalRunner(EvalConfig(**{**base.__dict__, "target_lr": None}))  # the target shares --finetune-lr

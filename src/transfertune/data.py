@@ -180,6 +180,8 @@ def encode_example(tokenizer, example: dict, max_length: int | None = None, add_
     r = tokenizer(response, add_special_tokens=False)["input_ids"]
     tail = deferred_tail(example) if defer else None
     # the rendered response of a chat may end in end-of-turn markup after the tail: that is deferred too
+    if tail is not None and tail not in response:
+        raise DataFormatError(f"the chat template rewrote the deferred text {tail!r}: it is not in {response!r}")
     kept = None if tail is None else _tokens_before(tokenizer, response, response.rfind(tail), len(r))
     if add_eos and tokenizer.eos_token_id is not None:
         r = r + [tokenizer.eos_token_id]

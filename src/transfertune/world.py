@@ -228,10 +228,10 @@ def addition_text(lines: int, seed: int) -> str:
 
 
 def addition_in_prose(sentences: list[str], documents: int, seed: int, items: int = 8) -> list[str]:
-    """Documents in which each sum line follows one or two sentences of prose (biographies, which carry years,
-    and book sentences, some of them questions). A skill read only in blocks of sums is used only there: after a
-    sentence of prose (a word problem, a question) the skill-phase bases failed to add (mini-l 0.07 after the
-    word problems of data/tasks/arithmetic vs 0.97 on bare sums). Those word problems are never written here."""
+    """Documents in which each sum line follows one or two sentences of prose (the family uses book sentences, some
+    of them questions). A skill read only in blocks of sums is used only there: after a word problem the
+    skill-phase bases failed to add (mini-l 0.07 vs 0.97 on bare sums). No word problem of data/tasks/arithmetic
+    is written here."""
     rng = random.Random(seed)
     docs = []
     for _ in range(documents):
@@ -241,11 +241,6 @@ def addition_in_prose(sentences: list[str], documents: int, seed: int, items: in
             lines.append(addition_line(rng))
         docs.append("\n".join(lines))
     return docs
-
-
-def biography_sentences(entities: list[Entity], seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [s.rstrip(".") + "." for e in entities for s in biography(e, rng).split(". ")]
 
 
 def addition_problems(n: int, seed: int = 1, heldout: bool = True) -> list[tuple[int, int]]:
