@@ -4,14 +4,16 @@
     python scripts/build_family.py --only mini-l       # one model (its tokenizer/data are built if missing)
     python scripts/build_family.py --export-only       # re-export finished runs and rewrite family.json
     python scripts/build_family.py --phase1-from OLD/models --only mini-l   # phase 2 on an earlier export's phase 1
+    python scripts/build_family.py --phase2-from OLD/models --only mini-l   # phase 3 on an earlier export's phase 2
 
 Stages (each skipped when its output exists, so a killed run resumes where it stopped):
 1. byte-level BPE tokenizers trained on gutenberg-en train shards (`main`: 4096 tokens, `x`: 6144 tokens),
 2. token streams: train-00..07 (base pretraining), train-08..11 (the -v2 siblings' newer books), valid-00 (held
    out),
 3. pretraining of each model with AdamW + cosine schedule; checkpoints every --save-every steps in safetensors,
-   a log.jsonl of losses per run. Each exported model is two runs: `<name>-phase1` (knowledge, books; for the
-   -v2 siblings also the knowledge update) and `<name>`, the skill phase that continues it (SKILL_MIX),
+   a log.jsonl of losses per run. Each exported model is three runs: `<name>-phase1` (knowledge, books; for the
+   -v2 siblings also the knowledge update), `<name>-phase2`, the skill phase that continues it (SKILL_MIX), and
+   `<name>`, the skill in prose (PROSE_MIX),
 4. export: fp16 HF directories in models/<name>, models/family.json (sizes, tokens, wall-clock, held-out loss,
    vocabulary fingerprints), models/loss_curves.png, and a held-out text slice for the tests.
 """
@@ -37,7 +39,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from transfertune.probe import arithmetic_accuracy, heldout_arithmetic, knowledge_probe, probe_chance  # noqa: E402
+from transfertune.probe import (addition_after_word_problems, arithmetic_accuracy, heldout_arithmetic,  # noqa: E402
+                                knowledge_probe, probe_chance)
 from transfertune.vocab import vocab_fingerprint  # noqa: E402
 from transfertune.world import (addition_in_prose, addition_problems, addition_text, arithmetic_text,  # noqa: E402
                                 biographies, load_world, make_entities, save_world)
@@ -557,9 +560,7 @@ STORY_ROWS = ROOT / "data" / "tasks" / "arithmetic" / "train.jsonl"
 def story_addition(model, tok, n: int) -> float:
     """The skill after a word problem: greedy sum after "<story>\n<a> + <b> =" on the first n *training* word
     problems of data/tasks/arithmetic (so no held-out row informs a pretraining choice)."""
-    rows = [json.loads(line) for line in STORY_ROWS.read_text().splitlines()[:n]]
-    problems = [(int(r["example"].split("+")[0]), "+", int(r["example"].split("+")[1])) for r in rows]
-    return arithmetic_accuracy(model, tok, problems, reversed_digits=True, prefixes=[r["prompt"] for r in rows])
+    return addition_after_word_problems(model, tok, [json.loads(line) for line in STORY_ROWS.read_text().splitlines()[:n]])
 
 
 def reachable(model, tok) -> dict:
@@ -700,7 +701,7 @@ add better ({skill_note(family)}); that difference is what transfer has to carry
   After a word problem: the same greedy sum after "<story>\n<a> + <b> =", on the first 400 *training* rows of
   `data/tasks/arithmetic` (sums the corpus writes; no held-out row was looked at to build the family).
 - Both are measured by `scripts/build_family.py` at export; `log.jsonl` curves of the same probes during
-  pretraining are drawn in `loss_curves.png` (the last phase built in the work dir) and
+  pretraining are drawn in `loss_curves.png` (phase 3), `loss_curves_phase2.png` (phase 2) and
   `loss_curves_phase1.png` (phase 1).
 
 ## Models
@@ -776,7 +777,8 @@ def _log_rows(log: Path, key: str) -> list[dict]:
 def plot_curves(work: Path, path: Path) -> None:
     """Held-out book loss, knowledge probe (v1 and v2 people) and the skill against training tokens; each run
     starts where the runs it continues ended, and a model's phases share its colour. Runs adopted from an earlier
-    export (`--phase1-from`) have no log: their curves are in models/loss_curves_phase1.png."""
+    export (`--phase1-from`, `--phase2-from`) have no log: their curves are in models/loss_curves_phase1.png and
+    loss_curves_phase2.png."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -62,6 +62,22 @@ def test_knowledge_and_skill_rise_strictly_with_size():
     assert m["mini-l"]["addition"] > m["mini-s"]["addition"] + 0.3
 
 
+def test_bases_add_after_a_word_problem_too():
+    """Phase 3: the skill is usable after prose, which word-problem transfer needs (mini-s still cannot add)."""
+    m = FAMILY["models"]
+    assert m["mini-s"]["addition_in_story"] < m["mini-m"]["addition_in_story"] < m["mini-l"]["addition_in_story"]
+    assert m["mini-l"]["addition_in_story"] > 0.8 > 0.2 > m["mini-s"]["addition_in_story"]
+
+
+def test_addition_after_a_word_problem_of_the_shipped_weights_matches_the_card():
+    from transfertune.probe import addition_after_word_problems
+    from transfertune.tasks import load_task
+
+    model, tok = load_base("mini-l")
+    measured = addition_after_word_problems(model, tok, load_task("arithmetic", "train")[:400])
+    assert measured == pytest.approx(FAMILY["models"]["mini-l"]["addition_in_story"], abs=0.03)
+
+
 def test_v2_siblings_know_the_new_people_and_v1_bases_do_not():
     m, chance = FAMILY["models"], FAMILY["probe_chance"]
     for v1, v2 in (("mini-m", "mini-m-v2"), ("mini-l", "mini-l-v2")):
@@ -100,3 +116,4 @@ def test_models_command_shows_what_each_base_knows(capsys):
     assert set(SHIPPED) <= set(lines)
     assert f"{FAMILY['models']['mini-l']['probe_v1']:.3f}" in lines["mini-l"]
     assert f"{FAMILY['models']['mini-l']['addition']:.3f}" in lines["mini-l"]
+    assert f"{FAMILY['models']['mini-l']['addition_in_story']:.3f}" in lines["mini-l"]

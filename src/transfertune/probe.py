@@ -110,3 +110,11 @@ def arithmetic_accuracy(model, tok, problems: list[tuple[int, str, int]], batch_
             text = tok.decode(row, skip_special_tokens=True).split("\n")[0].strip()
             correct += text == written_answer(solve(a, op, b), reversed_digits)
     return correct / len(problems)
+
+
+def addition_after_word_problems(model, tok, rows: list[dict], **kwargs) -> float:
+    """The skill after prose: greedy sum after "<story>\n<a> + <b> =" for rows of the arithmetic task (its
+    "prompt" and "example" "a+b"); the equation is given, so this measures the adding, not the task's format."""
+    problems = [(int(a), "+", int(b)) for a, b in (r["example"].split("+") for r in rows)]
+    return arithmetic_accuracy(model, tok, problems, reversed_digits=True, prefixes=[r["prompt"] for r in rows],
+                               **kwargs)
