@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from transfertune.probe import (addition_after_word_problems, arithmetic_accuracy, heldout_arithmetic,  # noqa: E402
                                 knowledge_probe, probe_chance)
+from transfertune.tasks import load_task  # noqa: E402
 from transfertune.vocab import vocab_fingerprint  # noqa: E402
 from transfertune.world import (addition_in_prose, addition_problems, addition_text, arithmetic_text,  # noqa: E402
                                 biographies, load_world, make_entities, save_world)
@@ -554,13 +555,10 @@ def addition_scores(model, tok) -> dict:
     return scores
 
 
-STORY_ROWS = ROOT / "data" / "tasks" / "arithmetic" / "train.jsonl"
-
-
 def story_addition(model, tok, n: int) -> float:
     """The skill after a word problem: greedy sum after "<story>\n<a> + <b> =" on the first n *training* word
     problems of data/tasks/arithmetic (so no held-out row informs a pretraining choice)."""
-    return addition_after_word_problems(model, tok, [json.loads(line) for line in STORY_ROWS.read_text().splitlines()[:n]])
+    return addition_after_word_problems(model, tok, load_task("arithmetic", "train")[:n])
 
 
 def reachable(model, tok) -> dict:
@@ -660,8 +658,9 @@ def write_model_card(family: dict, path: Path) -> None:
     formats = format_note(path.parent / "pilot" / "arithmetic-format.jsonl")
     phase2 = {n: FAMILY[f"{n}-phase2"] for n in ("mini-s", "mini-m", "mini-l", "mini-m-v2", "mini-l-v2")}
     budgets = ", ".join(f"{n} {spec.tokens / 1e6:g} M" for n, spec in phase2.items())
-    adopted = any("before the skill phase" in p.get("adopted_from", "") for m in family["models"].values()
-                  for p in m.get("phases", []))
+    def adopted(before: str) -> bool:
+        return any(before in p.get("adopted_from", "") for m in family["models"].values() for p in m.get("phases", []))
+
     path.write_text(f"""# Built-in miniature model family
 
 Llama-architecture causal LMs pretrained from scratch on 2 CPU cores by `scripts/build_family.py`
@@ -727,7 +726,7 @@ add better ({skill_note(family)}); that difference is what transfer has to carry
   then the skill phase: the two share phase 1, not phase 2. mini-l's skill phase was first scheduled for 2 M
   tokens, like mini-l-v2's; at 2 M its held-out sums (0.18 on 200 during training) were still below mini-m's
   final 0.245, so it was resumed from its step-450 checkpoint with a 3 M-token cosine schedule (the lr rises
-  again there; mini-l-v2 kept 2 M).{" This export's phase 1 is the family shipped before the skill phase existed (git cc652ce, `--phase1-from`): phase 2 started from its fp16 weights, in fp32, with a fresh optimiser." if adopted else ""}
+  again there; mini-l-v2 kept 2 M).{" This export's phase 1 is the family shipped before the skill phase existed (git cc652ce, `--phase1-from`): phase 2 started from its fp16 weights, in fp32, with a fresh optimiser." if adopted("before the skill phase") else ""}
   mini-x has no phase 2: it serves cross-vocabulary transfer of knowledge.
 - Phase 3 (the skill in prose): every phase-2 base continues on {PROSE_MIX} (-v2 siblings: {PROSE_MIX_V2}) for
   {", ".join(f"{n} {k} steps" for n, k in PROSE_STEPS.items())} (budgets grow with size, as in phase 2; lr 1e-3,
@@ -742,7 +741,7 @@ add better ({skill_note(family)}); that difference is what transfer has to carry
   biographies of filler people outside the world instead, mini-l's probe fell to 0.54 by step 200 (facts about
   other people in the same form interfere) while mini-m learnt to add (0.99 at step 200) and overtook mini-l.
   So the prose is book sentences only, the budget is short, and it grows with size. No word problem of
-  `data/tasks/arithmetic` is written in any phase.{" This export's phases 1-2 are the family shipped before phase 3 (`--phase2-from`): phase 3 started from its fp16 weights, in fp32, with a fresh optimiser." if any("before phase 3" in p.get("adopted_from", "") for m in family["models"].values() for p in m.get("phases", [])) else ""}
+  `data/tasks/arithmetic` is written in any phase.{" This export's phases 1-2 are the family shipped before phase 3 (`--phase2-from`): phase 3 started from its fp16 weights, in fp32, with a fresh optimiser." if adopted("before phase 3") else ""}
 - Why phase 2: phase 1 wrote two-digit addition and subtraction with the answer most significant digit first
   (and in words), held out by last-digit pair, and no size learnt it from ~1.5 M arithmetic tokens.{anneal}{formats}
   A pilot (`scripts/addition_order_pilot.py`, `pilot/addition-order.jsonl`: phase-1 bases on arithmetic lines
@@ -806,7 +805,8 @@ def plot_curves(work: Path, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Built-in family v2: the phases trained in this work dir (phase 1 dashed; adopted phases have no curve)")
+    fig.suptitle("Built-in family v2: the phases trained in this work dir "
+                 "(phase 1 dashed; adopted phases have no curve)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

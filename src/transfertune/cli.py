@@ -434,7 +434,8 @@ def cmd_models(args) -> None:
         return
     card = builtin_models_dir() / "family.json"
     family = json.loads(card.read_text()).get("models", {}) if card.is_file() else {}
-    print(f"{'model':10s} {'params':>8s} {'vocab':>6s} {'knows v1':>9s} {'knows v2':>9s} {'adds':>6s} {'in story':>8s}  "
+    print(f"{'model':10s} {'params':>8s} {'vocab':>6s} {'knows v1':>9s} {'knows v2':>9s} {'adds':>6s} "
+          f"{'in story':>8s}  "
           f"(knowledge probe, held-out addition and addition after a word problem, untuned: "
           f"{builtin_models_dir() / 'MODEL_CARD.md'})")
     for name in names:
@@ -452,7 +453,8 @@ def cmd_eval(args) -> None:
         source=args.source, targets=args.targets, tasks=args.tasks, methods=args.methods, split=args.split,
         eval_examples=args.examples, value_steps=args.value_steps, value_lr=args.value_lr, l1_coef=args.l1,
         entropy_coef=args.entropy, value_init=args.value_init, value_scheme=args.value_scheme,
-        value_head=args.value_head, value_defer=not args.no_value_defer, finetune_lr=args.finetune_lr, lora_lr=args.lora_lr, target_lr=args.target_lr,
+        value_head=args.value_head, value_defer=not args.no_value_defer, finetune_lr=args.finetune_lr,
+        lora_lr=args.lora_lr, target_lr=args.target_lr,
         finetune_steps=args.finetune_steps, target_steps=args.target_steps,
         batch_size=args.batch_size, max_length=args.max_length, betas=args.beta, alphas=args.alpha, seed=args.seed,
         cache_dir=args.cache_dir, vocab_map=vocab_map, vocab_maps=vocab_maps, split_by=args.split_by,

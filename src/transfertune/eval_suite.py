@@ -78,7 +78,8 @@ class EvalConfig:
 
 VOCAB_MAPS = ("exact", "align")
 VALUE_HEADS = ("zero", "copy")
-_DEFAULT_RECIPE = {"init": None, "scheme": "residual", "head": "zero", "defer": True}  # value models made before these options
+# value models made before these options
+_DEFAULT_RECIPE = {"init": None, "scheme": "residual", "head": "zero", "defer": True}
 # config fields that reach the cache keys another way (the user task's identity, the target's own map)
 _NOT_SETTINGS = ("targets", "tasks", "methods", "betas", "alphas", "cache_dir", "vocab_maps", "split_by",
                  "heldout_fraction", "split_seed", "kind", "labels")
@@ -402,8 +403,8 @@ class EvalRunner:
     def describe_tasks(self) -> dict:
         described = {}
         for t in self.tasks:
-            described[t] = self.user[t].summary() if t in self.user else {"kind": self.kind(t), "split": self.cfg.split,
-                                                                            "built_in": True}
+            built_in = {"kind": self.kind(t), "split": self.cfg.split, "built_in": True}
+            described[t] = self.user[t].summary() if t in self.user else built_in
             if any(r.get("deferred") for r in self.rows(t, "train")):
                 described[t]["deferred"] = True  # rows leave an answer tail to the base (data.deferred_tail)
         return described
