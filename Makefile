@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m transfertune.demo
+	$(PY) -m transfertune.family.demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests

@@ -1,10 +1,10 @@
-"""The composed model the serving benchmarks (serve.py, vllm.py) measure: its flags and its value directories."""
+"""The composed model the serving benchmarks (serve.py, vllm_engine.py) measure: its flags and its value directories."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from transfertune.value_model import ValueModel
+from transfertune.core.value_model import ValueModel
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -36,16 +36,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT_TEXT = ROOT / "models" / "heldout-slice.txt"
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory  # noqa: E402
 import reporting  # noqa: E402
-from transfertune.composed import ComposedModel  # noqa: E402
-from transfertune.loading import load_base, load_causal_lm  # noqa: E402
-from transfertune.sampling import SamplingParams  # noqa: E402
-from transfertune.speculative import SpeculativeComposedGenerator  # noqa: E402
-from transfertune.value_model import ValueModel  # noqa: E402
+from transfertune.inference.composed_model import ComposedModel  # noqa: E402
+from transfertune.io.loading import load_base, load_causal_lm  # noqa: E402
+from transfertune.inference.sampling import SamplingParams  # noqa: E402
+from transfertune.inference.speculative import SpeculativeComposedGenerator  # noqa: E402
+from transfertune.core.value_model import ValueModel  # noqa: E402
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -159,7 +157,7 @@ def speculative(cm: ComposedModel, draft, prompts, new_tokens: int, stats: dict,
 
 def rss_probe(args) -> None:
     """Child process: peak RSS above the after-import, after-load baseline while decoding with one method."""
-    from transfertune.loading import load_tokenizer
+    from transfertune.io.loading import load_tokenizer
 
     tok = load_tokenizer(args.target)
     baseline = memory.rss_bytes()
@@ -282,7 +280,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_docs(result: dict, table: str, out: Path) -> None:
-    from transfertune.eval_suite import write_doc_section
+    from transfertune.evaluation.runner import write_doc_section
 
     body = f"""## Composed decoding
 

@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reporting  # noqa: E402
 from decode import add_model_args, load_value, lockstep, make_prompts, shown  # noqa: E402
-from transfertune.composed import ComposedModel  # noqa: E402
-from transfertune.loading import load_base  # noqa: E402
+from transfertune.inference.composed_model import ComposedModel  # noqa: E402
+from transfertune.io.loading import load_base  # noqa: E402
 
 SECTION = "overlap"
 
@@ -121,7 +119,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_docs(result: dict, table: str, out: Path) -> None:
-    from transfertune.eval_suite import write_doc_section
+    from transfertune.evaluation.runner import write_doc_section
 
     body = f"""## Base and value overlapped
 

@@ -17,7 +17,7 @@ What it does, all on 127.0.0.1:
        both sides alike; a row reports the medians over its rounds (the ratio is the median of each round's
        server / direct). c = 1 is "one at a time"; every other row is also compared with it.
   3. fuzzing: a second server (--max-model-len 48 keeps answers short) gets --fuzz request bodies drawn from its
-     own OpenAPI schema (serving/fuzz.py, hypothesis); counts 5xx, then checks that a greedy completion still
+     own OpenAPI schema (tests/fuzz_strategies.py, hypothesis); counts 5xx, then checks that a greedy completion still
      equals ComposedGenerator's. Every server it starts, it stops.
 
 Without --value the value model is untrained: mini-s's own weights with their output layer as values
@@ -48,14 +48,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reporting  # noqa: E402
 from composed_setup import add_model_args, value_dirs  # noqa: E402
-from transfertune.composed import ComposedModel  # noqa: E402
-from transfertune.data import encode_prompt  # noqa: E402
-from transfertune.loading import load_tokenizer  # noqa: E402
+from transfertune.inference.composed_model import ComposedModel  # noqa: E402
+from transfertune.io.data import encode_prompt  # noqa: E402
+from transfertune.io.loading import load_tokenizer  # noqa: E402
 
 SECTION = "serve-bench"
 
@@ -139,7 +137,7 @@ class Server:
     def __init__(self, base: str, values: list[str], *extra: str, threads: int = 0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "transfertune.cli", "serve", "--base", base, "--port", str(self.port),
+        self.cmd = [sys.executable, "-m", "transfertune.cli.main", "serve", "--base", base, "--port", str(self.port),
                     "--served-model-name", "bench", *[a for v in values for a in ("--value", v)], *extra]
         self.env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         if threads:
@@ -232,7 +230,12 @@ def fuzz(url: str, count: int, seconds: float) -> dict:
     import httpx
     from hypothesis import HealthCheck, Phase, given, settings
 
-    from transfertune.serving.fuzz import requests
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fuzz_strategies", ROOT / "tests" / "fuzz_strategies.py")
+    strategies = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(strategies)
+    requests = strategies.requests
 
     statuses: dict[int, int] = {}
     examples_5xx = []
@@ -436,7 +439,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_docs(result: dict, table: str, out: Path) -> None:
-    from transfertune.eval_suite import write_doc_section
+    from transfertune.evaluation.runner import write_doc_section
 
     def shown(path: Path) -> str:
         return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)

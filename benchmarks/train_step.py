@@ -32,13 +32,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory  # noqa: E402
 import reporting  # noqa: E402
-from transfertune.data import RightPadCollator, SFTDataset, pad_id_of, read_jsonl  # noqa: E402
-from transfertune.loading import load_causal_lm, load_tokenizer  # noqa: E402
+from transfertune.io.data import RightPadCollator, SFTDataset, pad_id_of, read_jsonl  # noqa: E402
+from transfertune.io.loading import load_causal_lm, load_tokenizer  # noqa: E402
 
 METHODS = ("sft", "sft+base", "value", "value-unfused")
 SECTION = "train-step"
@@ -79,7 +77,7 @@ class Method:
     """One way of training: `step(batch)` does forward, backward, clipping and the optimiser step."""
 
     def __init__(self, name: str, value_name: str, base_name: str, tokenizer, device: str, base=None):
-        from transfertune.value_model import ValueModel
+        from transfertune.core.value_model import ValueModel
 
         self.name = name
         self.base = None
@@ -94,7 +92,7 @@ class Method:
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=1e-5)
         if name == "value":
-            from transfertune.trainer import ValueTrainer
+            from transfertune.training.value_trainer import ValueTrainer
 
             trainer = ValueTrainer.__new__(ValueTrainer)  # only compute_loss: no Trainer set-up
             trainer.value_model, trainer.base_model = self.value, self.base
@@ -107,7 +105,7 @@ class Method:
     def _unfused_loss(self, batch):
         import torch.nn.functional as F
 
-        from transfertune.sequence import composed_response_logits
+        from transfertune.core.response_logits import composed_response_logits
 
         cfg = self.value.config
         res = composed_response_logits(self.base, [self.model], batch["input_ids"], batch["attention_mask"],
@@ -187,9 +185,9 @@ def inherent_memory_mb(methods: dict) -> dict:
 
 def memory_probe(args) -> None:
     """Child process: peak memory of one method (--memory-probe 'VALUE:BASE:METHOD') over warm-up + steps."""
-    import transfertune.sequence  # noqa: F401  every method's code is imported before the baseline
-    import transfertune.trainer  # noqa: F401
-    import transfertune.value_model  # noqa: F401
+    import transfertune.core.response_logits  # noqa: F401  every method's code is imported before the baseline
+    import transfertune.training.value_trainer  # noqa: F401
+    import transfertune.core.value_model  # noqa: F401
 
     value_name, base_name, method = args.memory_probe.rsplit(":", 2)
     tokenizer = load_tokenizer(value_name)
@@ -314,7 +312,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_docs(result: dict, table: str, out: Path) -> None:
-    from transfertune.eval_suite import write_doc_section
+    from transfertune.evaluation.runner import write_doc_section
 
     def shown(path: Path) -> str:
         return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)

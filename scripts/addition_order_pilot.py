@@ -24,8 +24,7 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-from transfertune.probe import arithmetic_accuracy  # noqa: E402
+from transfertune.family.probe import arithmetic_accuracy  # noqa: E402
 
 
 def main() -> None:

@@ -20,8 +20,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "src"))
 
 import build_family as bf  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402

@@ -38,12 +38,11 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-from transfertune.probe import (addition_after_word_problems, arithmetic_accuracy, heldout_arithmetic,  # noqa: E402
+from transfertune.family.probe import (addition_after_word_problems, arithmetic_accuracy, heldout_arithmetic,  # noqa: E402
                                 knowledge_probe, probe_chance)
-from transfertune.tasks import load_task  # noqa: E402
-from transfertune.vocab import vocab_fingerprint  # noqa: E402
-from transfertune.world import (addition_in_prose, addition_problems, addition_text, arithmetic_text,  # noqa: E402
+from transfertune.evaluation.tasks import load_task  # noqa: E402
+from transfertune.io.fingerprint import vocab_fingerprint  # noqa: E402
+from transfertune.family.world import (addition_in_prose, addition_problems, addition_text, arithmetic_text,  # noqa: E402
                                 biographies, load_world, make_entities, save_world)
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"

@@ -27,9 +27,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
-from transfertune.eval_suite import EvalConfig, EvalRunner, write_doc_section  # noqa: E402
+from transfertune.evaluation.runner import EvalConfig, EvalRunner, write_doc_section  # noqa: E402
 
 DOCS = ROOT / "docs" / "results.md"
 OUT = ROOT / "outputs" / "study"

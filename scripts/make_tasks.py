@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-from transfertune.world import (  # noqa: E402
+from transfertune.family.world import (  # noqa: E402
     ANSWER_TEMPLATES, ATTRIBUTES, QUESTION_TEMPLATES, addition_problem, fill, is_heldout_addition, load_world,
     reversed_sum,
 )

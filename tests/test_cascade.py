@@ -5,15 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transfertune.cascade import CascadeValue, cascade_embeddings
-from transfertune.compose import VocabularyMismatchError, compose_logits
-from transfertune.composed import ComposedModel
-from transfertune.data import encode_prompt
-from transfertune.loading import load_base, load_causal_lm
-from transfertune.sampling import SamplingParams
-from transfertune.trainer import train_value_model
-from transfertune.validate import InputError
-from transfertune.value_model import ValueModel
+from transfertune.core.cascade import CascadeValue, cascade_embeddings
+from transfertune.core.compose import VocabularyMismatchError, compose_logits
+from transfertune.inference.composed_model import ComposedModel
+from transfertune.io.data import encode_prompt
+from transfertune.io.loading import load_base, load_causal_lm
+from transfertune.inference.sampling import SamplingParams
+from transfertune.training.value_trainer import train_value_model
+from transfertune.io.validate import InputError
+from transfertune.core.value_model import ValueModel
 
 TRAIN = dict(epochs=20, learning_rate=1e-2, batch_size=8, logging_steps=1000, disable_tqdm=True)
 PROMPTS = ["The cat sat", "It was the best of times, it was", "Answer:"]
@@ -85,8 +85,8 @@ def test_cached_batched_decoding_matches_full_recomputation(cascade_dir, model_d
 
 
 def test_cascade_is_refused_where_it_cannot_work(cascade_dir, model_dir, other_tokenizer, tmp_path):
-    from transfertune.speculative import SpeculativeComposedGenerator
-    from transfertune.vllm_export import export_vllm
+    from transfertune.inference.speculative import SpeculativeComposedGenerator
+    from transfertune.serving.vllm.export import export_vllm
 
     base, tok = load_base(model_dir("llama", seed=3))
     cm = ComposedModel(base, tok, [ValueModel.load(cascade_dir)])
@@ -107,7 +107,7 @@ def test_unknown_scheme_is_refused(cascade_dir, tmp_path, model_dir, yes_no_reco
     bad.mkdir()
     for f in ("transfertune.json",):
         (bad / f).write_text(json.dumps({**config, "scheme": "serial"}))
-    from transfertune.value_model import ValueConfig
+    from transfertune.core.value_model import ValueConfig
 
     with pytest.raises(InputError, match="scheme"):
         ValueConfig.load(bad)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from transfertune.cli import main
+from transfertune.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_train_info_score_generate(trained_dir, capsys, tmp_path):
 def test_generate_reads_stdin_and_streams(trained_dir):
     base, out, _ = trained_dir
     res = subprocess.run(
-        [sys.executable, "-m", "transfertune.cli", "generate", "--base", base, "--value", str(out), "--stream",
+        [sys.executable, "-m", "transfertune.cli.main", "generate", "--base", base, "--value", str(out), "--stream",
          "--max-new-tokens", "4"], input="Review 8: the movie was awful. Positive?", capture_output=True, text=True,
     )
     assert res.returncode == 0, res.stderr

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transfertune.compose import (
+from transfertune.core.compose import (
     VocabularyMismatchError,
     compose_logits,
     composed_log_probs,

@@ -7,13 +7,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from transfertune.cli import main
-from transfertune.composed import ComposedModel
-from transfertune.compose import VocabularyMismatchError
-from transfertune.data import RightPadCollator
-from transfertune.cross_vocab import CrossVocabValue, VocabMap, align_counts, dtw_path, token_bytes
-from transfertune.loading import load_base
-from transfertune.value_model import ValueModel
+from transfertune.cli.main import main
+from transfertune.inference.composed_model import ComposedModel
+from transfertune.core.compose import VocabularyMismatchError
+from transfertune.io.data import RightPadCollator
+from transfertune.vocab.token_map import CrossVocabValue, VocabMap, align_counts, dtw_path, token_bytes
+from transfertune.io.loading import load_base
+from transfertune.core.value_model import ValueModel
 
 PROMPTS = ["Review 3: the movie was great. Positive?", "The cat sat on the mat. The dog"]
 RESPONSES = [" yes", " ran to the park and back again."]
@@ -119,7 +119,7 @@ def test_composing_through_the_map_matches_direct_composition(shifted_value, mod
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     # scoring splits the mapped value model into a body and an output layer (then the map), chunk by chunk, so it
     # never holds [batch, length, base vocabulary] values; it gives what the whole model does
-    from transfertune.sequence import _output_layer
+    from transfertune.core.response_logits import _output_layer
 
     feats, _ = mapped.encode(PROMPTS, RESPONSES)
     batch = RightPadCollator(0)(feats)
@@ -129,7 +129,7 @@ def test_composing_through_the_map_matches_direct_composition(shifted_value, mod
     # decoding: the first step (after the prompts, batched with left padding) matches, and rows are independent
     ids = [mapped.generator()._encode(PROMPTS)]
     (_, l_mapped), (_, l_direct) = (next(cm.generator().decode_steps(ids[0], 1, __import__(
-        "transfertune.sampling", fromlist=["SamplingParams"]).SamplingParams())) for cm in (mapped, direct))
+        "transfertune.inference.sampling", fromlist=["SamplingParams"]).SamplingParams())) for cm in (mapped, direct))
     torch.testing.assert_close(l_mapped, l_direct, atol=1e-4, rtol=1e-4)
     batched = mapped.generator().generate(PROMPTS, max_new_tokens=6)
     single = [mapped.generator().generate(p, max_new_tokens=6).token_ids[0] for p in PROMPTS]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from transfertune.data import IGNORE_INDEX, DataFormatError, encode_example, read_jsonl
+from transfertune.io.data import IGNORE_INDEX, DataFormatError, encode_example, read_jsonl
 
 
 def write(tmp_path, lines):

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transfertune.compose import composed_log_probs, deferral_kl
-from transfertune.data import DataFormatError, RightPadCollator, encode_example, read_jsonl
-from transfertune.loading import load_causal_lm
-from transfertune.trainer import train_value_model
+from transfertune.core.compose import composed_log_probs, deferral_kl
+from transfertune.io.data import DataFormatError, RightPadCollator, encode_example, read_jsonl
+from transfertune.io.loading import load_causal_lm
+from transfertune.training.value_trainer import train_value_model
 
 TRAIN = dict(epochs=30, learning_rate=1e-2, batch_size=8, logging_steps=1000, disable_tqdm=True)
 
@@ -92,9 +92,9 @@ def test_training_leaves_the_base_alone_on_the_deferred_tail(tmp_path, model_dir
 
 
 def test_cli_flags_turn_deferral_off(monkeypatch, tmp_path, model_dir, verdict_records):
-    import transfertune.eval_suite as eval_suite
-    import transfertune.trainer as trainer
-    from transfertune.cli import main
+    import transfertune.evaluation.runner as eval_suite
+    import transfertune.training.value_trainer as trainer
+    from transfertune.cli.main import main
 
     seen = {}
     monkeypatch.setattr(trainer, "train_value_model", lambda *a, **kw: seen.update(train=kw["defer"]))

@@ -1,7 +1,7 @@
 """`make demo`'s job runs end to end (here on tiny stand-in models, a few steps) and reports every cell."""
 import json
 
-from transfertune import demo
+from transfertune.family import demo
 
 
 def test_demo_trains_composes_and_reports(model_dir, tmp_path, monkeypatch):

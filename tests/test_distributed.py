@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transfertune.outputs import read_run
+from transfertune.io.run_dirs import read_run
 
 # Runs `transfertune train` (argv after the log path) and records, per rank, the Trainer's logs and every file
 # operation under --output (Python audit events), so the test can see who wrote what.
@@ -40,8 +40,8 @@ def audit(event, args):
         writes.append([event, os.fsdecode(path)])
 
 sys.addaudithook(audit)
-from transfertune.trainer import ValueTrainer
-from transfertune.cli import main
+from transfertune.training.value_trainer import ValueTrainer
+from transfertune.cli.main import main
 
 logs = []
 original_log = ValueTrainer.log
@@ -120,8 +120,8 @@ def test_processes_that_would_each_train_alone_are_refused(monkeypatch):
     train alone and write the same --output."""
     from types import SimpleNamespace
 
-    from transfertune.trainer import check_distributed
-    from transfertune.validate import InputError
+    from transfertune.training.value_trainer import check_distributed
+    from transfertune.io.validate import InputError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(InputError, match="launched as 2 processes.*ACCELERATE_USE_CPU=true"):

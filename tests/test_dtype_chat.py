@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from transfertune.cli import main
-from transfertune.composed import ComposedModel
-from transfertune.data import IGNORE_INDEX, RightPadCollator, encode_prompt
-from transfertune.loading import load_causal_lm, load_tokenizer
-from transfertune.sampling import SamplingParams
-from transfertune.sequence import _HEADS, composed_response_logits, composed_response_logprobs
-from transfertune.value_model import ValueModel
+from transfertune.cli.main import main
+from transfertune.inference.composed_model import ComposedModel
+from transfertune.io.data import IGNORE_INDEX, RightPadCollator, encode_prompt
+from transfertune.io.loading import load_causal_lm, load_tokenizer
+from transfertune.inference.sampling import SamplingParams
+from transfertune.core.response_logits import _HEADS, composed_response_logits, composed_response_logprobs
+from transfertune.core.value_model import ValueModel
 
 TEMPLATE_A = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -262,7 +262,7 @@ def test_score_takes_max_length_and_batch_size(steering_value, tmp_path, capsys)
 def chat_models(tmp_path_factory, model_dir, tokenizer):
     """Bases sharing weights and vocabulary with chat template A, template B, or none; value models trained on
     chats against A and against the template-less base."""
-    from transfertune.trainer import train_value_model
+    from transfertune.training.value_trainer import train_value_model
 
     root = tmp_path_factory.mktemp("chat")
     base_a = model_dir("llama", name="chat-a", seed=3, tok=with_template(tokenizer, TEMPLATE_A))
@@ -379,7 +379,7 @@ def test_prompt_file_errors_name_file_and_line(tmp_path, capsys, line, problem):
 
 # -- fast help, quiet loads, CLI words ------------------------------------------------------------------------
 def test_help_does_not_import_torch():
-    code = ("import sys, contextlib, io\nimport transfertune.cli as c\n"
+    code = ("import sys, contextlib, io\nimport transfertune.cli.main as c\n"
             "for argv in (['--help'], ['score', '--help'], ['generate', '--help'], ['train', '--help']):\n"
             "    with contextlib.redirect_stdout(io.StringIO()):\n"
             "        try: c.main(argv)\n"

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from transfertune.cli import main as cli_main
-from transfertune.cross_vocab import VocabMap
-from transfertune.eval_suite import METHODS, EvalConfig, EvalRunner, add_gap_closed
-from transfertune.loading import load_causal_lm
-from transfertune.weight_diff import ArchitectureMismatchError, diff_vector_transfer
+from transfertune.cli.main import main as cli_main
+from transfertune.vocab.token_map import VocabMap
+from transfertune.evaluation.runner import METHODS, EvalConfig, EvalRunner, add_gap_closed
+from transfertune.io.loading import load_causal_lm
+from transfertune.training.weight_diff import ArchitectureMismatchError, diff_vector_transfer
 
 
 @pytest.fixture()
@@ -153,8 +153,8 @@ def test_dtype_and_device_reach_the_evaluated_models_and_the_cell_keys(model_dir
 def test_value_recipe_and_target_rate_reach_training_and_cache_keys(model_dir, tiny_task, tmp_path, monkeypatch):
     """--value-scheme/--value-init/--value-head and --target-lr change what is trained (and so the cache key);
     at their defaults the keys are those of runs made before the options existed."""
-    import transfertune.finetune as finetune
-    import transfertune.trainer as trainer
+    import transfertune.training.sft as finetune
+    import transfertune.training.value_trainer as trainer
 
     calls = []
     monkeypatch.setattr(trainer, "train_value_model", lambda *a, **kw: calls.append(("value", kw)))

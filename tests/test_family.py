@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from transfertune.loading import builtin_model_names, builtin_models_dir, load_base
-from transfertune.vocab import vocab_fingerprint
+from transfertune.io.loading import builtin_model_names, builtin_models_dir, load_base
+from transfertune.io.fingerprint import vocab_fingerprint
 
 FAMILY_JSON = builtin_models_dir() / "family.json"
 FAMILY = json.loads(FAMILY_JSON.read_text()) if FAMILY_JSON.is_file() else {"models": {}}
@@ -70,8 +70,8 @@ def test_bases_add_after_a_word_problem_too():
 
 
 def test_addition_after_a_word_problem_of_the_shipped_weights_matches_the_card():
-    from transfertune.probe import addition_after_word_problems
-    from transfertune.tasks import load_task
+    from transfertune.family.probe import addition_after_word_problems
+    from transfertune.evaluation.tasks import load_task
 
     model, tok = load_base("mini-l")
     measured = addition_after_word_problems(model, tok, load_task("arithmetic", "train")[:400])
@@ -87,11 +87,11 @@ def test_v2_siblings_know_the_new_people_and_v1_bases_do_not():
 
 def test_probe_of_the_shipped_weights_matches_the_card():
     """Re-measure the knowledge probe of mini-s on the shipped fp16 weights (catches a swapped checkpoint)."""
-    from transfertune.probe import knowledge_probe
-    from transfertune.loading import REPO_ROOT
-    from transfertune.world import load_world
+    from transfertune.family.probe import knowledge_probe
+    from transfertune.io.locations import world_file
+    from transfertune.family.world import load_world
 
-    people = [e for e in load_world(REPO_ROOT / FAMILY["world"]) if e.generation == "v1"]
+    people = [e for e in load_world(world_file()) if e.generation == "v1"]
     model, tok = load_base("mini-s")
     assert knowledge_probe(model, tok, people)["all"] == pytest.approx(FAMILY["models"]["mini-s"]["probe_v1"],
                                                                         abs=0.02)
@@ -99,8 +99,8 @@ def test_probe_of_the_shipped_weights_matches_the_card():
 
 def test_skill_of_the_shipped_weights_matches_the_card():
     """Re-measure held-out addition of mini-m on the shipped fp16 weights, the same 400 sums as the card."""
-    from transfertune.probe import arithmetic_accuracy
-    from transfertune.world import addition_problems
+    from transfertune.family.probe import arithmetic_accuracy
+    from transfertune.family.world import addition_problems
 
     model, tok = load_base("mini-m")
     problems = [(a, "+", b) for a, b in addition_problems(400)]
@@ -109,7 +109,7 @@ def test_skill_of_the_shipped_weights_matches_the_card():
 
 
 def test_models_command_shows_what_each_base_knows(capsys):
-    from transfertune.cli import main
+    from transfertune.cli.main import main
 
     main(["models"])
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}

@@ -2,11 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transfertune.composed import ComposedModel
-from transfertune.compose import compose_logits
-from transfertune.data import encode_prompt
-from transfertune.loading import load_causal_lm
-from transfertune.sampling import SamplingParams, filter_logits
+from transfertune.inference.composed_model import ComposedModel
+from transfertune.core.compose import compose_logits
+from transfertune.io.data import encode_prompt
+from transfertune.io.loading import load_causal_lm
+from transfertune.inference.sampling import SamplingParams, filter_logits
 
 ARCHS = ["llama", "gpt2", "qwen2"]
 PROMPTS = ["The cat sat", "It was the best of times, it was", "Answer:"]
@@ -157,7 +157,7 @@ def test_sampling_matches_the_composed_distribution(model_dir, tokenizer):
 
 def test_a_vanishing_top_p_keeps_the_most_likely_token():
     """Found by the server's schema fuzz: top_p=1e-171 must not leave an empty (NaN) distribution."""
-    from transfertune.sampling import SamplingParams, sample_next
+    from transfertune.inference.sampling import SamplingParams, sample_next
 
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     for top_p in (1e-171, 1e-30, 1e-3):

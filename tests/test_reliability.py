@@ -17,15 +17,15 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_file
 
-from transfertune.cli import main
-from transfertune.composed import ComposedModel
-from transfertune.compose import VocabularyMismatchError
-from transfertune.cross_vocab import CrossVocabValue, VocabMap
-from transfertune.data import DataFormatError
-from transfertune.outputs import LOCK_NAME, RUN_NAME, latest_checkpoint, read_run, staged_directory
-from transfertune.trainer import ValueTrainer, train_value_model
-from transfertune.validate import ContextLengthError, InputError
-from transfertune.value_model import LoraSettings, ValueConfig, ValueModel
+from transfertune.cli.main import main
+from transfertune.inference.composed_model import ComposedModel
+from transfertune.core.compose import VocabularyMismatchError
+from transfertune.vocab.token_map import CrossVocabValue, VocabMap
+from transfertune.io.data import DataFormatError
+from transfertune.io.run_dirs import LOCK_NAME, RUN_NAME, latest_checkpoint, read_run, staged_directory
+from transfertune.training.value_trainer import ValueTrainer, train_value_model
+from transfertune.io.validate import ContextLengthError, InputError
+from transfertune.core.value_model import LoraSettings, ValueConfig, ValueModel
 
 FAST = dict(max_steps=2, learning_rate=1e-2, batch_size=8, logging_steps=1000, disable_tqdm=True)
 
@@ -54,7 +54,7 @@ def cli(capsys, *argv) -> tuple[int, str]:
 
 def no_model_loads(monkeypatch):
     """Make any model load fail loudly: the checks under test must come first."""
-    import transfertune.loading as loading
+    import transfertune.io.loading as loading
 
     def refuse(*_, **__):
         raise AssertionError("a model was loaded before the input was checked")
@@ -297,8 +297,8 @@ def test_cross_vocab_decoding_recrops_the_value_cache(model_dir, other_tokenizer
 def test_context_length_is_enforced(tmp_path, base, yes_no_records, data_file, capsys):
     with pytest.raises(InputError, match="more than the context of base .* \\(256 tokens\\)"):
         train_value_model(base, yes_no_records, str(tmp_path / "v"), max_length=512, **FAST)
-    from transfertune.trainer import fit_context
-    from transfertune.loading import load_causal_lm
+    from transfertune.training.value_trainer import fit_context
+    from transfertune.io.loading import load_causal_lm
 
     assert fit_context(None, {"base": load_causal_lm(base)}) == 256
     long_prompt = "The cat sat on the mat. " * 60
@@ -425,7 +425,7 @@ def test_the_python_api_refuses_the_same_numbers(base, tokenizer, yes_no_records
         with pytest.raises(InputError):
             train_value_model(base, yes_no_records, str(tmp_path / "v"), **{**FAST, **bad})
     assert not (tmp_path / "v").exists()
-    from transfertune.sampling import SamplingParams
+    from transfertune.inference.sampling import SamplingParams
 
     with pytest.raises(InputError, match="temperature must be a finite number"):
         SamplingParams(temperature=float("nan"))
@@ -456,7 +456,7 @@ def test_prompt_files_empty_prompt_only_and_non_utf8(tmp_path, base, capsys):
 
 
 def test_closed_stdin_is_a_clear_error(base):
-    res = subprocess.run(f"{sys.executable} -m transfertune.cli generate --base {base} <&-", shell=True,
+    res = subprocess.run(f"{sys.executable} -m transfertune.cli.main generate --base {base} <&-", shell=True,
                          capture_output=True, text=True, executable="/bin/bash")
     assert res.returncode == 2, res.stderr
     assert "standard input is closed" in res.stderr and "Traceback" not in res.stderr
@@ -531,7 +531,7 @@ def test_eval_refuses_unknown_tasks_and_a_file_as_output(tmp_path, capsys, model
 
 
 def test_data_errors_are_data_format_errors(tmp_path):
-    from transfertune.data import read_jsonl
+    from transfertune.io.data import read_jsonl
 
     path = tmp_path / "x.jsonl"
     path.write_text('{"messages": "hi"}\n')

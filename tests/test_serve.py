@@ -28,16 +28,16 @@ import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from transfertune.compose import compose_logits, compose_logits_per_row  # noqa: E402
-from transfertune.composed import ComposedModel  # noqa: E402
-from transfertune.cross_vocab import CrossVocabValue, VocabMap  # noqa: E402
-from transfertune.data import encode_prompt  # noqa: E402
-from transfertune.loading import load_causal_lm  # noqa: E402
-from transfertune.sampling import SamplingParams  # noqa: E402
+from transfertune.core.compose import compose_logits, compose_logits_per_row  # noqa: E402
+from transfertune.inference.composed_model import ComposedModel  # noqa: E402
+from transfertune.vocab.token_map import CrossVocabValue, VocabMap  # noqa: E402
+from transfertune.io.data import encode_prompt  # noqa: E402
+from transfertune.io.loading import load_causal_lm  # noqa: E402
+from transfertune.inference.sampling import SamplingParams  # noqa: E402
 from transfertune.serving import Engine, Row, create_app  # noqa: E402
 from transfertune.serving.engine import Event, Sink  # noqa: E402
 from transfertune.serving.app import APIError  # noqa: E402
-from transfertune.value_model import ValueModel  # noqa: E402
+from transfertune.core.value_model import ValueModel  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -241,7 +241,7 @@ def test_text_stream_decodes_incrementally_as_the_whole(tokenizer, kind):
     the whole list each time gives, for shuffled real tokens and random ones (broken UTF-8, special tokens)."""
     import random
 
-    from transfertune.generation import TextStream
+    from transfertune.inference.generator import TextStream
 
     tok = tokenizer if kind == "byte-level" else _metaspace_tokenizer()
     real = tok(STREAM_TEXT, add_special_tokens=False)["input_ids"]
@@ -587,7 +587,7 @@ def test_fuzzed_requests_never_5xx(test_client, cm):
     pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, settings
 
-    from transfertune.serving.fuzz import requests
+    from fuzz_strategies import requests
 
     statuses = []
 
@@ -616,7 +616,7 @@ def test_serve_command_starts_a_server(dirs):
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "transfertune.cli", "serve", "--base", base, "--value", values[0],
+    proc = subprocess.Popen([sys.executable, "-m", "transfertune.cli.main", "serve", "--base", base, "--value", values[0],
                              "--port", str(port), "--api-key", "k", "--served-model-name", "cli"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:

@@ -1,7 +1,7 @@
 """The shipped task data and its metrics."""
 import pytest
 
-from transfertune.tasks import SPLITS, TASKS, exact_match, label_accuracy, load_task, normalize_answer
+from transfertune.evaluation.tasks import SPLITS, TASKS, exact_match, label_accuracy, load_task, normalize_answer
 
 
 def test_every_task_has_its_splits_and_kinds():
@@ -42,7 +42,7 @@ def test_people_qa_splits_separate_people_and_generations():
 
 
 def test_arithmetic_answers_are_right_and_heldout_sums_never_in_the_corpus():
-    from transfertune.world import is_heldout_addition
+    from transfertune.family.world import is_heldout_addition
 
     for split, heldout in (("train", False), ("heldout_example", True), ("heldout_template", False)):
         for r in load_task("arithmetic", split):
@@ -53,7 +53,7 @@ def test_arithmetic_answers_are_right_and_heldout_sums_never_in_the_corpus():
 
 
 def test_sums_in_prose_are_right_follow_prose_and_skip_heldout_sums():
-    from transfertune.world import addition_in_prose, is_heldout_addition
+    from transfertune.family.world import addition_in_prose, is_heldout_addition
 
     sentences = ["Ada was born in 1911.", "What did he say?", "The mill stood by the river."]
     docs = addition_in_prose(sentences, documents=20, seed=3, items=5)
@@ -68,7 +68,7 @@ def test_sums_in_prose_are_right_follow_prose_and_skip_heldout_sums():
 
 
 def test_skill_phase_addition_lines_are_right_and_skip_heldout_sums():
-    from transfertune.world import addition_problems, addition_text, is_heldout_addition
+    from transfertune.family.world import addition_problems, addition_text, is_heldout_addition
 
     lines = addition_text(500, seed=5).split("\n")
     assert len(lines) == 500
@@ -83,7 +83,7 @@ def test_skill_phase_addition_lines_are_right_and_skip_heldout_sums():
 def test_heldout_sums_mix_every_digit():
     """Every (last digit, last digit) pair of the operands occurs among both the held-out and the written sums,
     so a held-out sum asks for a procedure the corpus teaches, not for a digit pair it never shows."""
-    from transfertune.world import is_heldout_addition
+    from transfertune.family.world import is_heldout_addition
 
     pairs = {False: set(), True: set()}
     for a in range(10, 100):
@@ -94,7 +94,7 @@ def test_heldout_sums_mix_every_digit():
 
 @pytest.mark.parametrize("reversed_digits", [False, True])
 def test_pretraining_arithmetic_lines_are_right_in_either_digit_order(reversed_digits):
-    from transfertune.world import arithmetic_text, is_heldout_problem
+    from transfertune.family.world import arithmetic_text, is_heldout_problem
 
     digit_lines = [line for line in arithmetic_text(300, seed=5, reversed_digits=reversed_digits).split("\n")
                    if line[0].isdigit()]

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transfertune.compose import VocabularyMismatchError
-from transfertune.composed import ComposedModel
-from transfertune.data import RightPadCollator, SFTDataset, pad_id_of
-from transfertune.loading import load_base, load_causal_lm
-from transfertune.trainer import ValueTrainer, train_value_model
-from transfertune.value_model import LoraSettings, ValueConfig, ValueModel
+from transfertune.core.compose import VocabularyMismatchError
+from transfertune.inference.composed_model import ComposedModel
+from transfertune.io.data import RightPadCollator, SFTDataset, pad_id_of
+from transfertune.io.loading import load_base, load_causal_lm
+from transfertune.training.value_trainer import ValueTrainer, train_value_model
+from transfertune.core.value_model import LoraSettings, ValueConfig, ValueModel
 
 TRAIN = dict(epochs=30, learning_rate=1e-2, batch_size=8, logging_steps=1000, disable_tqdm=True)
 
@@ -234,7 +234,7 @@ def test_training_logs_held_out_loss_and_tokens_per_second(tmp_path, model_dir, 
 
 
 def test_cli_train_prints_eval_loss_and_tokens_per_second(tmp_path, model_dir, yes_no_records, capsys):
-    from transfertune.cli import main
+    from transfertune.cli.main import main
 
     data, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in yes_no_records[:16]))
@@ -248,7 +248,7 @@ def test_cli_train_prints_eval_loss_and_tokens_per_second(tmp_path, model_dir, y
 
 
 def test_fused_composed_cross_entropy_matches_compose_then_cross_entropy():
-    from transfertune.compose import compose_logits, composed_cross_entropy
+    from transfertune.core.compose import compose_logits, composed_cross_entropy
 
     torch.manual_seed(0)
     for value_size, beta, weights in ((50, 1.0, None), (56, 0.5, None), (48, 2.0, None), (50, 1.0, [0.5, 2.0])):
@@ -266,8 +266,8 @@ def test_fused_composed_cross_entropy_matches_compose_then_cross_entropy():
 @pytest.mark.parametrize("arch,lora", [("llama", None), ("gpt2", LoraSettings(r=2, alpha=4))])
 def test_output_layer_runs_only_at_response_positions(model_dir, tokenizer, yes_no_records, arch, lora):
     """The trainer's logits at response positions equal the full forward's, gathered, with gradients."""
-    from transfertune.sequence import response_positions
-    from transfertune.trainer import logits_at_positions
+    from transfertune.core.response_logits import response_positions
+    from transfertune.training.value_trainer import logits_at_positions
 
     value = ValueModel.create(model_dir(arch, seed=5), zero_init_head=False, lora=lora)
     value.model.eval()  # no dropout: the two forward passes must agree

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from transfertune.cli import main
-from transfertune.cross_vocab import VocabMap
-from transfertune.eval_suite import EvalConfig, EvalRunner, parse_vocab_maps
-from transfertune.tasks import is_user_task, load_user_task
-from transfertune.validate import InputError
+from transfertune.cli.main import main
+from transfertune.vocab.token_map import VocabMap
+from transfertune.evaluation.runner import EvalConfig, EvalRunner, parse_vocab_maps
+from transfertune.evaluation.tasks import is_user_task, load_user_task
+from transfertune.io.validate import InputError
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -39,7 +39,7 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
 
 
 def no_model_loads(monkeypatch):
-    import transfertune.loading as loading
+    import transfertune.io.loading as loading
 
     def refuse(*_, **__):
         raise AssertionError("a model was loaded before the data was checked")

@@ -31,10 +31,10 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from transfertune.composed import ComposedModel  # noqa: E402
-from transfertune.data import encode_prompt  # noqa: E402
-from transfertune.value_model import ValueModel  # noqa: E402
-from transfertune.vllm_export import export_vllm  # noqa: E402
+from transfertune.inference.composed_model import ComposedModel  # noqa: E402
+from transfertune.io.data import encode_prompt  # noqa: E402
+from transfertune.core.value_model import ValueModel  # noqa: E402
+from transfertune.serving.vllm.export import export_vllm  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -100,7 +100,7 @@ def _vllm_serve_command() -> list[str]:
         version("vllm")
         return [str(Path(sys.executable).with_name("vllm")), "serve"]
     except PackageNotFoundError:
-        return [sys.executable, "-m", "transfertune.serving.vllm_engine", "serve"]
+        return [sys.executable, "-m", "transfertune.serving.vllm.launch", "serve"]
 
 
 def test_vllm_serve_answers_the_openai_client(dirs, cm, tmp_path):

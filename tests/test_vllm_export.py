@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from transfertune import cli
-from transfertune.compose import VocabularyMismatchError, compose_logits
-from transfertune.composed import ComposedModel
-from transfertune.validate import InputError
-from transfertune.value_model import LoraSettings, ValueModel
-from transfertune.vllm_export import ARCHITECTURE, META_KEY, VALUE_FILE, VALUE_PREFIX, export_vllm, is_export
+from transfertune.core.compose import VocabularyMismatchError, compose_logits
+from transfertune.inference.composed_model import ComposedModel
+from transfertune.io.validate import InputError
+from transfertune.core.value_model import LoraSettings, ValueModel
+from transfertune.serving.vllm.export import ARCHITECTURE, META_KEY, VALUE_FILE, VALUE_PREFIX, export_vllm, is_export
 
 
 def _randomise_head(value: ValueModel, seed: int, std: float = 0.3) -> None:
@@ -174,7 +174,7 @@ def test_serve_engine_vllm_exports_then_runs_vllm_serve(dirs, tmp_path, monkeypa
 
 
 def test_serve_engine_vllm_without_vllm_says_how_to_get_it(dirs, capsys):
-    from transfertune.serving.vllm_engine import vllm_version
+    from transfertune.serving.vllm.launch import vllm_version
 
     if vllm_version() is not None:
         pytest.skip("vLLM is installed here")
@@ -184,7 +184,7 @@ def test_serve_engine_vllm_without_vllm_says_how_to_get_it(dirs, capsys):
 
 
 def test_tensor_parallel_sizes_that_do_not_divide_a_stack_are_named():
-    from transfertune.vllm_model import _check_tensor_parallel
+    from transfertune.serving.vllm.model import _check_tensor_parallel
 
     llama = {"num_attention_heads": 4, "num_key_value_heads": 1, "intermediate_size": 256}
     _check_tensor_parallel(llama, "base", 2)  # one KV head is replicated over 2 ranks

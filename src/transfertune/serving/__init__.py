@@ -1,6 +1,21 @@
 """`transfertune serve`: an OpenAI-compatible server for composed models (FastAPI + uvicorn, `pip install
-transfertune[serve]`). `engine.py` batches requests continuously; `app.py` holds the routes and schemas."""
-from .app import create_app, serve
-from .engine import Engine, Row
+transfertune[serve]`). `engine.py` batches requests continuously; `app.py` holds the routes and schemas;
+`vllm/` runs composed models inside vLLM instead. Names are imported on first use, so `serving.vllm` does not
+import fastapi."""
+from typing import TYPE_CHECKING
 
-__all__ = ["Engine", "Row", "create_app", "serve"]
+if TYPE_CHECKING:
+    from transfertune.serving.app import create_app, serve
+    from transfertune.serving.engine import Engine, Row
+
+_EXPORTS = {"create_app": "app", "serve": "app", "Engine": "engine", "Row": "engine"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'transfertune.serving' has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f"transfertune.serving.{module}"), name)

@@ -26,10 +26,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..composed import ComposedModel
-from ..data import PLAIN_CHAT, encode_prompt, render_chat_prompt
-from ..sampling import SamplingParams
-from .engine import Engine, Event, Overloaded, Row, Sink, prompt_logprobs
+from transfertune.inference.composed_model import ComposedModel
+from transfertune.io.data import PLAIN_CHAT, encode_prompt, render_chat_prompt
+from transfertune.inference.sampling import SamplingParams
+from transfertune.serving.engine import Engine, Event, Overloaded, Row, Sink, prompt_logprobs
 
 log = logging.getLogger(__name__)
 

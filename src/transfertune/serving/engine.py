@@ -24,11 +24,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..composed import ComposedModel
-from ..data import IGNORE_INDEX
-from ..generation import TextStream
-from ..sampling import SamplingParams, sample_rows
-from ..sequence import composed_response_logits
+from transfertune.inference.composed_model import ComposedModel
+from transfertune.io.data import IGNORE_INDEX
+from transfertune.inference.generator import TextStream
+from transfertune.inference.sampling import SamplingParams, sample_rows
+from transfertune.core.response_logits import composed_response_logits
 
 log = logging.getLogger(__name__)
 
