@@ -119,7 +119,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_docs(result: dict, table: str, out: Path) -> None:
-    from transfertune.evaluation.runner import write_doc_section
+    from transfertune.evaluation.report import write_doc_section
 
     body = f"""## Base and value overlapped
 

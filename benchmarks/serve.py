@@ -439,7 +439,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_docs(result: dict, table: str, out: Path) -> None:
-    from transfertune.evaluation.runner import write_doc_section
+    from transfertune.evaluation.report import write_doc_section
 
     def shown(path: Path) -> str:
         return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)

@@ -173,7 +173,7 @@ def format_table(result: dict) -> str:
 
 
 def write_docs(result: dict, table: str, out: Path) -> None:
-    from transfertune.evaluation.runner import write_doc_section
+    from transfertune.evaluation.report import write_doc_section
 
     shown = str(out.resolve().relative_to(ROOT)) if out.resolve().is_relative_to(ROOT) else str(out)
     body = f"""Made by `{result['command']}` in .venv-vllm ({result['device']}; torch {result['torch']}, vLLM

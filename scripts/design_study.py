@@ -28,7 +28,9 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from transfertune.evaluation.runner import EvalConfig, EvalRunner, write_doc_section  # noqa: E402
+from transfertune.evaluation.config import EvalConfig
+from transfertune.evaluation.report import write_doc_section
+from transfertune.evaluation.runner import EvalRunner
 
 DOCS = ROOT / "docs" / "results.md"
 OUT = ROOT / "outputs" / "study"

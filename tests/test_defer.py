@@ -97,8 +97,9 @@ def test_cli_flags_turn_deferral_off(monkeypatch, tmp_path, model_dir, verdict_r
     from transfertune.cli.main import main
 
     seen = {}
-    monkeypatch.setattr(trainer, "train_value_model", lambda *a, **kw: seen.update(train=kw["defer"]))
-    monkeypatch.setattr(eval_suite, "run_eval", lambda cfg, *a, **kw: seen.update(eval=cfg.value_defer) or
+    monkeypatch.setattr(trainer, "train_value_recipe", lambda base, data, out, recipe, **kw:
+                        seen.update(train=recipe.defer))
+    monkeypatch.setattr(eval_suite, "run_eval", lambda cfg, *a, **kw: seen.update(eval=cfg.value.defer) or
                         {"config": {}, "tasks": {}, "rows": []})
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in verdict_records))

@@ -16,6 +16,7 @@ from transfertune.inference.composed_model import ComposedModel
 from transfertune.io.data import IGNORE_INDEX, RightPadCollator, encode_prompt
 from transfertune.io.loading import load_causal_lm, load_tokenizer
 from transfertune.inference.sampling import SamplingParams
+from transfertune.core.compose import Composition
 from transfertune.core.response_logits import _HEADS, composed_response_logits, composed_response_logprobs
 from transfertune.core.value_model import ValueModel
 
@@ -177,7 +178,7 @@ def test_chunked_scoring_equals_unchunked(model_dir, tokenizer, arch):
     models = [load_causal_lm(model_dir(arch, hidden=48, seed=1)), load_causal_lm(model_dir(arch, seed=2)),
               load_causal_lm(model_dir(arch, seed=3)), load_causal_lm(model_dir(arch, seed=4))]
     batch = scoring_batch(tokenizer)
-    kw = dict(weights=[0.7], beta=0.8, alpha=0.5, real_vocab_size=len(tokenizer))
+    kw = dict(composition=Composition((0.7,), beta=0.8, alpha=0.5, real_vocab_size=len(tokenizer)))
     expected, res = reference_logprobs(models, batch, **kw)
     for chunk in (1, 7, None):
         got = composed_response_logprobs(models[0], models[1:2], **batch, proxy=tuple(models[2:]), chunk_size=chunk,
@@ -230,10 +231,11 @@ def test_chunked_scoring_bounds_the_largest_tensor(model_dir, tokenizer):
     batch = scoring_batch(tokenizer)
     vocab, (rows, width) = len(tokenizer) + pad, batch["input_ids"].shape
     with torch.no_grad(), LargestTensor() as old:
-        expected, _ = reference_logprobs([base, value], batch, real_vocab_size=len(tokenizer))
+        expected, _ = reference_logprobs([base, value], batch, composition=Composition(real_vocab_size=len(tokenizer)))
     chunk = 8
     with LargestTensor() as new:
-        got = composed_response_logprobs(base, [value], **batch, chunk_size=chunk, real_vocab_size=len(tokenizer))
+        got = composed_response_logprobs(base, [value], **batch, chunk_size=chunk,
+                                         composition=Composition(real_vocab_size=len(tokenizer)))
     torch.testing.assert_close(got.logprobs, expected, atol=1e-5, rtol=1e-5)
     assert old.largest >= rows * width * vocab * 4  # the full logits of one model, fp32
     assert new.largest <= chunk * vocab * 4  # one chunk of logits
@@ -287,7 +289,7 @@ def test_training_saves_the_chat_template_it_rendered_with(chat_models):
 
 def test_generate_chat_uses_the_trained_template_and_warns_once(chat_models, capsys, monkeypatch):
     bases, values, _ = chat_models
-    from transfertune import generation
+    from transfertune.inference import generator as generation
 
     seen = []
     original = generation.ComposedGenerator._encode

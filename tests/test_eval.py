@@ -7,7 +7,9 @@ import torch
 
 from transfertune.cli.main import main as cli_main
 from transfertune.vocab.token_map import VocabMap
-from transfertune.evaluation.runner import METHODS, EvalConfig, EvalRunner, add_gap_closed
+from transfertune.evaluation.config import METHODS, EvalConfig
+from transfertune.evaluation.report import add_gap_closed
+from transfertune.evaluation.runner import EvalRunner
 from transfertune.io.loading import load_causal_lm
 from transfertune.training.weight_diff import ArchitectureMismatchError, diff_vector_transfer
 
@@ -157,26 +159,27 @@ def test_value_recipe_and_target_rate_reach_training_and_cache_keys(model_dir, t
     import transfertune.training.value_trainer as trainer
 
     calls = []
-    monkeypatch.setattr(trainer, "train_value_model", lambda *a, **kw: calls.append(("value", kw)))
+    monkeypatch.setattr(trainer, "train_value_recipe",
+                        lambda base, data, out, recipe, **kw: calls.append(("value", {**recipe.to_dict(), **kw})))
     monkeypatch.setattr(finetune, "finetune_base", lambda *a, **kw: calls.append(("ft", kw)))
     monkeypatch.setattr(EvalRunner, "_artifact", lambda self, kind, model, task, steps, train, **settings:
                         (train("unused"), settings)[1])
     source, target = model_dir("llama", hidden=32, seed=5), model_dir("llama", hidden=48, seed=7)
     base = EvalConfig(source=source, targets=[target], tasks=[tiny_task], cache_dir=str(tmp_path / "c"))
     default = EvalRunner(base)
-    assert default.value_dir(tiny_task) == {"lr": base.value_lr, "l1_coef": 0.0, "entropy_coef": 0.0}
+    assert default.value_dir(tiny_task) == {"lr": base.value.learning_rate, "l1_coef": 0.0, "entropy_coef": 0.0}
     assert calls[-1][1]["defer"] is True
-    varied = EvalRunner(EvalConfig(**{**base.__dict__, "value_scheme": "cascade", "value_init": "random",
-                                      "value_head": "copy", "value_defer": False, "target_lr": 1e-5}))
-    assert varied.value_dir(tiny_task) == {"lr": base.value_lr, "l1_coef": 0.0, "entropy_coef": 0.0,
+    recipe = base.value.with_changes(scheme="cascade", init="random", head="copy", defer=False)
+    varied = EvalRunner(EvalConfig(**{**base.__dict__, "value": recipe, "target_lr": 1e-5}))
+    assert varied.value_dir(tiny_task) == {"lr": base.value.learning_rate, "l1_coef": 0.0, "entropy_coef": 0.0,
                                            "init": f"random:{source}", "scheme": "cascade", "head": "copy",
                                            "defer": False}
     value_kw = calls[-1][1]
-    assert (value_kw["scheme"], value_kw["init"], value_kw["zero_init_head"]) == ("cascade", f"random:{source}", False)
+    assert (value_kw["scheme"], value_kw["init"], value_kw["head"]) == ("cascade", f"random:{source}", "copy")
     assert value_kw["defer"] is False and "value_defer" not in default._settings(target)
     assert varied.finetuned(target, tiny_task, 3, lr=varied.cfg.target_lr)["lr"] == 1e-5
     assert calls[-1][1]["learning_rate"] == 1e-5
     unset = EvalRunner(EvalConfig(**{**base.__dict__, "target_lr": None}))  # the target shares --finetune-lr
     assert "target_lr" not in unset._settings(target) and varied._settings(target)["target_lr"] == 1e-5
-    with pytest.raises(Exception, match="value_scheme"):
-        EvalRunner(EvalConfig(**{**base.__dict__, "value_scheme": "serial"}))
+    with pytest.raises(Exception, match="value scheme"):
+        EvalRunner(EvalConfig(**{**base.__dict__, "value": base.value.with_changes(scheme="serial")}))

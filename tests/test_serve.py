@@ -36,7 +36,7 @@ from transfertune.io.loading import load_causal_lm  # noqa: E402
 from transfertune.inference.sampling import SamplingParams  # noqa: E402
 from transfertune.serving import Engine, Row, create_app  # noqa: E402
 from transfertune.serving.engine import Event, Sink  # noqa: E402
-from transfertune.serving.app import APIError  # noqa: E402
+from transfertune.serving.protocol import APIError  # noqa: E402
 from transfertune.core.value_model import ValueModel  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -273,7 +273,7 @@ def test_text_stream_decodes_incrementally_as_the_whole(tokenizer, kind):
 
 def test_a_stream_writes_once_per_step_and_ends_in_the_last_write(cm):
     """Each step's events go out as one write; the last step's chunk, the usage and [DONE] as one more."""
-    from transfertune.serving.app import Choice, Server, _stream_completion
+    from transfertune.serving.openai_serving import Choice, Server, _stream_completion
 
     server = Server.__new__(Server)
     server.model_name, server.tokenizer, server._token_text = NAME, cm.tokenizer, {}

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from transfertune import cli
+from transfertune.cli import main as cli
 from transfertune.core.compose import VocabularyMismatchError, compose_logits
 from transfertune.inference.composed_model import ComposedModel
 from transfertune.io.validate import InputError
@@ -145,7 +145,7 @@ def test_export_command(dirs, tmp_path, capsys):
 
 def test_serve_engine_vllm_exports_then_runs_vllm_serve(dirs, tmp_path, monkeypatch):
     """`transfertune serve --engine vllm` exports base + value once and hands vLLM's `serve` the settings."""
-    from transfertune.serving import vllm_engine
+    from transfertune.serving.vllm import launch as vllm_engine
 
     base, full, _ = dirs
     calls = []

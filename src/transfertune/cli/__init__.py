@@ -1,4 +1,2 @@
-"""The `transfertune` command line: `main.py` maps each command to its own module and imports only that one."""
-from transfertune.cli.main import main
-
-__all__ = ["main"]
+"""The `transfertune` command line: `main.py` maps each command to its own module (train.py, eval.py, ...) and
+imports only the chosen one; `common.py` holds the flags several commands share."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from transfertune.core.compose import match_vocab_size
 
-SCHEMES = ("residual", "cascade")
+from transfertune.core.choices import SCHEMES  # noqa: E402,F401 (re-exported)
 
 
 def cascade_embeddings(model, input_ids: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ the residual scheme of Inverse Value Learning and eq. 6 of Portable Reward Tunin
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -40,6 +41,24 @@ def match_vocab_size(logits: torch.Tensor, size: int, real_vocab_size: int | Non
     if have > size:
         return logits[..., :size]
     return F.pad(logits, (0, size - have), value=0.0)
+
+
+@dataclass(frozen=True)
+class Composition:
+    """The composition's settings, passed as one: value weights w_i (default 1 each), beta, the proxy strength
+    alpha, and the base's real vocabulary size (output-layer rows past it are padding)."""
+
+    weights: tuple[float, ...] | None = None
+    beta: float = 1.0
+    alpha: float = 1.0
+    real_vocab_size: int | None = None
+
+    def logits(self, base_logits: torch.Tensor, value_logits: Sequence[torch.Tensor] = (), *,
+               vocab_maps=None, proxy=None) -> torch.Tensor:
+        """`compose_logits` with these settings."""
+        return compose_logits(base_logits, value_logits, weights=self.weights, beta=self.beta,
+                              vocab_maps=vocab_maps, proxy=proxy, alpha=self.alpha,
+                              real_vocab_size=self.real_vocab_size)
 
 
 def compose_logits(

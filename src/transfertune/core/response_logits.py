@@ -15,6 +15,8 @@ to the base's logits device before composing.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from dataclasses import dataclass
 
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from transfertune.core.cascade import needs_base_logits
-from transfertune.core.compose import compose_logits
+from transfertune.core.compose import Composition
 from transfertune.io.data import IGNORE_INDEX
 
 CHUNK_BYTES = 64 << 20
@@ -69,6 +71,33 @@ def full_logits(model, input_ids, attention_mask, base_logits=None) -> torch.Ten
     return model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False, **extra).logits
 
 
+def cached_forward(model, cache, **inputs):
+    """model(**inputs, use_cache=True) continuing the KV cache `cache` (None: start one); returns (outputs, the
+    updated cache). The cache goes in, and is read back, under the name the model uses (`cache_keyword`)."""
+    out = model(**inputs, use_cache=True, **{cache_keyword(model): cache})
+    return out, out.cache if "cache" in getattr(out, "__dataclass_fields__", ()) else out.past_key_values
+
+
+def cache_keyword(model) -> str:
+    """The keyword a model's forward takes its KV cache by: `cache` where transformers renamed it (there
+    `past_key_values` warns that it is deprecated), `past_key_values` in earlier 5.x releases and in remote code
+    written for them. A wrapper that passes keywords on (a cascade value model, a PEFT model) answers for the
+    model it wraps. Unknown: `past_key_values`, which every 5.x release still accepts (a model that does not
+    know `cache` would silently drop it)."""
+    while model is not None:
+        name = _cache_parameter(type(model).forward)
+        if name is not None:
+            return name
+        model = getattr(model, "model", None)
+    return "past_key_values"
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_parameter(forward) -> str | None:
+    parameters = inspect.signature(forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
 def at_positions(logits: torch.Tensor, rows, cols) -> torch.Tensor:
     """[B, T, ...] (logits or hidden states) -> [N, ...] at (rows, cols), each predicting the token after it."""
     return logits[:, :-1][rows.to(logits.device), cols.to(logits.device)]
@@ -93,12 +122,9 @@ def composed_response_logits(
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
     *,
-    weights=None,
-    beta: float = 1.0,
+    composition: Composition = Composition(),
     proxy=None,
-    alpha: float = 1.0,
     vocab_maps=None,
-    real_vocab_size: int | None = None,
 ) -> ResponseLogits:
     """Run every model over the batch and compose at response positions.
 
@@ -115,16 +141,7 @@ def composed_response_logits(
         if proxy is not None:
             proxy_logits = tuple(logits_at(m, input_ids, attention_mask, rows, cols) for m in proxy)
     value_logits = [logits_at(v, input_ids, attention_mask, rows, cols, base_full) for v in values]
-    composed = compose_logits(
-        base_logits,
-        value_logits,
-        weights=weights,
-        beta=beta,
-        vocab_maps=vocab_maps,
-        proxy=proxy_logits,
-        alpha=alpha,
-        real_vocab_size=real_vocab_size,
-    )
+    composed = composition.logits(base_logits, value_logits, vocab_maps=vocab_maps, proxy=proxy_logits)
     return ResponseLogits(composed, targets.to(composed.device), value_logits, rows)
 
 
@@ -136,11 +153,8 @@ def composed_response_logprobs(
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
     *,
-    weights=None,
-    beta: float = 1.0,
+    composition: Composition = Composition(),
     proxy=None,
-    alpha: float = 1.0,
-    real_vocab_size: int | None = None,
     chunk_size: int | None = None,
 ) -> ResponseLogProbs:
     """Log-prob and greedy flag of every response token under the composed distribution, `chunk_size`
@@ -158,15 +172,12 @@ def composed_response_logprobs(
     del base_full
     n_values = len(values)
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_BYTES // (4 * max(_vocab_size(base, real_vocab_size), 1)))
+        chunk_size = max(1, CHUNK_BYTES // (4 * max(_vocab_size(base, composition.real_vocab_size), 1)))
     logprobs, greedy = [], []
     for start in range(0, len(targets), chunk_size):
         part = [head(start, start + chunk_size) for head in heads]
-        composed = compose_logits(
-            part[0], part[1 : 1 + n_values], weights=weights, beta=beta,
-            proxy=tuple(part[1 + n_values :]) if proxy is not None else None, alpha=alpha,
-            real_vocab_size=real_vocab_size,
-        )
+        composed = composition.logits(part[0], part[1 : 1 + n_values],
+                                      proxy=tuple(part[1 + n_values :]) if proxy is not None else None)
         del part
         target = targets[start : start + chunk_size].to(composed.device)
         logprobs.append(F.log_softmax(composed, -1).gather(-1, target[:, None]).squeeze(-1))

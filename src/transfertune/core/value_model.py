@@ -20,9 +20,7 @@ from transfertune.io.validate import InputError, check_number, check_weight_file
 from transfertune.io.fingerprint import vocab_fingerprint
 
 CONFIG_NAME = "transfertune.json"
-LORA_HEADS = ("lora", "full")
-"""How a LoRA value model trains its output layer: "lora" puts a rank-r adapter on the (frozen, zeroed) layer,
-so the directory holds only adapters; "full" trains and saves the whole layer (vocabulary x hidden)."""
+from transfertune.core.choices import LORA_HEADS  # noqa: E402,F401 (re-exported)
 
 
 @dataclass
@@ -245,9 +243,10 @@ class ValueModel(nn.Module):
                 _untie_output_head(backbone)
                 if config.zero_init_head:
                     _zero_output_head(backbone)
-            model = PeftModel.from_pretrained(backbone, str(directory))
+            model = _load_adapter(PeftModel, backbone, directory)
         else:
-            model = load_causal_lm(str(directory), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            model = load_causal_lm(str(directory), dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                   strict=True)
         model.to(device).eval().requires_grad_(False)
         value = cls(model, tokenizer, config)
         value.directory = str(directory)
@@ -274,6 +273,25 @@ def _check_files(directory: Path, config: ValueConfig) -> None:
     if stale:
         raise InputError(f"{directory}: {CONFIG_NAME} records full weights, but the directory also holds "
                          f"{stale} (left by an earlier LoRA training?): remove it, it would be loaded instead")
+
+
+def _load_adapter(peft_model, backbone: nn.Module, directory: Path) -> nn.Module:
+    """The LoRA adapter in `directory` on `backbone`: non-finite values, or adapter weights missing from the
+    file (peft would leave them at their initial values, with a warning), are refused."""
+    import warnings
+
+    from transfertune.io.weights import check_finite
+
+    check_finite(directory / "adapter_model.safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft_model.from_pretrained(backbone, str(directory))
+    for warning in caught:
+        if "missing adapter keys" in str(warning.message):
+            raise InputError(f"{directory / 'adapter_model.safetensors'} lacks weights its adapter_config.json "
+                             f"describes: {warning.message}")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return model
 
 
 def _lora_base(init: str, directory: Path) -> str:

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import sys
 
-import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from transfertune.inference.composed_model import ComposedModel
-from transfertune.io.data import IGNORE_INDEX, encode_prompt
 from transfertune.inference.sampling import SamplingParams
+from transfertune.io.data import IGNORE_INDEX, encode_prompt
 
 
 def _as_bool(x) -> bool:

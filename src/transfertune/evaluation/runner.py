@@ -17,67 +17,28 @@ before any model loads.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
 
+from transfertune.evaluation.config import METHODS, VOCAB_MAPS, EvalConfig
+from transfertune.evaluation.report import (
+    add_gap_closed,
+    format_markdown,
+    plot,
+    write_docs,
+)
 from transfertune.io.run_dirs import write_atomic
 from transfertune.io.validate import InputError
 
-METHODS = ("target", "source", "source_ft", "source+value", "target+value", "proxy", "diff_vector",
-           "target_ft", "target_lora")
+__all__ = ["METHODS", "EvalConfig", "EvalRunner", "format_markdown", "run_eval"]
 
-
-@dataclass
-class EvalConfig:
-    source: str = "mini-s"
-    targets: list[str] = field(default_factory=lambda: ["mini-m", "mini-l", "mini-m-v2"])
-    tasks: list[str] = field(default_factory=lambda: ["people_qa", "arithmetic"])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    split: str = "heldout_example"
-    eval_examples: int = 80
-    value_steps: int = 200
-    value_lr: float = 2e-3  # also the budget sweep's choice
-    value_init: str | None = None  # what the value model starts from: None = the source itself, "random", a model
-    value_scheme: str = "residual"  # or "cascade" (cascade.py)
-    value_head: str = "zero"  # the init's output layer: "zero" (training starts at the base) or "copy" (IVL release)
-    value_defer: bool = True  # rows' "deferred" tails are left to the base (data.deferred_tail); False: whole responses
-    l1_coef: float = 0.0
-    entropy_coef: float = 0.0
-    finetune_steps: int = 200  # source fine-tuning (proxy-tuning, weight diff)
-    target_steps: int = 200  # the compute budget of the target oracles
-    # rates from the budget-fair sweep (scripts/design_study.py budget; docs/results.md#budget): each the best of a
-    # small grid on a dev split, 300 steps, mini-s -> mini-l on people_qa
-    finetune_lr: float = 2e-4  # the source's full fine-tune (proxy-tuning, weight diff)
-    lora_lr: float = 1e-3
-    target_lr: float | None = 5e-5  # full fine-tuning of the target oracle (None: finetune_lr)
-    batch_size: int = 16
-    max_length: int = 256
-    betas: list[float] = field(default_factory=lambda: [1.0])
-    alphas: list[float] = field(default_factory=lambda: [1.0])
-    seed: int = 0
-    cache_dir: str = "outputs/eval"
-    vocab_map: str = "exact"  # for targets with another tokenizer: "exact" or "align" (IVL, on the task texts)
-    vocab_maps: dict[str, str] = field(default_factory=dict)  # per-target overrides of vocab_map
-    # user data (tasks given as JSONL files or directories); built-in tasks ignore these
-    split_by: str = "example"  # or "template" (rows carry a "template" field)
-    heldout_fraction: float = 0.2
-    split_seed: int = 0
-    kind: str | None = None  # classification / qa / generation; None = from the data
-    labels: list[str] | None = None  # the label set of classification rows without "choices"
-    dtype: str = "auto"  # of the evaluated models: auto (fp32 on CPU, the checkpoint's on an accelerator), bf16, ...
-    device: str = "cpu"  # where the evaluated models run
-
-
-VOCAB_MAPS = ("exact", "align")
-VALUE_HEADS = ("zero", "copy")
 # value models made before these options
 _DEFAULT_RECIPE = {"init": None, "scheme": "residual", "head": "zero", "defer": True}
 # config fields that reach the cache keys another way (the user task's identity, the target's own map)
@@ -85,23 +46,20 @@ _NOT_SETTINGS = ("targets", "tasks", "methods", "betas", "alphas", "cache_dir", 
                  "heldout_fraction", "split_seed", "kind", "labels")
 
 
-def parse_vocab_maps(values: list[str] | None) -> tuple[str, dict[str, str]]:
-    """(map for every target, per-target maps) from `--vocab-map` values: KIND, or TARGET=KIND (repeatable)."""
-    every, per_target = [], {}
-    for value in values or []:
-        target, _, kind = value.rpartition("=")
-        if kind not in VOCAB_MAPS:
-            raise InputError(f"--vocab-map {value}: give exact or align, for every target or as TARGET=exact|align")
-        if target in per_target:
-            raise InputError(f"--vocab-map: two maps for target {target}")
-        if target:
-            per_target[target] = kind
-        else:
-            every.append(kind)
-    if len(every) > 1:
-        raise InputError(f"--vocab-map: {len(every)} maps for every target ({', '.join(every)}): give one, and "
-                         f"TARGET=KIND for the others")
-    return (every[0] if every else "exact"), per_target
+
+
+def legacy_value_settings(recipe) -> dict:
+    """The value recipe as the flat keys results were cached under before the recipe existed (value_steps, ...),
+    so existing caches stay valid; the defaults of options added later are left out."""
+    settings = {"value_steps": recipe.max_steps, "value_lr": recipe.learning_rate, "value_init": recipe.init,
+                "value_scheme": recipe.scheme, "value_head": recipe.head, "value_defer": recipe.defer,
+                "l1_coef": recipe.l1_coef, "entropy_coef": recipe.entropy_coef}
+    from transfertune.evaluation.config import EVAL_VALUE_RECIPE
+
+    for f in ("beta", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_head", "epochs", "grad_accum"):
+        if getattr(recipe, f) != getattr(EVAL_VALUE_RECIPE, f):
+            settings[f"value_{f}"] = getattr(recipe, f)
+    return settings
 
 
 def _slug(name: str) -> str:
@@ -156,21 +114,21 @@ class EvalRunner:
             resolve_model(name)
         if self.cache.exists() and not self.cache.is_dir():
             raise InputError(f"--cache-dir {self.cache} is a file, not a directory")
-        for key in ("eval_examples", "value_steps", "finetune_steps", "target_steps", "batch_size"):
+        for key in ("eval_examples", "finetune_steps", "target_steps", "batch_size"):
             check_number(getattr(cfg, key), key, integer=True, ge=1)
         check_number(cfg.max_length, "max_length", integer=True, ge=2)
-        for key in ("value_lr", "finetune_lr", "lora_lr", "l1_coef", "entropy_coef"):
+        for key in ("finetune_lr", "lora_lr"):
             check_number(getattr(cfg, key), key, ge=0)
         if cfg.target_lr is not None:
             check_number(cfg.target_lr, "target_lr", gt=0)
-        from transfertune.core.cascade import SCHEMES
-
-        if cfg.value_scheme not in SCHEMES:
-            raise InputError(f"value_scheme must be one of {', '.join(SCHEMES)}, got {cfg.value_scheme!r}")
-        if cfg.value_head not in VALUE_HEADS:
-            raise InputError(f"value_head must be one of {', '.join(VALUE_HEADS)}, got {cfg.value_head!r}")
-        if cfg.value_init not in (None, "random"):
-            resolve_model(cfg.value_init)
+        try:
+            cfg.value.check()
+        except InputError as err:
+            raise InputError(f"value {err}") from None
+        if cfg.value.max_steps < 1:
+            raise InputError(f"value max_steps must be >= 1, got {cfg.value.max_steps}")
+        if cfg.value.init not in (None, "random"):
+            resolve_model(cfg.value.init)
         for beta in cfg.betas:
             check_number(beta, "beta", gt=0)
         for alpha in cfg.alphas:
@@ -198,7 +156,12 @@ class EvalRunner:
 
     def _read_tasks(self) -> list[str]:
         """Task names: built-in ones checked, user files read, split and checked (UserTask in self.user)."""
-        from transfertune.evaluation.tasks import TASKS, is_user_task, load_user_task, tasks_dir
+        from transfertune.evaluation.tasks import (
+            TASKS,
+            is_user_task,
+            load_user_task,
+            tasks_dir,
+        )
 
         c = self.cfg
         unknown = [t for t in c.tasks if not is_user_task(t) and t not in TASKS]
@@ -251,7 +214,8 @@ class EvalRunner:
     def _settings(self, target: str) -> dict:
         """Everything in the config that can change a trained model or a measured cell of `target` (dtype, device
         and the value model's recipe only when not the defaults, so caches made before they existed stay valid)."""
-        settings = {k: v for k, v in asdict(self.cfg).items() if k not in _NOT_SETTINGS}
+        settings = {k: v for k, v in asdict(self.cfg).items() if k not in _NOT_SETTINGS and k != "value"}
+        settings.update(legacy_value_settings(self.cfg.value))
         for key, default in (("dtype", "auto"), ("device", "cpu"), ("value_init", None),
                              ("value_scheme", "residual"), ("value_head", "zero"), ("value_defer", True),
                              ("target_lr", None)):
@@ -262,7 +226,7 @@ class EvalRunner:
     def _placement(self) -> dict:
         import torch
 
-        from transfertune.cli.main import resolve_dtype
+        from transfertune.io.placement import resolve_dtype
 
         device = torch.device(self.cfg.device)
         return {"device": device, "dtype": resolve_dtype(self.cfg.dtype, device.type != "cpu")}
@@ -286,23 +250,22 @@ class EvalRunner:
         return str(path)
 
     def value_dir(self, task: str) -> str:
-        from transfertune.training.value_trainer import train_value_model
+        from transfertune.training.value_trainer import train_value_recipe
 
-        c = self.cfg
-        init = None if c.value_init is None else f"random:{c.source}" if c.value_init == "random" else c.value_init
-        recipe = {"init": init, "scheme": c.value_scheme, "head": c.value_head, "defer": c.value_defer}
-        recipe = {k: v for k, v in recipe.items() if v != _DEFAULT_RECIPE[k]}  # defaults keep the old cache keys
-        return self._artifact("value", c.source, task, c.value_steps, lambda out: train_value_model(
-            c.source, self.rows(task, "train"), out, max_steps=c.value_steps, learning_rate=c.value_lr,
-            batch_size=c.batch_size, max_length=c.max_length, seed=c.seed, l1_coef=c.l1_coef,
-            entropy_coef=c.entropy_coef, warmup_steps=max(1, c.value_steps // 20), weight_decay=0.0,
-            logging_steps=max(1, c.value_steps // 5), init=init, scheme=c.value_scheme,
-            zero_init_head=c.value_head == "zero", defer=c.value_defer,
-        ), lr=c.value_lr, l1_coef=c.l1_coef, entropy_coef=c.entropy_coef, **recipe)
+        c, v = self.cfg, self.cfg.value
+        steps = v.max_steps
+        init = None if v.init is None else f"random:{c.source}" if v.init == "random" else v.init
+        recipe = v.with_changes(init=init, batch_size=c.batch_size, max_length=c.max_length, seed=c.seed,
+                                warmup_steps=max(1, steps // 20), weight_decay=0.0, logging_steps=max(1, steps // 5))
+        keyed = {"init": init, "scheme": v.scheme, "head": v.head, "defer": v.defer}
+        keyed = {k: x for k, x in keyed.items() if x != _DEFAULT_RECIPE[k]}  # defaults keep the old cache keys
+        return self._artifact("value", c.source, task, steps, lambda out: train_value_recipe(
+            c.source, self.rows(task, "train"), out, recipe,
+        ), lr=v.learning_rate, l1_coef=v.l1_coef, entropy_coef=v.entropy_coef, **keyed)
 
     def finetuned(self, model: str, task: str, steps: int, lora: bool = False, lr: float | None = None) -> str:
-        from transfertune.training.sft import finetune_base
         from transfertune.core.value_model import LoraSettings
+        from transfertune.training.sft import finetune_base
 
         c = self.cfg
         lr = lr if lr is not None else c.lora_lr if lora else c.finetune_lr
@@ -314,9 +277,9 @@ class EvalRunner:
 
     def aligned_map(self, value_dir: str, base: str, task: str) -> None:
         """Build (once) IVL's aligned token map from the task's training texts, saved in the value dir."""
-        from transfertune.vocab.token_map import VocabMap
-        from transfertune.io.loading import load_tokenizer
         from transfertune.io.fingerprint import vocab_fingerprint
+        from transfertune.io.loading import load_tokenizer
+        from transfertune.vocab.token_map import VocabMap
 
         base_tok, value_tok = load_tokenizer(base), load_tokenizer(value_dir)
         fp = vocab_fingerprint(base_tok)
@@ -360,8 +323,8 @@ class EvalRunner:
         raise ValueError(method)
 
     def cell(self, method: str, target: str, task: str, knob: float) -> dict:
-        from transfertune.evaluation.metrics import evaluate_task
         from transfertune.core.compose import VocabularyMismatchError
+        from transfertune.evaluation.metrics import evaluate_task
         from transfertune.training.weight_diff import ArchitectureMismatchError
 
         c = self.cfg
@@ -433,97 +396,16 @@ def seconds_per_token(cm, examples: list[dict], max_length: int) -> float:
     return (time.perf_counter() - start) / sum(len(f["input_ids"]) for f in feats)
 
 
-def metric_of(row: dict) -> tuple[str, float] | None:
-    for key in ("accuracy", "exact_match"):
-        if key in row:
-            return key, row[key]
-    return None
 
 
-MIN_ACCURACY_GAP = 0.05
 
 
-def add_gap_closed(rows: list[dict]) -> None:
-    """gap_closed_<metric> = (m - m(target)) / (m(target_ft) - m(target)) for every evaluated row. Left undefined
-    for accuracy / exact match when fine-tuning moved the target by less than MIN_ACCURACY_GAP: a ratio over a
-    difference of one or two examples is noise."""
-    index = {(r["target"], r["task"], r["label"]): r for r in rows}
-    for r in rows:
-        base, oracle = index.get((r["target"], r["task"], "target")), index.get((r["target"], r["task"], "target_ft"))
-        if not base or not oracle or "nll" not in r:
-            continue
-        for key in ("nll", "accuracy", "exact_match"):
-            if key not in r or key not in base or key not in oracle:
-                continue
-            if abs(oracle[key] - base[key]) >= (MIN_ACCURACY_GAP if key != "nll" else 1e-9):
-                r[f"gap_closed_{key}"] = round((r[key] - base[key]) / (oracle[key] - base[key]), 4)
 
 
-def format_markdown(result: dict) -> str:
-    rows = result["rows"]
-    lines = ["| target | task | method | NLL | acc / EM | gap closed (NLL) | gap closed (acc/EM) | s/token |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "skipped" in r:
-            lines.append(f"| {r['target']} | {r['task']} | {r['label']} | n/a: {r['skipped']} |  |  |  |  |")
-            continue
-        m = metric_of(r)
-        gap_m = r.get(f"gap_closed_{m[0]}") if m else None
-        fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
-        lines.append(
-            f"| {r['target']} | {r['task']} | {r['label']} | {r['nll']:.3f} | {fmt(m[1] if m else None)} "
-            f"| {fmt(r.get('gap_closed_nll'), '.2f')} | {fmt(gap_m, '.2f')} | {r['seconds_per_token'] * 1e3:.2f} ms |"
-        )
-    notes = truncation_notes(rows)
-    return "\n".join(lines + ([""] + [f"Note: {n}." for n in notes] if notes else []))
 
 
-def truncation_notes(rows: list[dict]) -> list[str]:
-    """One line per (target, task) whose held-out prompts lost tokens from the left to fit the context."""
-    most: dict[tuple, tuple[int, int]] = {}
-    for r in rows:
-        if r.get("truncated_prompts"):
-            key = (r["target"], r["task"])
-            most[key] = max(most.get(key, (0, 0)), (r["truncated_prompts"], r["n"]))
-    return [f"{task} on {target}: {k} of {n} held-out prompts lost tokens from the left to fit the context"
-            for (target, task), (k, n) in most.items()]
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in result["rows"] if "nll" in r]
-    tasks = list(result.get("tasks") or result["config"]["tasks"])
-    targets = result["config"]["targets"]
-    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 4), squeeze=False)
-    labels = list(dict.fromkeys(r["label"] for r in rows))
-    for ax, task in zip(axes[0], tasks):
-        width = 0.8 / max(1, len(targets))
-        for i, target in enumerate(targets):
-            vals = {r["label"]: r["nll"] for r in rows if r["task"] == task and r["target"] == target}
-            ax.bar([x + i * width for x in range(len(labels))], [vals.get(lbl, 0) for lbl in labels], width,
-                   label=target)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=60, fontsize=7,
-                      ha="right")
-        ax.set_title(f"{task}: held-out NLL (lower is better)", fontsize=9)
-        ax.legend(fontsize=7)
-    ax = axes[0][-1]
-    for task in tasks:
-        pts = [(t, r.get("gap_closed_nll")) for t in targets for r in rows
-               if r["task"] == task and r["target"] == t and r["method"] == "target+value"]
-        pts = [(t, g) for t, g in pts if g is not None]
-        if pts:
-            ax.plot([t for t, _ in pts], [g for _, g in pts], marker="o", label=task)
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.axhline(1, color="gray", lw=0.8, ls="--")
-    ax.set_title("target + value: NLL gap closed vs target", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_eval(cfg: EvalConfig, out: str | None = None, docs: str | None = None, section: str = "main",
@@ -546,66 +428,9 @@ def run_eval(cfg: EvalConfig, out: str | None = None, docs: str | None = None, s
     return result
 
 
-def write_docs(result: dict, table: str, path: Path, png: Path, section: str = "main",
-               title: str | None = None) -> None:
-    c = result["config"]
-    body = f"""## {title or section}
-
-Written by `transfertune eval` (config below); do not edit by hand. ![{section}](results-{section}.png)
-
-Source `{c['source']}`; split `{c['split']}` ({c['eval_examples']} examples per task); value model
-{c['value_steps']} steps (l1 {c['l1_coef']}, entropy {c['entropy_coef']}{defer_note(result)}), source fine-tuning
-{c['finetune_steps']} steps, target oracles {c['target_steps']} steps.{user_data_lines(result)}
-
-{table}
-
-<details><summary>config</summary>
-
-```json
-{json.dumps(c, indent=2)}
-```
-</details>
-"""
-    write_doc_section(path, section, body, png)
 
 
-def defer_note(result: dict) -> str:
-    """How the value model treated the tasks' "deferred" answer tails, when a task has them."""
-    if not any(t.get("deferred") for t in result.get("tasks", {}).values()):
-        return ""
-    if result["config"].get("value_defer", True):
-        return "; the answer after the rows' `deferred` mark is left to the base"
-    return "; trained on whole responses, the rows' `deferred` tails included"
 
 
-def user_data_lines(result: dict) -> str:
-    """A line per task read from the user's files: where from, kind, and how it was split."""
-    lines = []
-    for name, t in (result.get("tasks") or {}).items():
-        if "files" in t:
-            how = "split as given" if t.get("presplit") else \
-                f"split by {t['split_by']}, {t['heldout_fraction']:g} held out (seed {t['split_seed']})"
-            sizes = ", ".join(f"{k} {v}" for k, v in t["sizes"].items())
-            lines.append(f"- `{name}`: {t['kind']} from {', '.join(f'`{f}`' for f in t['files'])}; {how} ({sizes})")
-    return "\n\n" + "\n".join(lines) if lines else ""
 
 
-def write_doc_section(path: Path, section: str, body: str, png: Path | None = None,
-                      heading: str = "# Transfer results") -> None:
-    """Replace (or append) the block between `<!-- section: NAME -->` markers, keeping the rest of the file;
-    `png` is copied beside it as `results-NAME.png`, the name the body links to."""
-    import shutil
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if png is not None:
-        shutil.copyfile(png, path.parent / f"results-{section}.png")
-    start, end = f"<!-- section: {section} -->", f"<!-- /section: {section} -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    with path.open("a") as held:  # evals writing other sections of the same file may finish side by side
-        fcntl.flock(held, fcntl.LOCK_EX)
-        text = path.read_text() or heading + "\n"
-        if start in text and end in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-        path.write_text(text)

@@ -2,8 +2,11 @@
 tasks made from a user's own JSONL files (`load_user_task`).
 
 Splits: `train`, `heldout_example` (unseen examples, seen templates), `heldout_template` (a template never
-trained on); `people_qa` adds `heldout_new` (people only the -v2 bases saw in pretraining). Kinds: `classification` rows carry "choices" and "label"; `qa` rows have a short exact answer;
-`generation` rows are scored by response NLL.
+trained on); `people_qa` adds `heldout_new` (people only the -v2 bases saw in pretraining); `people_qa` and
+`arithmetic` add `shifted_dev` and `shifted_test`, the heldout_example questions in phrasings and stories nothing
+was trained or tuned on (builtin_tasks/SHIFTED.md; `shifted_test` is never used to choose a design).
+Kinds: `classification` rows carry "choices" and "label"; `qa` rows have a short exact answer; `generation` rows
+are scored by response NLL.
 """
 from __future__ import annotations
 
@@ -17,10 +20,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from transfertune.io.data import DataFormatError, iter_jsonl, read_jsonl, to_prompt_response
+from transfertune.io.data import (
+    DataFormatError,
+    iter_jsonl,
+    read_jsonl,
+    to_prompt_response,
+)
 from transfertune.io.locations import builtin_tasks_dir
 
-SPLITS = ("train", "heldout_example", "heldout_template", "heldout_new")
+SPLITS = ("train", "heldout_example", "heldout_template", "heldout_new", "shifted_dev", "shifted_test")
 
 
 def tasks_dir() -> Path:

@@ -252,7 +252,7 @@ def main(argv=None) -> None:
                        for r in results)
     print(body)
     if args.docs:
-        from transfertune.evaluation.runner import write_doc_section
+        from transfertune.evaluation.report import write_doc_section
 
         command = " ".join(["python -m transfertune.family.label_demo", *(sys.argv[1:] if argv is None else argv)])
         write_doc_section(Path(args.docs), "labels", "## Portable reward tuning over label sets\n\n"

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from transfertune.core.compose import VocabularyMismatchError, compose_logits, compose_logits_per_row
+from transfertune.core.compose import Composition, VocabularyMismatchError, compose_logits, compose_logits_per_row
 from transfertune.vocab.token_map import attach_value
 from transfertune.io.data import IGNORE_INDEX, RightPadCollator, encode_example, pad_id_of
 from transfertune.io.loading import context_length, load_base, load_causal_lm, real_vocab_size
@@ -124,6 +124,10 @@ class ComposedModel:
         limits = [context_length(m) or context_length(getattr(m, "model", None)) for m in self.models]
         return min((n for n in limits if n), default=None)
 
+    @property
+    def composition(self) -> Composition:
+        return Composition(tuple(self.weights), self.beta, self.alpha, self.real_vocab_size)
+
     def compose(self, step_logits: Sequence[torch.Tensor], *, weights=None, beta=None) -> torch.Tensor:
         """Composed logits from one logits tensor per model, in the order of `models`.
 
@@ -197,8 +201,8 @@ class ComposedModel:
         for start in tqdm(range(0, len(feats), batch_size), desc="scoring", disable=not progress):
             batch = {k: t.to(self.device) for k, t in collate(feats[start : start + batch_size]).items()}
             res = composed_response_logprobs(
-                self.base, self.values, **batch, weights=self.weights, beta=self.beta, alpha=self.alpha,
-                proxy=self.proxy, real_vocab_size=self.real_vocab_size, chunk_size=chunk_size,
+                self.base, self.values, **batch, composition=self.composition, proxy=self.proxy,
+                chunk_size=chunk_size,
             )
             logp, greedy, rows = res.logprobs.cpu(), res.greedy.cpu(), res.rows.cpu()
             for row in range(len(batch["input_ids"])):

@@ -9,17 +9,19 @@ the server's continuous batching (serving/engine.py) is built on that.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from transfertune.core.cascade import needs_base_logits
-from transfertune.inference.composed_model import ComposedModel
 from transfertune.io.data import encode_prompt, pad_id_of
 from transfertune.inference.sampling import SamplingParams, sample_next
-from transfertune.core.response_logits import input_device
+from transfertune.core.response_logits import cached_forward, input_device
 from transfertune.io.validate import ContextLengthError, check_number
+
+if TYPE_CHECKING:
+    from transfertune.inference.composed_model import ComposedModel
 
 
 @dataclass
@@ -120,11 +122,10 @@ class DecodeBatch:
         where composition and sampling happen."""
         model, dev = self.models[i], self.input_devices[i]
         extra = {"base_logits": base_logits} if needs_base_logits(model) else {}
-        out = model(
-            input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-            past_key_values=caches[i], use_cache=True, logits_to_keep=0 if i == 0 and self.cascade else 1, **extra,
+        out, caches[i] = cached_forward(
+            model, caches[i], input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+            logits_to_keep=0 if i == 0 and self.cascade else 1, **extra,
         )
-        caches[i] = out.past_key_values
         return out.logits.to(self.device)
 
     def _merge(self, caches, mask, positions) -> None:
@@ -163,9 +164,8 @@ def _cache_select(cache, idx: torch.Tensor):
     if hasattr(cache, "rows"):  # CrossVocabCache
         cache.rows = [cache.rows[i] for i in idx.tolist()]
         return cache
-    for layer in _kv_layers(cache):
-        i = idx.to(layer.keys.device)  # a model on another device (or spread over several) keeps its cache there
-        layer.keys, layer.values = layer.keys[i], layer.values[i]
+    _kv_layers(cache)  # refuses layers other than full-attention ones
+    cache.reorder_cache(idx)  # moves idx to each layer's device: a model spread over several keeps its cache there
     return cache
 
 

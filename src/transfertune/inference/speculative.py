@@ -22,7 +22,7 @@ from transfertune.vocab.token_map import keep_first
 from transfertune.io.data import encode_prompt
 from transfertune.inference.generator import left_pad, text_before_stop
 from transfertune.inference.sampling import SamplingParams, filter_logits
-from transfertune.core.response_logits import input_device
+from transfertune.core.response_logits import cached_forward, input_device
 from transfertune.io.fingerprint import vocab_fingerprint
 
 
@@ -127,9 +127,9 @@ class TransformersDraft:
 def run_cached(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, keep: int = 0):
     """(logits of the last `keep` positions (0: all) in float32 on mask's device, the updated KV cache)."""
     dev = input_device(model)
-    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                past_key_values=cache, use_cache=True, logits_to_keep=keep)
-    return out.logits.float().to(mask.device), out.past_key_values
+    out, cache = cached_forward(model, cache, input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                position_ids=positions.to(dev), logits_to_keep=keep)
+    return out.logits.float().to(mask.device), cache
 
 
 DRAFT_ENGINES = ("auto", "fused", "transformers")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from transfertune.io.validate import deepest_nesting, lone_surrogate, surrogate_problem
+
 IGNORE_INDEX = -100
 EOT_MARKERS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|eot_id|>")
 
@@ -21,8 +23,9 @@ class DataFormatError(ValueError):
 
 
 def iter_jsonl(path: str | Path):
-    """(line number, JSON object) for each non-blank line; a missing file, bytes that are not UTF-8, bad JSON or
-    a non-object line is a DataFormatError naming the file and line."""
+    """(line number, JSON object) for each non-blank line; a missing file, bytes that are not UTF-8, bad JSON,
+    nesting too deep for Python's JSON reader, a lone surrogate escape or a non-object line is a DataFormatError
+    naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"data file not found: {path}" if not path.exists() else f"{path} is not a file")
@@ -39,8 +42,14 @@ def iter_jsonl(path: str | Path):
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataFormatError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
+            except RecursionError:
+                depth = deepest_nesting(line)[1]
+                raise DataFormatError(f"{path}: line {n} is nested {depth:,} levels deep, too deep to read") from None
             if not isinstance(record, dict):
                 raise DataFormatError(f"{path}: line {n} is not a JSON object")
+            bad = lone_surrogate(record) if "\\u" in line else None
+            if bad is not None:
+                raise DataFormatError(f"{path}: line {n} {surrogate_problem(bad)}")
             yield n, record
 
 

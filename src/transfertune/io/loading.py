@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from transfertune.io.validate import PICKLE_SUFFIXES, InputError, check_weight_files
+from transfertune.io.validate import PICKLE_SUFFIXES, InputError, check_weight_files, read_json_file
 
 from transfertune.io.locations import builtin_models_dir
 
@@ -160,6 +160,18 @@ def drop_quantization(model) -> None:
         del model.quantization_method
 
 
+MAX_MODEL_JSON_BYTES = 64 << 20  # tokenizer_config.json lists the added tokens: megabytes for some models
+MODEL_JSON_FILES = ("config.json", "tokenizer_config.json")
+
+
+def check_model_json(path: str | Path) -> None:
+    """A model directory's JSON files read as JSON objects: transformers would fail on a deeply nested or
+    malformed one with a RecursionError or a traceback that names no file."""
+    for name in MODEL_JSON_FILES:
+        if Path(path, name).is_file():
+            read_json_file(Path(path, name), name, max_bytes=MAX_MODEL_JSON_BYTES)
+
+
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     """The model's config (from config.json, or from a GGUF file's metadata), without quantization_config."""
     from transformers import AutoConfig
@@ -169,7 +181,9 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
         where, extra = _gguf_args(gguf)
         config = AutoConfig.from_pretrained(where, **extra)
     else:
-        config = AutoConfig.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
+        path = resolve_model(name_or_path)
+        check_model_json(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config
@@ -180,7 +194,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     if gguf is not None:
         st = gguf.stat()
         return copy.deepcopy(_gguf_tokenizer(str(gguf.resolve()), st.st_size, st.st_mtime_ns))
-    return AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
+    path = resolve_model(name_or_path)
+    check_model_json(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def load_causal_lm(
@@ -190,10 +206,16 @@ def load_causal_lm(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     frozen: bool = True,
+    strict: bool = False,
     **kwargs,
 ):
     """Load a causal LM from safetensors, or from a GGUF file (dequantized to `dtype`). Frozen models are put in
-    eval mode with gradients off."""
+    eval mode with gradients off.
+
+    The safetensors headers are checked against config.json before anything is allocated (io/weights.py):
+    tensors of other shapes are refused. `strict` (value directories) also refuses missing and unexpected
+    weights and non-finite values; a base model's missing weights are initialised at random, with transformers'
+    load report as the only warning."""
     gguf = find_gguf(name_or_path)
     if gguf is not None:
         return _finish(_load_gguf_lm(gguf, dtype, **kwargs), device, frozen, kwargs)
@@ -205,18 +227,46 @@ def load_causal_lm(
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a model directory: it has no config.json")
         check_weight_files(path, "models")
+        _check_checkpoint(path, trust_remote_code, strict, kwargs)
     from transfertune.io.load_report import held_load_report
 
     try:  # untying the output layer on purpose: its "MISSING" load report is not shown (load_report.py)
         with held_load_report(active=kwargs.get("tie_word_embeddings") is False) as report:
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+                output_loading_info=strict, **kwargs
             )
+            if strict:
+                model, info = model
             report.settle(model)
     except OSError as err:
         hint = f" Built-in models: {', '.join(builtin_model_names()) or 'none found'}."
         raise FileNotFoundError(f"cannot load model '{name_or_path}' from safetensors: {err}.{hint}") from err
+    except RuntimeError as err:
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise InputError(f"{path}: the weights do not have the shapes its config.json describes (the load "
+                         f"report above lists them)") from None
+    if strict and (info["missing_keys"] or info["unexpected_keys"]):
+        from transfertune.io.weights import refuse_keys, size_settings
+
+        refuse_keys(Path(path), Path(path, "config.json"), size_settings(model.config), info["missing_keys"],
+                    info["unexpected_keys"])
     return _finish(model, device, frozen, kwargs)
+
+
+def _check_checkpoint(path: str, trust_remote_code: bool, strict: bool, kwargs: dict) -> None:
+    """The checkpoint against its config (io/weights.py), with the config changes `kwargs` make. The config
+    keeps its quantization_config (unlike load_config's): quantized checkpoints store packed shapes."""
+    from transformers import AutoConfig
+
+    from transfertune.io.weights import check_checkpoint
+
+    check_model_json(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if "tie_word_embeddings" in kwargs:
+        config.tie_word_embeddings = kwargs["tie_word_embeddings"]
+    check_checkpoint(path, config, strict=strict, trust_remote_code=trust_remote_code)
 
 
 def _finish(model, device, frozen: bool, kwargs: dict):

@@ -22,12 +22,13 @@ import shutil
 import tempfile
 import time
 import uuid
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from transfertune.io.validate import InputError
+from transfertune.io.validate import InputError, check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,8 @@ def is_main_process() -> bool:
 
 def latest_checkpoint(directory: str | Path, run_id: str) -> str | None:
     """The highest complete `checkpoint-N` of run `run_id`: trainer_state.json (written last) must read back
-    with global_step N, and the value files must carry the run's id. Others are skipped, with a warning."""
+    with global_step N, the value files must carry the run's id, and its weights and saved training state must
+    be whole files (a disk that filled up, a bad copy). Others are skipped, with a warning."""
     best: tuple[int, Path] | None = None
     for path in Path(directory).iterdir():
         match = CHECKPOINT.match(path.name)
@@ -185,8 +187,11 @@ def latest_checkpoint(directory: str | Path, run_id: str) -> str | None:
         try:
             state = json.loads((path / "trainer_state.json").read_text())
             config = json.loads((path / MARKER).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             log.warning("skipping %s: incomplete (interrupted while it was written?)", path)
+            continue
+        if not isinstance(state, dict) or not isinstance(config, dict):
+            log.warning("skipping %s: its trainer_state.json or %s is not a JSON object", path, MARKER)
             continue
         if (config.get("extra") or {}).get("run_id") != run_id:
             log.warning("skipping %s: written by another training run", path)
@@ -194,9 +199,28 @@ def latest_checkpoint(directory: str | Path, run_id: str) -> str | None:
         if state.get("global_step") != step:
             log.warning("skipping %s: its trainer state is for step %s", path, state.get("global_step"))
             continue
+        damaged = _damaged_file(path)
+        if damaged:
+            log.warning("skipping %s: %s", path, damaged)
+            continue
         if best is None or step > best[0]:
             best = (step, path)
     return str(best[1]) if best else None
+
+
+def _damaged_file(checkpoint: Path) -> str | None:
+    """Why one of a checkpoint's weight or state files cannot be read back, if one cannot: a safetensors header
+    that does not cover the file, or a torch.save archive without its closing directory (both are read from
+    the header or the end of the file, not loaded)."""
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix == ".safetensors":
+            try:
+                check_safetensors(path)
+            except InputError as err:
+                return str(err)
+        elif path.suffix in (".pt", ".pth") and not zipfile.is_zipfile(path):
+            return f"{path} is not a whole torch.save file: it is truncated or corrupt"
+    return None
 
 
 def _inside(path: Path, other: Path) -> bool:

@@ -99,21 +99,79 @@ def check_label_row(record: dict, labels: list[str] | None) -> dict:
     return {**record, "choices": choices, "label": index, "response": response}
 
 
-def read_json_file(path: str | Path, what: str) -> dict:
-    """A JSON object from a small file; a missing, huge, non-UTF-8 or malformed file is an InputError."""
+def read_json_file(path: str | Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """A JSON object from a small file; a missing, huge, non-UTF-8, malformed or too deeply nested file, or one
+    with a lone surrogate escape, is an InputError."""
     path = Path(path)
     size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise InputError(f"{path} is {size:,} bytes: too large to be a {what} (at most {MAX_JSON_BYTES:,})")
+    if size > max_bytes:
+        raise InputError(f"{path} is {size:,} bytes: too large to be a {what} (at most {max_bytes:,})")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        text = path.read_bytes().decode("utf-8")
+        data = json.loads(text)
     except UnicodeDecodeError as err:
         raise InputError(f"{path} is not UTF-8 text (byte {err.start}): not a {what}") from None
     except json.JSONDecodeError as err:
         raise InputError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except RecursionError:
+        line, depth = deepest_nesting(text)
+        raise InputError(f"{path}: line {line} is nested {depth:,} levels deep, too deep to read: "
+                         f"not a {what}") from None
     if not isinstance(data, dict):
         raise InputError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    bad = lone_surrogate(data) if "\\u" in text else None
+    if bad is not None:
+        raise InputError(f"{path}: line {line_of_escape(text, bad)} {surrogate_problem(bad)}")
     return data
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_NESTING = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}\n]')
+
+
+def deepest_nesting(text: str) -> tuple[int, int]:
+    """(line, depth) where the brackets of a JSON text first reach their deepest nesting (strings skipped)."""
+    line, depth, best = 1, 0, (1, 0)
+    for match in _JSON_NESTING.finditer(text):
+        token = match.group()
+        if token == "\n":
+            line += 1
+        elif token in "[{":
+            depth += 1
+            if depth > best[1]:
+                best = (line, depth)
+        elif token in "]}":
+            depth -= 1
+    return best
+
+
+def lone_surrogate(value) -> str | None:
+    """A lone surrogate in a string (key or value) of decoded JSON, if there is one. No text encoding can write
+    it: json decodes "\\ud800" without complaint, and tokenizers then fail with a TypeError."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found:
+                return found.group()
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def surrogate_problem(char: str) -> str:
+    return (f"holds a lone surrogate (\\u{ord(char):04x}): not valid Unicode text (an escape in \\ud800-\\udfff "
+            f"must be half of a pair)")
+
+
+def line_of_escape(text: str, char: str) -> int:
+    """The line of `text` (JSON) whose escapes spell the lone surrogate `char`: 1 if it cannot be found."""
+    match = re.search(re.escape(f"\\u{ord(char):04x}"), text, re.IGNORECASE)
+    return text.count("\n", 0, match.start()) + 1 if match else 1
 
 
 def check_safetensors(path: str | Path) -> None:

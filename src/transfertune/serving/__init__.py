@@ -1,7 +1,8 @@
 """`transfertune serve`: an OpenAI-compatible server for composed models (FastAPI + uvicorn, `pip install
-transfertune[serve]`). `engine.py` batches requests continuously; `app.py` holds the routes and schemas;
-`vllm/` runs composed models inside vLLM instead. Names are imported on first use, so `serving.vllm` does not
-import fastapi."""
+transfertune[serve]`). `protocol.py` holds the OpenAI request schemas, `openai_serving.py` turns requests into
+engine rows and responses, `app.py` holds the routes, errors and launch, `engine.py` batches requests
+continuously; `vllm/` runs composed models inside vLLM instead. Names are imported on first use, so
+`serving.vllm` does not import fastapi."""
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -9,7 +10,7 @@ if TYPE_CHECKING:
     from transfertune.serving.engine import Engine, Row
 
 _EXPORTS = {"create_app": "app", "serve": "app", "Engine": "engine", "Row": "engine"}
-__all__ = sorted(_EXPORTS)
+__all__ = ["Engine", "Row", "create_app", "serve"]
 
 
 def __getattr__(name: str):

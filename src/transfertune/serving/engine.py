@@ -28,6 +28,7 @@ from transfertune.inference.composed_model import ComposedModel
 from transfertune.io.data import IGNORE_INDEX
 from transfertune.inference.generator import TextStream
 from transfertune.inference.sampling import SamplingParams, sample_rows
+from transfertune.core.compose import Composition
 from transfertune.core.response_logits import composed_response_logits
 
 log = logging.getLogger(__name__)
@@ -326,9 +327,8 @@ def prompt_logprobs(
     ids = torch.tensor([prompt_ids], device=composed.device)
     labels = ids.clone()
     labels[0, 0] = IGNORE_INDEX
-    res = composed_response_logits(
-        composed.base, composed.values, ids, torch.ones_like(ids), labels, weights=list(weights), beta=beta,
-        proxy=composed.proxy, alpha=composed.alpha, real_vocab_size=composed.real_vocab_size,
-    )
+    composition = Composition(tuple(weights), beta, composed.alpha, composed.real_vocab_size)
+    res = composed_response_logits(composed.base, composed.values, ids, torch.ones_like(ids), labels,
+                                   composition=composition, proxy=composed.proxy)
     logp = F.log_softmax(res.composed, -1)
     return [None] + [_logprobs_at(logp[i], t, top) for i, t in enumerate(res.targets.tolist())]

@@ -24,6 +24,7 @@ from transfertune.core.cascade import cascade_embeddings
 from transfertune.core.compose import compose_logits, composed_cross_entropy, deferral_kl, l1_penalty, value_entropy
 from transfertune.core.response_logits import at_positions, response_positions
 from transfertune.core.value_model import ValueModel
+from transfertune.training.recipe import ValueRecipe
 
 
 def logits_at_positions(model, input_ids, attention_mask, rows, cols, **model_inputs) -> torch.Tensor:
@@ -175,77 +176,82 @@ class _ThroughputWindow(TrainerCallback):
         t._window = (time.perf_counter(), state.num_input_tokens_seen, t._eval_seconds)
 
 
-def train_value_model(
+def train_value_model(base: str, data, output_dir: str, recipe: ValueRecipe | None = None, **kwargs) -> ValueModel:
+    """Train a value model against frozen `base` on `data` (a JSONL path or a list of records) and save it to
+    `output_dir` as a value directory: `train_value_recipe` with the recipe from `recipe` and the keywords that
+    name ValueRecipe fields (e.g. `max_steps=400, learning_rate=2e-3`); the other keywords are train_value_recipe's
+    (`resume`, `overwrite`, `eval_data`, `dtype`, `device`, ...) or extra transformers TrainingArguments."""
+    from dataclasses import replace
+
+    changes, rest = ValueRecipe.from_kwargs(**kwargs)
+    given = {k: v for k, v in kwargs.items() if k not in rest}
+    if recipe is None:
+        recipe = changes
+    elif given:
+        recipe = replace(recipe, **{f: getattr(changes, f) for f in _fields_named(given)})
+    return train_value_recipe(base, data, output_dir, recipe, **rest)
+
+
+def _fields_named(kwargs: dict) -> list[str]:
+    aliases = {"zero_init_head": ["head"], "lora": ["lora", "lora_r", "lora_alpha", "lora_dropout"]}
+    return [f for k in kwargs for f in aliases.get(k, [k])]
+
+
+def train_value_recipe(
     base: str,
     data,
     output_dir: str,
+    recipe: ValueRecipe,
     *,
-    init: str | None = None,
-    scheme: str = "residual",
-    zero_init_head: bool = True,
-    lora=None,
-    lora_head: str = "lora",
-    beta: float = 1.0,
-    l1_coef: float = 0.0,
-    entropy_coef: float = 0.0,
-    epochs: float = 1.0,
-    max_steps: int = -1,
-    learning_rate: float = 1e-4,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    max_length: int | None = None,
-    seed: int = 0,
-    logging_steps: int = 10,
-    save_steps: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
     trust_remote_code: bool = False,
     base_model=None,
     eval_data=None,
-    eval_steps: int | None = None,
     callbacks=None,
-    defer: bool = True,
+    dtype=None,
+    device=None,
+    device_flag: str = "device",
+    lora_target_modules=None,
     **training_args,
 ) -> ValueModel:
-    """Train a value model against frozen `base` on `data` (a JSONL path or a list of records) and save it
-    to `output_dir` as a value directory. `init` defaults to the base itself (the papers' default);
-    `max_length` to the base's context (at most 512 tokens).
+    """Train a value model by `recipe` (training/recipe.py). The frozen base loads as `dtype` (default fp32;
+    the value model trains in fp32) unless `base_model` is given; `device` "cpu" keeps training on the CPU when
+    there is an accelerator (the Trainer places the models; a GPU index is chosen with CUDA_VISIBLE_DEVICES).
 
     `output_dir` must be new or empty; `resume=True` continues the unfinished run recorded there (from its
-    last complete checkpoint), `overwrite=True` replaces a directory transfertune wrote (see outputs.py).
-    With `lora`, `lora_head` is how the output layer trains ("lora": a rank-r adapter, the default; "full": the
-    whole layer, see ValueModel.create). `eval_data` (same formats as `data`) is held out: its composed loss is
-    logged as `eval_loss` every `eval_steps` steps (default `logging_steps`) and at the end. `callbacks` are
+    last complete checkpoint), `overwrite=True` replaces a directory transfertune wrote (io/run_dirs.py).
+    `eval_data` (same formats as `data`) is held out: its composed loss is logged as `eval_loss` every
+    `recipe.eval_steps` steps (default `logging_steps`) and at the end. `callbacks` are
     `transformers.TrainerCallback`s added to the Trainer (their `on_log` sees every log line, tokens/s included).
-    Rows with a "deferred" tail (data.deferred_tail) leave that tail to the base unless `defer=False`, which trains
-    on whole responses; `eval_loss` always scores whole responses. Everything is checked before any model loads."""
+    Rows with a "deferred" tail (data.deferred_tail) leave that tail to the base unless `recipe.defer` is False,
+    which trains on whole responses; `eval_loss` always scores whole responses. Everything is checked before any
+    model loads."""
     from transformers import set_seed
 
     from transfertune.io.data import RightPadCollator, SFTDataset, pad_id_of
     from transfertune.io.loading import load_base, portable_name, resolve_model
     from transfertune.io.run_dirs import claim_output
 
-    check_training_numbers(beta=beta, l1_coef=l1_coef, entropy_coef=entropy_coef, epochs=epochs,
-                           max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
-                           grad_accum=grad_accum, max_length=max_length, logging_steps=logging_steps,
-                           save_steps=save_steps, eval_steps=eval_steps)
-    from transfertune.core.value_model import LORA_HEADS
+    from transfertune.io.placement import training_placement
     from transfertune.io.validate import InputError
 
-    if lora is not None and lora_head not in LORA_HEADS:
-        raise InputError(f"lora_head must be one of {', '.join(LORA_HEADS)}, got {lora_head!r}")
-    from transfertune.core.cascade import SCHEMES
-
-    if scheme not in SCHEMES:
-        raise InputError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    recipe.check()
+    r = recipe
+    lora = r.lora_settings(lora_target_modules)
+    init, scheme, lora_head, zero_init_head, beta, defer = r.init, r.scheme, r.lora_head, r.zero_init_head, r.beta, r.defer
+    max_length, seed = r.max_length, r.seed
+    placement = training_placement(dtype, device, flags={"device": device_flag})
+    training_args = {**placement.pop("training_args"), **training_args}
     records = load_records(data)
     eval_records = load_records(eval_data) if eval_data is not None else None
     if eval_records is not None and not eval_records:
         raise InputError("the held-out (eval) data holds no examples")
     args = build_training_args(
-        output_dir, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
-        learning_rate=learning_rate, logging_steps=logging_steps, save_steps=save_steps, seed=seed,
-        eval_steps=(eval_steps or logging_steps) if eval_records is not None else None, **training_args,
+        output_dir, batch_size=r.batch_size, grad_accum=r.grad_accum, epochs=r.epochs, max_steps=r.max_steps,
+        learning_rate=r.learning_rate, logging_steps=r.logging_steps, save_steps=r.save_steps, seed=seed,
+        eval_steps=(r.eval_steps or r.logging_steps) if eval_records is not None else None,
+        warmup_steps=r.warmup_steps, weight_decay=r.weight_decay, **training_args,
     )
     check_distributed(args)
     init = init or base
@@ -255,21 +261,22 @@ def train_value_model(
         "base": portable_name(base), "init": init if init.startswith("random:") else portable_name(init),
         "data_sha256": records_digest(records), "lora": asdict(lora) if lora is not None else None,
         "lora_head": lora_head if lora is not None else None,
-        "zero_init_head": zero_init_head, **({"scheme": scheme} if scheme != "residual" else {}), "beta": beta, "l1_coef": l1_coef, "entropy_coef": entropy_coef,
-        "learning_rate": learning_rate, "batch_size": batch_size, "grad_accum": grad_accum,
+        "zero_init_head": zero_init_head, **({"scheme": scheme} if scheme != "residual" else {}), "beta": beta,
+        "l1_coef": r.l1_coef, "entropy_coef": r.entropy_coef,
+        "learning_rate": r.learning_rate, "batch_size": r.batch_size, "grad_accum": r.grad_accum,
         "max_length": max_length, "seed": seed, **({} if defer else {"defer": False}),
     }
     with claim_output(output_dir, settings=settings, overwrite=overwrite, resume=resume, reads=reads) as claim:
         set_seed(seed)
         if base_model is None:
-            base_model, tokenizer = load_base(base, trust_remote_code=trust_remote_code)
+            base_model, tokenizer = load_base(base, trust_remote_code=trust_remote_code, **placement)
         else:
             from transfertune.io.loading import load_tokenizer
 
             tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
         value = ValueModel.create(
             init, zero_init_head=zero_init_head, lora=lora, lora_head=lora_head, trust_remote_code=trust_remote_code,
-            beta=beta, scheme=scheme, l1_coef=l1_coef, entropy_coef=entropy_coef, training_base=portable_name(base),
+            beta=beta, scheme=scheme, l1_coef=r.l1_coef, entropy_coef=r.entropy_coef, training_base=portable_name(base),
         )
         value.config.extra["run_id"] = claim.run_id
         # chat data is rendered with the training base's template (data.render_chat): save it with the value

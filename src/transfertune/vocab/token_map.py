@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from transfertune.core.compose import VocabularyMismatchError
+from transfertune.core.response_logits import cached_forward
 from transfertune.io.fingerprint import vocab_fingerprint
 
 log = logging.getLogger(__name__)
@@ -372,8 +373,13 @@ class CrossVocabCache:
 @dataclass
 class _Output:
     logits: torch.Tensor | None
-    past_key_values: CrossVocabCache | None = None
+    cache: CrossVocabCache | None = None
     last_hidden_state: torch.Tensor | None = None
+
+    @property
+    def past_key_values(self) -> CrossVocabCache | None:
+        """`cache` under the name transformers used before it."""
+        return self.cache
 
 
 class CrossVocabValue(nn.Module):
@@ -415,10 +421,12 @@ class CrossVocabValue(nn.Module):
     def _value_ids(self, text: str) -> list[int]:
         return self.value_tokenizer(text, add_special_tokens=True)["input_ids"]
 
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, **_) -> _Output:
+    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=False, past_key_values=None,
+                **_) -> _Output:
+        """`cache` (`past_key_values`: its older name, still accepted) is a CrossVocabCache, or None to start."""
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if use_cache:
-            return self._step(input_ids, mask, past_key_values)
+            return self._step(input_ids, mask, cache if cache is not None else past_key_values)
         return self._teacher_forced(input_ids, mask)
 
     def _teacher_forced(self, input_ids: torch.Tensor, mask: torch.Tensor) -> _Output:
@@ -504,10 +512,10 @@ class CrossVocabValue(nn.Module):
                         keep = 0
                 if keep == 0:
                     rs.cache = None
-                out = self.model(input_ids=torch.tensor([ids[keep:]], device=self.device),
-                                 past_key_values=rs.cache if rs.cache is not None else DynamicCache(),
-                                 use_cache=True, logits_to_keep=1)
-                rs.cache, rs.fed, rs.logits = out.past_key_values, ids, out.logits[0, -1]
+                out, rs.cache = cached_forward(self.model, rs.cache if rs.cache is not None else DynamicCache(),
+                                               input_ids=torch.tensor([ids[keep:]], device=self.device),
+                                               logits_to_keep=1)
+                rs.fed, rs.logits = ids, out.logits[0, -1]
             elif not ids:
                 rs.cache, rs.fed, rs.logits = None, [], None
             vocab = vocab or (rs.logits.shape[-1] if rs.logits is not None else None)

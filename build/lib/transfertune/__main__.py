@@ -1,0 +1,6 @@
+"""`python -m transfertune ...` = the `transfertune` command."""
+import sys
+
+from transfertune.cli.main import main
+
+sys.exit(main())

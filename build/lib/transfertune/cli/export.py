@@ -1,0 +1,32 @@
+"""`transfertune export`: write a composed model as a directory vLLM opens."""
+from __future__ import annotations
+
+from transfertune.cli.common import NUMBER, POSITIVE
+
+DESCRIPTION = ("Write base + value models as one directory that `vllm serve DIR` and "
+               "vllm.LLM(DIR) open through transfertune's vLLM plugin (LoRA value models are "
+               "merged). The base's weight files are hard-linked when possible, else copied.")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--engine", choices=["vllm"], default="vllm", help="target engine (vllm)")
+    p.add_argument("--base", required=True, help="base model: built-in short name, local dir or cached HF id")
+    p.add_argument("--value", action="append", required=True, metavar="DIR",
+                   help="value directory (repeat for several)")
+    p.add_argument("--weight", action="append", type=NUMBER, default=None, metavar="W",
+                   help="weight of each --value, in order (default 1 each)")
+    p.add_argument("--beta", type=POSITIVE, default=None, help="default: the beta stored in the first value directory")
+    p.add_argument("--output", required=True, help="directory to write (new, empty, or an export with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
+
+
+def run(args) -> None:
+    from transfertune.serving.vllm.export import describe, export_vllm
+
+    if args.weight is not None and len(args.weight) != len(args.value):
+        raise ValueError(f"{len(args.value)} --value but {len(args.weight)} --weight")
+    out = export_vllm(args.base, args.value, args.output, weights=args.weight, beta=args.beta,
+                      overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    print(f"wrote {out}: {describe(out)}\nserve it with `transfertune serve --engine vllm --base {out}` "
+          f"(vLLM's server) or open it with vllm.LLM('{out}')")

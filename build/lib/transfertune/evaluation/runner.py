@@ -1,0 +1,436 @@
+"""`transfertune eval`: every way of getting a post-trained target, measured side by side on the same data.
+
+For a small source base S, target bases T and tasks, the methods are
+  target          T alone                         source          S alone
+  source_ft       S fine-tuned (full)             source+value    S + value model (the training pair)
+  target+value    T + value model (per beta)      proxy           T + alpha (S_ft - S), three models
+  diff_vector     T + (S_ft - S) in weight space (same architecture only)
+  target_ft       T fine-tuned (full)             target_lora     T fine-tuned with LoRA (the oracles)
+Metrics: held-out response NLL, accuracy (classification) or exact match (qa), inference seconds per token,
+and gap closed = (metric(method) - metric(T)) / (metric(T_ft) - metric(T)).
+Trained artifacts and per-(target, task, method) results are cached under `cache_dir`, so re-runs are cheap;
+every entry is keyed on what changes it (all settings, the models' files, the task data).
+
+Tasks are built-in names or a user's JSONL files / directories (`tasks.load_user_task`: split by example or
+template with a seeded held-out fraction, kind and labels from the data or the config), read and checked
+before any model loads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from transfertune.evaluation.config import METHODS, VOCAB_MAPS, EvalConfig
+from transfertune.evaluation.report import (
+    add_gap_closed,
+    format_markdown,
+    plot,
+    write_docs,
+)
+from transfertune.io.run_dirs import write_atomic
+from transfertune.io.validate import InputError
+
+__all__ = ["METHODS", "EvalConfig", "EvalRunner", "format_markdown", "run_eval"]
+
+# value models made before these options
+_DEFAULT_RECIPE = {"init": None, "scheme": "residual", "head": "zero", "defer": True}
+# config fields that reach the cache keys another way (the user task's identity, the target's own map)
+_NOT_SETTINGS = ("targets", "tasks", "methods", "betas", "alphas", "cache_dir", "vocab_maps", "split_by",
+                 "heldout_fraction", "split_seed", "kind", "labels")
+
+
+
+
+def legacy_value_settings(recipe) -> dict:
+    """The value recipe as the flat keys results were cached under before the recipe existed (value_steps, ...),
+    so existing caches stay valid; the defaults of options added later are left out."""
+    settings = {"value_steps": recipe.max_steps, "value_lr": recipe.learning_rate, "value_init": recipe.init,
+                "value_scheme": recipe.scheme, "value_head": recipe.head, "value_defer": recipe.defer,
+                "l1_coef": recipe.l1_coef, "entropy_coef": recipe.entropy_coef}
+    from transfertune.evaluation.config import EVAL_VALUE_RECIPE
+
+    for f in ("beta", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_head", "epochs", "grad_accum"):
+        if getattr(recipe, f) != getattr(EVAL_VALUE_RECIPE, f):
+            settings[f"value_{f}"] = getattr(recipe, f)
+    return settings
+
+
+def _slug(name: str) -> str:
+    return Path(name).name if "/" in name else name
+
+
+def _digest(parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+
+
+def model_identity(name: str) -> str:
+    """A digest of a model directory's config and weight files (name, size, mtime): a rebuilt model gets new
+    cache entries."""
+    from transfertune.io.loading import resolve_model
+
+    path = Path(resolve_model(name))
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("config.json")) if path.is_dir() else [path]
+    return _digest([name] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+
+def task_identity(task, splits: list[str]) -> str:
+    """A digest of the task's data files (their bytes). A user task (`tasks.UserTask`): of the files it was read
+    from and how it was split, typed and labelled."""
+    from transfertune.evaluation.tasks import UserTask, tasks_dir
+
+    if isinstance(task, UserTask):
+        return _digest([files_digest([(str(i), f) for i, f in enumerate(task.files)]), task.recipe])
+    return files_digest([(split, tasks_dir() / task / f"{split}.jsonl") for split in splits])
+
+
+def files_digest(named_files) -> str:
+    h = hashlib.sha256()
+    for name, path in named_files:
+        h.update(name.encode() + b"\0" + Path(path).read_bytes())
+    return h.hexdigest()[:16]
+
+
+class EvalRunner:
+    def __init__(self, cfg: EvalConfig):
+        from transfertune.io.loading import resolve_model
+        from transfertune.io.validate import check_number
+
+        self.cfg = cfg
+        self.cache = Path(cfg.cache_dir)
+        unknown = set(cfg.methods) - set(METHODS)
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        self._check_data_and_map_settings()
+        self.user = {}  # name -> tasks.UserTask
+        self.tasks = self._read_tasks()  # names, in the order given
+        for name in [cfg.source, *cfg.targets]:
+            resolve_model(name)
+        if self.cache.exists() and not self.cache.is_dir():
+            raise InputError(f"--cache-dir {self.cache} is a file, not a directory")
+        for key in ("eval_examples", "finetune_steps", "target_steps", "batch_size"):
+            check_number(getattr(cfg, key), key, integer=True, ge=1)
+        check_number(cfg.max_length, "max_length", integer=True, ge=2)
+        for key in ("finetune_lr", "lora_lr"):
+            check_number(getattr(cfg, key), key, ge=0)
+        if cfg.target_lr is not None:
+            check_number(cfg.target_lr, "target_lr", gt=0)
+        try:
+            cfg.value.check()
+        except InputError as err:
+            raise InputError(f"value {err}") from None
+        if cfg.value.max_steps < 1:
+            raise InputError(f"value max_steps must be >= 1, got {cfg.value.max_steps}")
+        if cfg.value.init not in (None, "random"):
+            resolve_model(cfg.value.init)
+        for beta in cfg.betas:
+            check_number(beta, "beta", gt=0)
+        for alpha in cfg.alphas:
+            check_number(alpha, "alpha")
+
+    def _check_data_and_map_settings(self) -> None:
+        from transfertune.evaluation.tasks import KINDS, SPLIT_BY
+        from transfertune.io.validate import check_number
+
+        c = self.cfg
+        check_number(c.heldout_fraction, "heldout_fraction", gt=0, lt=1)
+        check_number(c.split_seed, "split_seed", integer=True)
+        if c.split_by not in SPLIT_BY:
+            raise InputError(f"split_by must be one of {', '.join(SPLIT_BY)}, got {c.split_by!r}")
+        if c.kind is not None and c.kind not in KINDS:
+            raise InputError(f"kind must be one of {', '.join(KINDS)}, got {c.kind!r}")
+        if c.labels is not None and (len(set(c.labels)) < 2 or len(set(c.labels)) < len(c.labels)):
+            raise InputError(f"--labels must be at least 2 different labels, got {' '.join(c.labels)}")
+        for target, kind in {"": c.vocab_map, **c.vocab_maps}.items():
+            if kind not in VOCAB_MAPS:
+                raise InputError(f"vocab map for {target or 'every target'} must be exact or align, got {kind!r}")
+        unknown = [t for t in c.vocab_maps if t not in c.targets]
+        if unknown:
+            raise InputError(f"--vocab-map names {', '.join(unknown)}, not among --targets ({', '.join(c.targets)})")
+
+    def _read_tasks(self) -> list[str]:
+        """Task names: built-in ones checked, user files read, split and checked (UserTask in self.user)."""
+        from transfertune.evaluation.tasks import (
+            TASKS,
+            is_user_task,
+            load_user_task,
+            tasks_dir,
+        )
+
+        c = self.cfg
+        unknown = [t for t in c.tasks if not is_user_task(t) and t not in TASKS]
+        if unknown:
+            raise InputError(f"unknown tasks: {', '.join(unknown)}; built-in tasks: "
+                             f"{', '.join(TASKS) or f'none found in {tasks_dir()}'} (or give JSONL files or a "
+                             f"directory of them)")
+        names: dict[str, str] = {}  # name -> the --tasks value it came from
+        for arg in c.tasks:
+            if is_user_task(arg):
+                task = load_user_task(arg, split_by=c.split_by, heldout_fraction=c.heldout_fraction,
+                                      seed=c.split_seed, kind=c.kind, labels=c.labels, split=c.split)
+                self.user[task.name] = task
+                name = task.name
+            else:
+                name = arg
+                for split in ("train", c.split):
+                    if not (tasks_dir() / arg / f"{split}.jsonl").is_file():
+                        raise InputError(f"task '{arg}' has no '{split}' split ({tasks_dir() / arg / split}.jsonl)")
+            if name in names:
+                raise InputError(f"two tasks are named '{name}' ({names[name]} and {arg}): rename one")
+            names[name] = arg
+        return list(names)
+
+    # -- tasks: built-in or the user's ---------------------------------------------------------------
+    def rows(self, task: str, split: str) -> list[dict]:
+        from transfertune.evaluation.tasks import load_task
+
+        return self.user[task].splits[split] if task in self.user else load_task(task, split)
+
+    def kind(self, task: str) -> str:
+        from transfertune.evaluation.tasks import TASKS
+
+        return self.user[task].kind if task in self.user else TASKS[task]["kind"]
+
+    def heldout(self, task: str) -> str:
+        return self.user[task].heldout if task in self.user else self.cfg.split
+
+    def identity(self, task: str, splits: list[str]) -> str:
+        return task_identity(self.user.get(task, task), splits)
+
+    def where(self, task: str, split: str, index: int) -> str:
+        if task in self.user:
+            return self.user[task].where[split][index]
+        return f"task {task}, {split} example {index + 1}"
+
+    def vocab_map_for(self, target: str) -> str:
+        return self.cfg.vocab_maps.get(target, self.cfg.vocab_map)
+
+    def _settings(self, target: str) -> dict:
+        """Everything in the config that can change a trained model or a measured cell of `target` (dtype, device
+        and the value model's recipe only when not the defaults, so caches made before they existed stay valid)."""
+        settings = {k: v for k, v in asdict(self.cfg).items() if k not in _NOT_SETTINGS and k != "value"}
+        settings.update(legacy_value_settings(self.cfg.value))
+        for key, default in (("dtype", "auto"), ("device", "cpu"), ("value_init", None),
+                             ("value_scheme", "residual"), ("value_head", "zero"), ("value_defer", True),
+                             ("target_lr", None)):
+            if settings[key] == default:
+                del settings[key]
+        return {**settings, "vocab_map": self.vocab_map_for(target)}
+
+    def _placement(self) -> dict:
+        import torch
+
+        from transfertune.io.placement import resolve_dtype
+
+        device = torch.device(self.cfg.device)
+        return {"device": device, "dtype": resolve_dtype(self.cfg.dtype, device.type != "cpu")}
+
+    # -- trained artifacts ----------------------------------------------------------------------------
+    def _artifact(self, kind: str, model: str, task: str, steps: int, train, **settings) -> str:
+        """Train once into the cache, under a name keyed on the model, the task data and every setting passed;
+        trained in a staging directory and renamed, so an interrupted run leaves nothing that looks done."""
+        c = self.cfg
+        key = _digest({"kind": kind, "model": model_identity(model), "task": self.identity(task, ["train"]),
+                       "steps": steps, "seed": c.seed, "batch_size": c.batch_size, "max_length": c.max_length,
+                       **settings})
+        path = self.cache / "artifacts" / f"{kind}-{_slug(model)}-{task}-{steps}-{key}"
+        if not (path / "config.json").is_file():
+            staging = path.with_name(f".staging-{path.name}")
+            for stale in (staging, path):
+                if stale.exists():
+                    shutil.rmtree(stale)
+            train(str(staging))
+            os.rename(staging, path)
+        return str(path)
+
+    def value_dir(self, task: str) -> str:
+        from transfertune.training.value_trainer import train_value_recipe
+
+        c, v = self.cfg, self.cfg.value
+        steps = v.max_steps
+        init = None if v.init is None else f"random:{c.source}" if v.init == "random" else v.init
+        recipe = v.with_changes(init=init, batch_size=c.batch_size, max_length=c.max_length, seed=c.seed,
+                                warmup_steps=max(1, steps // 20), weight_decay=0.0, logging_steps=max(1, steps // 5))
+        keyed = {"init": init, "scheme": v.scheme, "head": v.head, "defer": v.defer}
+        keyed = {k: x for k, x in keyed.items() if x != _DEFAULT_RECIPE[k]}  # defaults keep the old cache keys
+        return self._artifact("value", c.source, task, steps, lambda out: train_value_recipe(
+            c.source, self.rows(task, "train"), out, recipe,
+        ), lr=v.learning_rate, l1_coef=v.l1_coef, entropy_coef=v.entropy_coef, **keyed)
+
+    def finetuned(self, model: str, task: str, steps: int, lora: bool = False, lr: float | None = None) -> str:
+        from transfertune.core.value_model import LoraSettings
+        from transfertune.training.sft import finetune_base
+
+        c = self.cfg
+        lr = lr if lr is not None else c.lora_lr if lora else c.finetune_lr
+        return self._artifact("lora" if lora else "ft", model, task, steps, lambda out: finetune_base(
+            model, self.rows(task, "train"), out, lora=LoraSettings() if lora else None, max_steps=steps,
+            learning_rate=lr, batch_size=c.batch_size, max_length=c.max_length,
+            seed=c.seed, warmup_steps=max(1, steps // 20), logging_steps=max(1, steps // 5),
+        ), lr=lr, lora=asdict(LoraSettings()) if lora else None)
+
+    def aligned_map(self, value_dir: str, base: str, task: str) -> None:
+        """Build (once) IVL's aligned token map from the task's training texts, saved in the value dir."""
+        from transfertune.io.fingerprint import vocab_fingerprint
+        from transfertune.io.loading import load_tokenizer
+        from transfertune.vocab.token_map import VocabMap
+
+        base_tok, value_tok = load_tokenizer(base), load_tokenizer(value_dir)
+        fp = vocab_fingerprint(base_tok)
+        if fp == vocab_fingerprint(value_tok) or any(
+                m.base_fingerprint == fp and m.kind == "align" for m in VocabMap.saved(value_dir)):
+            return
+        texts = [e["prompt"] + e["response"] for e in self.rows(task, "train")]
+        VocabMap.align(base_tok, value_tok, texts).save(value_dir)
+
+    # -- one (target, task, method) cell -------------------------------------------------------------
+    def composed_for(self, method: str, target: str, task: str, knob: float):
+        from transfertune.inference.composed_model import ComposedModel
+        from transfertune.io.loading import load_base, load_tokenizer
+        from transfertune.training.weight_diff import diff_vector_transfer
+
+        c = self.cfg
+        place = self._placement()
+        if method in ("target", "source"):
+            return ComposedModel(*load_base(target if method == "target" else c.source, **place))
+        if method == "source_ft":
+            return ComposedModel(*load_base(self.finetuned(c.source, task, c.finetune_steps), **place))
+        if method in ("source+value", "target+value"):
+            base = c.source if method == "source+value" else target
+            value = self.value_dir(task)
+            vocab_map = self.vocab_map_for(target)
+            if vocab_map == "align":
+                self.aligned_map(value, base, task)
+            return ComposedModel.from_pretrained(base, [value], beta=knob, vocab_map=vocab_map, **place)
+        if method == "proxy":
+            return ComposedModel.from_pretrained(
+                target, [], proxy=(self.finetuned(c.source, task, c.finetune_steps), c.source), alpha=knob, **place)
+        if method == "diff_vector":
+            model = diff_vector_transfer(target, c.source, self.finetuned(c.source, task, c.finetune_steps),
+                                         alpha=knob)
+            model = model.to(**place) if place["dtype"] != "auto" else model.to(place["device"])
+            return ComposedModel(model.eval().requires_grad_(False), load_tokenizer(target))
+        if method == "target_ft":
+            return ComposedModel(*load_base(self.finetuned(target, task, c.target_steps, lr=c.target_lr), **place))
+        if method == "target_lora":
+            return ComposedModel(*load_base(self.finetuned(target, task, c.target_steps, lora=True), **place))
+        raise ValueError(method)
+
+    def cell(self, method: str, target: str, task: str, knob: float) -> dict:
+        from transfertune.core.compose import VocabularyMismatchError
+        from transfertune.evaluation.metrics import evaluate_task
+        from transfertune.training.weight_diff import ArchitectureMismatchError
+
+        c = self.cfg
+        split = self.heldout(task)
+        label = f"{method}@{knob:g}" if method in ("target+value", "proxy", "diff_vector") else method
+        key = _digest({"method": method, "knob": knob, "task": task, "settings": self._settings(target),
+                       "target": model_identity(target), "source": model_identity(c.source),
+                       "data": self.identity(task, ["train", split])})
+        path = self.cache / "results" / _slug(target) / task / f"{label}-{split}-{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        row = {"target": target, "task": task, "method": method, "label": label, "knob": knob}
+        try:
+            cm = self.composed_for(method, target, task, knob)
+        except (ArchitectureMismatchError, VocabularyMismatchError) as err:
+            row["skipped"] = str(err)
+        else:
+            examples = self.rows(task, split)[: c.eval_examples]
+            truncated = self.truncated_prompts(cm, task, split, examples)
+            row.update(evaluate_task(cm, examples, self.kind(task), max_length=c.max_length))
+            row["truncated_prompts"] = truncated
+            row["seconds_per_token"] = seconds_per_token(cm, examples[:16], c.max_length)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(row, indent=2) + "\n")
+        return row
+
+    def truncated_prompts(self, cm, task: str, split: str, examples: list[dict]) -> int:
+        """How many prompts lose tokens from the left to fit the context; a response that cannot fit at all is
+        an error naming its file and line."""
+        from transfertune.io.validate import ContextLengthError
+
+        try:
+            _, cut = cm.encode([e["prompt"] for e in examples], [e["response"] for e in examples], add_eos=True,
+                               max_length=self.cfg.max_length)
+        except ContextLengthError as err:
+            raise InputError(f"{self.where(task, split, err.index)}: {str(err).split(': ', 1)[1]}") from None
+        return len(cut)
+
+    def describe_tasks(self) -> dict:
+        described = {}
+        for t in self.tasks:
+            built_in = {"kind": self.kind(t), "split": self.cfg.split, "built_in": True}
+            described[t] = self.user[t].summary() if t in self.user else built_in
+            if any(r.get("deferred") for r in self.rows(t, "train")):
+                described[t]["deferred"] = True  # rows leave an answer tail to the base (data.deferred_tail)
+        return described
+
+    def run(self) -> dict:
+        c = self.cfg
+        plan = []
+        for target in c.targets:
+            for task in self.tasks:
+                for method in c.methods:
+                    knobs = c.betas if method == "target+value" else c.alphas if method in ("proxy", "diff_vector") \
+                        else [1.0]
+                    plan += [(method, target, task, k) for k in knobs]
+        rows = [self.cell(*p) for p in tqdm(plan, desc="eval cells")]
+        add_gap_closed(rows)
+        return {"config": asdict(c), "tasks": self.describe_tasks(), "rows": rows}
+
+
+def seconds_per_token(cm, examples: list[dict], max_length: int) -> float:
+    """Wall-clock of scoring a few examples (every model's forward pass) per token processed."""
+    from transfertune.io.data import encode_example
+
+    feats = [encode_example(cm.tokenizer, e, max_length, add_eos=True) for e in examples]
+    start = time.perf_counter()
+    cm.score_features(feats, batch_size=8)
+    return (time.perf_counter() - start) / sum(len(f["input_ids"]) for f in feats)
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+def run_eval(cfg: EvalConfig, out: str | None = None, docs: str | None = None, section: str = "main",
+             title: str | None = None) -> dict:
+    """Run, then write results.json, results.md and results.png to `out`; with `docs`, also write the table as
+    section `section` of that markdown file (other sections are kept) and the plot beside it."""
+    from transfertune.io.validate import InputError
+
+    out_dir = Path(out or cfg.cache_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{'--output' if out else '--cache-dir'} {out_dir} is a file, not a directory")
+    result = EvalRunner(cfg).run()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = format_markdown(result)
+    (out_dir / "results.md").write_text(table + "\n")
+    plot(result, out_dir / "results.png")
+    if docs:
+        write_docs(result, table, Path(docs), out_dir / "results.png", section, title)
+    return result
+
+
+
+
+
+
+
+

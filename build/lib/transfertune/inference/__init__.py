@@ -1,0 +1,1 @@
+"""Inference: the composed model (loading, scoring), sampling rules, the cached decode loop, speculative decoding."""

@@ -1,0 +1,334 @@
+"""Continuous batching for the server: concurrent requests decode together in one `DecodeBatch`.
+
+One thread owns the models and runs `Engine._loop`. At every step boundary it drops rows that finished or
+whose client went away, admits waiting rows (they are prefilled inside the next step), runs one-off jobs
+(prompt scoring for `echo`), then runs one lock-step decoding step for the whole batch. Each row keeps its own
+sampling parameters, seed, stop strings, beta and value weights; composition is per row
+(`ComposedModel.compose` -> `compose.compose_logits_per_row`).
+
+Request handlers live on an asyncio loop: they `submit` rows and read lists of `Event`s from an asyncio.Queue
+(a `Sink`). After each step the engine thread hands every loop all of that step's events in one
+`loop.call_soon_threadsafe` (one wake-up of the loop per step, however many requests are in flight). The waiting
+queue is bounded: `submit` raises `Overloaded` instead of letting it grow.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from transfertune.inference.composed_model import ComposedModel
+from transfertune.io.data import IGNORE_INDEX
+from transfertune.inference.generator import TextStream
+from transfertune.inference.sampling import SamplingParams, sample_rows
+from transfertune.core.compose import Composition
+from transfertune.core.response_logits import composed_response_logits
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """The engine's waiting queue is full."""
+
+
+@dataclass(slots=True)
+class Event:
+    """What one step produced for one row. `token` is None only for an error event."""
+
+    index: int
+    text: str = ""
+    token: int | None = None
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length"
+    error: str | None = None
+
+
+class Sink:
+    """Where a request's events go: an asyncio.Queue on the handler's loop, fed from the engine thread with one
+    list of events per step (so a busy server wakes each handler once per step, not once per token)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        self.loop, self.queue = loop, queue
+        self.closed = False
+
+    def send(self, events: list[Event]) -> None:
+        _deliver_threadsafe(self.loop, [(self, events)])
+
+
+def _deliver_threadsafe(loop: asyncio.AbstractEventLoop, batches: list[tuple[Sink, list[Event]]]) -> None:
+    """Put each sink's events in its queue, from another thread: one call into the loop for all of them."""
+    try:
+        loop.call_soon_threadsafe(_deliver, batches)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        for sink, _ in batches:
+            sink.closed = True
+
+
+def _deliver(batches: list[tuple[Sink, list[Event]]]) -> None:
+    for sink, events in batches:
+        sink.queue.put_nowait(events)
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence to generate (one choice of one request)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    beta: float | None = None  # None: the composed model's own
+    weights: tuple[float, ...] | None = None
+    logprobs: int | None = None  # top tokens to report with each token; None: no log-probs at all
+    index: int = 0  # choice index within its request
+    ignore_eos: bool = False
+    sink: Sink | None = None
+    cancelled: bool = False
+    # set by the engine
+    generated: int = 0
+    text: TextStream | None = None
+    generator: torch.Generator | None = None
+
+
+class Engine:
+    def __init__(self, composed: ComposedModel, *, max_batch: int = 32, max_queue: int = 256):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be >= 1")
+        self.composed = composed
+        self.generator = composed.generator()
+        self.tokenizer = composed.tokenizer  # used by the engine thread only
+        self.eos_ids = self.generator.eos_ids
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self._cond = threading.Condition()
+        self._waiting: deque[Row] = deque()
+        self._jobs: deque[tuple[Callable, asyncio.Future, asyncio.AbstractEventLoop]] = deque()
+        self._rows: list[Row] = []  # running rows, in the order of the batch
+        self._batch = self.generator.new_batch()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.stats = {"steps": 0, "tokens": 0, "rows_done": 0, "max_running": 0, "step_seconds": 0.0}
+
+    def check_batching(self) -> None:
+        """Join, step, leave and join again once, on a dummy prompt: fails at start-up, with the reason, for
+        models whose KV caches rows cannot join or leave (e.g. sliding-window layers); warms the models up."""
+        pad = self.generator.pad_id
+        batch = self.generator.new_batch()
+        try:
+            batch.join([[pad, pad], [pad]])
+            batch.step()
+            batch.keep([1])
+            batch.feed(torch.tensor([pad]))
+            batch.join([[pad]])
+            batch.step()
+        except NotImplementedError as err:
+            raise ValueError(f"this model cannot be served with continuous batching: {err}") from None
+
+    # -- called from request handlers ----------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="transfertune-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, rows: list[Row]) -> None:
+        """Queue rows for decoding (their events go to `row.sink`). Raises Overloaded when the queue is full."""
+        with self._cond:
+            if len(self._waiting) + len(self._jobs) + len(rows) > self.max_queue:  # first forget abandoned rows
+                self._waiting = deque(row for row in self._waiting if not row.cancelled)
+            if len(self._waiting) + len(self._jobs) + len(rows) > self.max_queue:
+                raise Overloaded(f"the server is busy: {len(self._waiting)} sequences are waiting")
+            self._waiting.extend(rows)
+            self._cond.notify_all()
+
+    def cancel(self, rows: list[Row]) -> None:
+        """Forget these rows: they leave the batch at the next step boundary (a client went away)."""
+        for row in rows:
+            row.cancelled = True
+
+    async def run_job(self, fn: Callable):
+        """Run fn() on the engine thread between two steps (models are not thread-safe); await its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            if len(self._waiting) + len(self._jobs) + 1 > self.max_queue:
+                raise Overloaded("the server is busy")
+            self._jobs.append((fn, future, loop))
+            self._cond.notify_all()
+        return await future
+
+    @property
+    def load(self) -> dict:
+        return {"running": len(self._rows), "waiting": len(self._waiting), **self.stats}
+
+    # -- the engine thread ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not (self._stopping or self._waiting or self._jobs or self._rows):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                jobs = list(self._jobs)
+                self._jobs.clear()
+            for fn, future, loop in jobs:
+                self._run_job(fn, future, loop)
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self._rows:
+                    start = time.perf_counter()
+                    self._step()
+                    self.stats["step_seconds"] += time.perf_counter() - start
+            except Exception as err:  # a model failed: fail the rows in flight, keep serving
+                log.exception("decoding step failed")
+                _send([(row, Event(row.index, error=f"{type(err).__name__}: {err}")) for row in self._rows])
+                self._rows, self._batch = [], self.generator.new_batch()
+        _send([(row, Event(row.index, error="the server is shutting down"))
+               for row in self._rows + list(self._waiting)])
+
+    @staticmethod
+    def _run_job(fn, future, loop) -> None:
+        try:
+            result, error = fn(), None
+        except Exception as err:  # handed to the awaiting handler
+            result, error = None, err
+
+        def settle():
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, row in enumerate(self._rows) if not row.cancelled]
+        if len(keep) < len(self._rows):
+            self._leave(keep)
+
+    def _admit(self) -> None:
+        joining = []
+        with self._cond:
+            while self._waiting and len(self._rows) + len(joining) < self.max_batch:
+                row = self._waiting.popleft()
+                if not row.cancelled:
+                    joining.append(row)
+        for row in joining:
+            row.beta = self.composed.beta if row.beta is None else row.beta
+            row.weights = tuple(self.composed.weights if row.weights is None else row.weights)
+            row.text = TextStream(self.tokenizer, row.stop)
+            row.generator = row.sampling.make_generator(self.composed.device)
+        if joining:
+            self._batch.join([row.prompt_ids for row in joining])
+            self._rows.extend(joining)
+            self.stats["max_running"] = max(self.stats["max_running"], len(self._rows))
+
+    def _leave(self, keep: list[int]) -> None:
+        self._rows = [self._rows[i] for i in keep]
+        self._batch.keep(keep)
+
+    def _step(self) -> None:
+        rows = self._rows
+        step_logits = self._batch.step()
+        settings = {(row.beta, row.weights) for row in rows}
+        if len(settings) == 1:
+            beta, weights = settings.pop()
+            logits = self.composed.compose(step_logits, weights=list(weights), beta=beta)
+        else:
+            logits = self.composed.compose(
+                step_logits, weights=torch.tensor([row.weights for row in rows], dtype=torch.float64),
+                beta=torch.tensor([row.beta for row in rows], dtype=torch.float64))
+        next_tokens = sample_rows(logits, [row.sampling for row in rows], [row.generator for row in rows])
+        want = [row.logprobs is not None for row in rows]
+        logp = F.log_softmax(logits, -1) if any(want) else None
+        keep, events = [], []
+        for i, (row, token) in enumerate(zip(rows, next_tokens.tolist())):
+            if row.cancelled or (row.sink is not None and row.sink.closed):
+                continue
+            row.generated += 1
+            event = Event(row.index, token=token)
+            if want[i]:
+                event.logprob, event.top = _logprobs_at(logp[i], token, row.logprobs)
+            if token in self.eos_ids and not row.ignore_eos:
+                event.text, event.finish_reason = row.text.flush(), "stop"
+            else:
+                event.text = row.text.push(token)
+                if row.text.stopped:
+                    event.finish_reason = "stop"
+                elif row.generated >= row.max_tokens:
+                    event.text += row.text.flush()
+                    event.finish_reason = "length"
+            events.append((row, event))
+            if event.finish_reason is None:
+                keep.append(i)
+            else:
+                self.stats["rows_done"] += 1
+        _send(events)
+        self.stats["steps"] += 1
+        self.stats["tokens"] += len(rows)
+        if len(keep) < len(rows):
+            self._leave(keep)
+        if keep:
+            self._batch.feed(next_tokens[keep])
+
+
+def _send(events: list[tuple[Row, Event]]) -> None:
+    """Hand each sink its rows' events of this step, with one call into each event loop."""
+    by_sink: dict[Sink, list[Event]] = {}
+    for row, event in events:
+        if row.sink is not None:
+            by_sink.setdefault(row.sink, []).append(event)
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sink, list[Event]]]] = {}
+    for sink, batch in by_sink.items():
+        by_loop.setdefault(sink.loop, []).append((sink, batch))
+    for loop, batches in by_loop.items():
+        _deliver_threadsafe(loop, batches)
+
+
+def _logprobs_at(logp: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    best = []
+    if top:
+        values, ids = torch.topk(logp, min(top, logp.shape[-1]))
+        best = list(zip(ids.tolist(), values.tolist()))
+    return float(logp[token]), best
+
+
+@torch.no_grad()
+def prompt_logprobs(
+    composed: ComposedModel, prompt_ids: list[int], top: int, *, beta: float, weights: tuple[float, ...]
+) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """For each prompt token, its composed log-prob given the tokens before it and the `top` most likely
+    tokens there (None for the first token, which has no context). The same computation as
+    `ComposedModel.score` (sequence.composed_response_logits), with this request's beta and weights."""
+    if len(prompt_ids) < 2:
+        return [None] * len(prompt_ids)
+    ids = torch.tensor([prompt_ids], device=composed.device)
+    labels = ids.clone()
+    labels[0, 0] = IGNORE_INDEX
+    composition = Composition(tuple(weights), beta, composed.alpha, composed.real_vocab_size)
+    res = composed_response_logits(composed.base, composed.values, ids, torch.ones_like(ids), labels,
+                                   composition=composition, proxy=composed.proxy)
+    logp = F.log_softmax(res.composed, -1)
+    return [None] + [_logprobs_at(logp[i], t, top) for i, t in enumerate(res.targets.tolist())]
