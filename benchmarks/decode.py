@@ -39,11 +39,12 @@ HELDOUT_TEXT = ROOT / "models" / "heldout-slice.txt"
 
 import memory  # noqa: E402
 import reporting  # noqa: E402
+
+from transfertune.core.value_model import ValueModel  # noqa: E402
 from transfertune.inference.composed_model import ComposedModel  # noqa: E402
-from transfertune.io.loading import load_base, load_causal_lm  # noqa: E402
 from transfertune.inference.sampling import SamplingParams  # noqa: E402
 from transfertune.inference.speculative import SpeculativeComposedGenerator  # noqa: E402
-from transfertune.core.value_model import ValueModel  # noqa: E402
+from transfertune.io.loading import load_base, load_causal_lm  # noqa: E402
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import reporting  # noqa: E402
 from decode import add_model_args, load_value, lockstep, make_prompts, shown  # noqa: E402
+
 from transfertune.inference.composed_model import ComposedModel  # noqa: E402
 from transfertune.io.loading import load_base  # noqa: E402
 

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def report(result: dict, args, format_table: Callable[[dict], str], plot: Callable[[dict, Path], None],

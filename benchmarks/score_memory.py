@@ -30,8 +30,8 @@ def run_one(way: str, vocab: int, batch: int, length: int) -> dict:
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from transfertune.io.data import IGNORE_INDEX
     from transfertune.core.response_logits import composed_response_logits, composed_response_logprobs
+    from transfertune.io.data import IGNORE_INDEX
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import reporting  # noqa: E402
 from composed_setup import add_model_args, value_dirs  # noqa: E402
+
 from transfertune.inference.composed_model import ComposedModel  # noqa: E402
 from transfertune.io.data import encode_prompt  # noqa: E402
 from transfertune.io.loading import load_tokenizer  # noqa: E402
@@ -227,10 +228,10 @@ async def load(url: str, prompts: list[str], clients: int, requests: int, new_to
 
 def fuzz(url: str, count: int, seconds: float) -> dict:
     """`count` schema-drawn requests, one after another; statuses counted, nothing raised."""
+    import importlib.util
+
     import httpx
     from hypothesis import HealthCheck, Phase, given, settings
-
-    import importlib.util
 
     spec = importlib.util.spec_from_file_location("fuzz_strategies", ROOT / "tests" / "fuzz_strategies.py")
     strategies = importlib.util.module_from_spec(spec)

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import memory  # noqa: E402
 import reporting  # noqa: E402
+
 from transfertune.io.data import RightPadCollator, SFTDataset, pad_id_of, read_jsonl  # noqa: E402
 from transfertune.io.loading import load_causal_lm, load_tokenizer  # noqa: E402
 
@@ -186,8 +187,8 @@ def inherent_memory_mb(methods: dict) -> dict:
 def memory_probe(args) -> None:
     """Child process: peak memory of one method (--memory-probe 'VALUE:BASE:METHOD') over warm-up + steps."""
     import transfertune.core.response_logits  # noqa: F401  every method's code is imported before the baseline
-    import transfertune.training.value_trainer  # noqa: F401
     import transfertune.core.value_model  # noqa: F401
+    import transfertune.training.value_trainer  # noqa: F401
 
     value_name, base_name, method = args.memory_probe.rsplit(":", 2)
     tokenizer = load_tokenizer(value_name)

@@ -23,7 +23,6 @@ what a trained value model of that size costs (vLLM's CPU attention needs head_d
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -32,9 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import composed_setup
 import torch
 
-import composed_setup
 from transfertune.inference.composed_model import ComposedModel
 from transfertune.io.loading import load_tokenizer
 from transfertune.serving.vllm.export import export_vllm

@@ -13,7 +13,6 @@ change).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import build_family as bf  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
-
 
 MIX = {"bios_v1": 6, "arith": 8, "books": 2}
 

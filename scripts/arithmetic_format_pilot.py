@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import build_family as bf  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
-
 
 STREAMS = {"msd": "arith", "reversed": "arith_reversed"}
 

@@ -38,12 +38,25 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
-from transfertune.family.probe import (addition_after_word_problems, arithmetic_accuracy, heldout_arithmetic,  # noqa: E402
-                                knowledge_probe, probe_chance)
 from transfertune.evaluation.tasks import load_task  # noqa: E402
+from transfertune.family.probe import (  # noqa: E402
+    addition_after_word_problems,
+    arithmetic_accuracy,
+    heldout_arithmetic,
+    knowledge_probe,
+    probe_chance,
+)
+from transfertune.family.world import (  # noqa: E402
+    addition_in_prose,
+    addition_problems,
+    addition_text,
+    arithmetic_text,
+    biographies,
+    load_world,
+    make_entities,
+    save_world,
+)
 from transfertune.io.fingerprint import vocab_fingerprint  # noqa: E402
-from transfertune.family.world import (addition_in_prose, addition_problems, addition_text, arithmetic_text,  # noqa: E402
-                                biographies, load_world, make_entities, save_world)
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 CORPUS_SOURCE = "rcdm-uga/Gutenberg_Text @ a0b16d35a9851168ce9ac649851c17b7ab08d48e (public domain, US)"

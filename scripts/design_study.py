@@ -20,17 +20,16 @@ import argparse
 import json
 import math
 import statistics
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from transfertune.evaluation.config import EvalConfig
 from transfertune.evaluation.report import write_doc_section
 from transfertune.evaluation.runner import EvalRunner
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DOCS = ROOT / "docs" / "results.md"
 OUT = ROOT / "outputs" / "study"

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from transfertune.io.loading import load_base  # noqa: E402
 from transfertune.family.probe import knowledge_probe  # noqa: E402
 from transfertune.family.world import load_world  # noqa: E402
+from transfertune.io.loading import load_base  # noqa: E402
 
 CANDIDATES = ["State the {n}.", "Say the {n}.", "Give the {n}.", "Recall the {n}.", "Name the {n}.",
               "Tell me the {n}.", "Report the {n}.", "Write down the {n}.", "Mention the {n}.", "Provide the {n}.",

@@ -75,7 +75,13 @@ from pathlib import Path
 import make_tasks
 
 from transfertune.family.world import (
-    ANSWER_TEMPLATES, ATTRIBUTE_NOUNS, ATTRIBUTES, QUESTION_TEMPLATES, fill, is_heldout_addition, load_world,
+    ANSWER_TEMPLATES,
+    ATTRIBUTE_NOUNS,
+    ATTRIBUTES,
+    QUESTION_TEMPLATES,
+    fill,
+    is_heldout_addition,
+    load_world,
     reversed_sum,
 )
 from transfertune.io.locations import builtin_models_dir

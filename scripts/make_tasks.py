@@ -15,12 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 from transfertune.family.world import (  # noqa: E402
-    ANSWER_TEMPLATES, ATTRIBUTES, QUESTION_TEMPLATES, addition_problem, fill, is_heldout_addition, load_world,
+    ANSWER_TEMPLATES,
+    ATTRIBUTES,
+    QUESTION_TEMPLATES,
+    addition_problem,
+    fill,
+    is_heldout_addition,
+    load_world,
     reversed_sum,
 )
 

@@ -7,13 +7,13 @@ import torch.nn.functional as F
 
 from transfertune.core.cascade import CascadeValue, cascade_embeddings
 from transfertune.core.compose import VocabularyMismatchError, compose_logits
+from transfertune.core.value_model import ValueModel
 from transfertune.inference.composed_model import ComposedModel
+from transfertune.inference.sampling import SamplingParams
 from transfertune.io.data import encode_prompt
 from transfertune.io.loading import load_base, load_causal_lm
-from transfertune.inference.sampling import SamplingParams
-from transfertune.training.value_trainer import train_value_model
 from transfertune.io.validate import InputError
-from transfertune.core.value_model import ValueModel
+from transfertune.training.value_trainer import train_value_model
 
 TRAIN = dict(epochs=20, learning_rate=1e-2, batch_size=8, logging_steps=1000, disable_tqdm=True)
 PROMPTS = ["The cat sat", "It was the best of times, it was", "Answer:"]

@@ -8,12 +8,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from transfertune.cli.main import main
-from transfertune.inference.composed_model import ComposedModel
 from transfertune.core.compose import VocabularyMismatchError
-from transfertune.io.data import RightPadCollator
-from transfertune.vocab.token_map import CrossVocabValue, VocabMap, align_counts, dtw_path, token_bytes
-from transfertune.io.loading import load_base
 from transfertune.core.value_model import ValueModel
+from transfertune.inference.composed_model import ComposedModel
+from transfertune.io.data import RightPadCollator
+from transfertune.io.loading import load_base
+from transfertune.vocab.token_map import CrossVocabValue, VocabMap, align_counts, dtw_path, token_bytes
 
 PROMPTS = ["Review 3: the movie was great. Positive?", "The cat sat on the mat. The dog"]
 RESPONSES = [" yes", " ran to the park and back again."]

@@ -120,8 +120,8 @@ def test_processes_that_would_each_train_alone_are_refused(monkeypatch):
     train alone and write the same --output."""
     from types import SimpleNamespace
 
-    from transfertune.training.value_trainer import check_distributed
     from transfertune.io.validate import InputError
+    from transfertune.training.value_trainer import check_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(InputError, match="launched as 2 processes.*ACCELERATE_USE_CPU=true"):

@@ -12,13 +12,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from transfertune.cli.main import main
-from transfertune.inference.composed_model import ComposedModel
-from transfertune.io.data import IGNORE_INDEX, RightPadCollator, encode_prompt
-from transfertune.io.loading import load_causal_lm, load_tokenizer
-from transfertune.inference.sampling import SamplingParams
 from transfertune.core.compose import Composition
 from transfertune.core.response_logits import _HEADS, composed_response_logits, composed_response_logprobs
 from transfertune.core.value_model import ValueModel
+from transfertune.inference.composed_model import ComposedModel
+from transfertune.inference.sampling import SamplingParams
+from transfertune.io.data import IGNORE_INDEX, RightPadCollator, encode_prompt
+from transfertune.io.loading import load_causal_lm, load_tokenizer
 
 TEMPLATE_A = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
               "{% if add_generation_prompt %}<|assistant|>{% endif %}")

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from transfertune.cli.main import main as cli_main
-from transfertune.vocab.token_map import VocabMap
 from transfertune.evaluation.config import METHODS, EvalConfig
 from transfertune.evaluation.report import add_gap_closed
 from transfertune.evaluation.runner import EvalRunner
 from transfertune.io.loading import load_causal_lm
 from transfertune.training.weight_diff import ArchitectureMismatchError, diff_vector_transfer
+from transfertune.vocab.token_map import VocabMap
 
 
 @pytest.fixture()

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from transfertune.io.loading import builtin_model_names, builtin_models_dir, load_base
 from transfertune.io.fingerprint import vocab_fingerprint
+from transfertune.io.loading import builtin_model_names, builtin_models_dir, load_base
 
 FAMILY_JSON = builtin_models_dir() / "family.json"
 FAMILY = json.loads(FAMILY_JSON.read_text()) if FAMILY_JSON.is_file() else {"models": {}}
@@ -70,8 +70,8 @@ def test_bases_add_after_a_word_problem_too():
 
 
 def test_addition_after_a_word_problem_of_the_shipped_weights_matches_the_card():
-    from transfertune.family.probe import addition_after_word_problems
     from transfertune.evaluation.tasks import load_task
+    from transfertune.family.probe import addition_after_word_problems
 
     model, tok = load_base("mini-l")
     measured = addition_after_word_problems(model, tok, load_task("arithmetic", "train")[:400])
@@ -88,8 +88,8 @@ def test_v2_siblings_know_the_new_people_and_v1_bases_do_not():
 def test_probe_of_the_shipped_weights_matches_the_card():
     """Re-measure the knowledge probe of mini-s on the shipped fp16 weights (catches a swapped checkpoint)."""
     from transfertune.family.probe import knowledge_probe
-    from transfertune.io.locations import world_file
     from transfertune.family.world import load_world
+    from transfertune.io.locations import world_file
 
     people = [e for e in load_world(world_file()) if e.generation == "v1"]
     model, tok = load_base("mini-s")

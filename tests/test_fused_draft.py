@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from transfertune.io.data import encode_prompt
+from transfertune.core.value_model import LoraSettings, ValueModel
 from transfertune.inference.fused_draft import FusedDraft, can_fuse
 from transfertune.inference.generator import left_pad
+from transfertune.io.data import encode_prompt
 from transfertune.io.loading import load_causal_lm
-from transfertune.core.value_model import LoraSettings, ValueModel
 
 
 def reference_logits(models, ids, mask):

@@ -3,10 +3,9 @@ import torch
 import torch.nn.functional as F
 
 from transfertune.inference.composed_model import ComposedModel
-from transfertune.core.compose import compose_logits
+from transfertune.inference.sampling import SamplingParams, filter_logits
 from transfertune.io.data import encode_prompt
 from transfertune.io.loading import load_causal_lm
-from transfertune.inference.sampling import SamplingParams, filter_logits
 
 ARCHS = ["llama", "gpt2", "qwen2"]
 PROMPTS = ["The cat sat", "It was the best of times, it was", "Answer:"]

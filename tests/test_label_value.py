@@ -7,8 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from transfertune.inference.composed_model import ComposedModel
-from transfertune.labels.label_reward import (ComposedClassifier, LabelValueModel, LMLabelClassifier, TextRewardBackbone,
-                                      train_label_value)
+from transfertune.labels.label_reward import (
+    ComposedClassifier,
+    LabelValueModel,
+    LMLabelClassifier,
+    TextRewardBackbone,
+    train_label_value,
+)
 
 
 class Linear(nn.Module):
@@ -80,8 +85,8 @@ def test_language_model_as_zero_shot_classifier(model_dir, tokenizer, tmp_path):
 
 def test_birth_decade_label_set_follows_the_world_and_people_qa_split():
     """The v2 label-set task: each person's true decade, train people = people_qa's training people."""
-    from transfertune.family.label_demo import DECADES, birth_decade_records, load_world_people
     from transfertune.evaluation.tasks import load_task
+    from transfertune.family.label_demo import DECADES, birth_decade_records, load_world_people
 
     years = {e.name: int(e.birth_year) for g in ("v1", "v2") for e in load_world_people(g)}
     train, held = birth_decade_records("v1", "train"), birth_decade_records("v1", "heldout")

@@ -8,8 +8,8 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from transfertune.inference.composed_model import ComposedModel  # noqa: E402
 from transfertune.evaluation.lm_eval import TransfertuneLM  # noqa: E402
+from transfertune.inference.composed_model import ComposedModel  # noqa: E402
 from transfertune.io.loading import load_causal_lm  # noqa: E402
 
 TASKS_YAML = {

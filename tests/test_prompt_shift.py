@@ -1,6 +1,7 @@
 """The prompt-shift benchmark (scripts/make_shifted_prompts.py, builtin_tasks/SHIFTED.md): the heldout_example
 questions of people_qa and arithmetic in phrasings and stories never trained on, split into dev and test."""
 import importlib.util
+import json
 import re
 import string
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from transfertune.evaluation.tasks import SPLITS, TASKS, load_task, tasks_dir
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 PARTS = ("shifted_dev", "shifted_test")
@@ -148,3 +151,81 @@ def test_script_reproduces_the_committed_files(tmp_path):
                     "--out", str(tmp_path)], check=True, capture_output=True, cwd=tmp_path)
     for name in FILES:
         assert (tmp_path / name).read_bytes() == (tasks_dir() / name).read_bytes(), name
+
+
+# -- the shifted split in `transfertune eval`, and the augmentation every method trains on ---------------------
+def _shifted_task(tmp_path, monkeypatch, yes_no_records):
+    root = tmp_path / "tasks"
+    (root / "yesno").mkdir(parents=True)
+    rows = [{**r, "response": r["response"].strip(), "choices": ["no", "yes"],
+             "label": int(r["response"].strip() == "yes")} for r in yes_no_records]
+    shifted = [{**r, "prompt": "Tell me, " + r["prompt"].lower()} for r in rows[16:]]
+    for split, part in (("train", rows[:16]), ("heldout_example", rows[16:]), ("shifted_dev", shifted)):
+        (root / "yesno" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    sizes = {"train": 16, "heldout_example": len(rows) - 16, "shifted_dev": len(shifted)}
+    (root / "tasks.json").write_text(json.dumps({"yesno": {"kind": "classification", "sizes": sizes}}))
+    monkeypatch.setenv("TRANSFERTUNE_TASKS", str(root))
+    return "yesno"
+
+
+def test_every_eval_method_accepts_the_shifted_split(model_dir, tmp_path, monkeypatch, yes_no_records):
+    from transfertune.cli.main import main
+    from transfertune.evaluation.config import METHODS
+
+    task = _shifted_task(tmp_path, monkeypatch, yes_no_records)
+    source, target = model_dir("llama", hidden=32, seed=5), model_dir("llama", hidden=32, seed=6)
+    cache = tmp_path / "eval"
+    argv = ["eval", "--source", source, "--targets", target, "--tasks", task, "--examples", "6",
+            "--value-steps", "2", "--finetune-steps", "2", "--target-steps", "2", "--batch-size", "4",
+            "--shifted-split", "shifted_dev", "--cache-dir", str(cache), "--docs", str(tmp_path / "r.md")]
+    assert main(argv) == 0
+    rows = json.loads((cache / "results.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == set(METHODS)
+    for r in rows:
+        assert r["shifted_split"] == "shifted_dev" and "shifted_accuracy" in r and "shifted_nll" in r
+        if r["accuracy"] > 0:
+            assert r["share_kept"] == pytest.approx(r["shifted_accuracy"] / r["accuracy"], abs=1e-4)
+    table = (tmp_path / "r.md").read_text()
+    assert "acc / EM on shifted_dev | kept |" in table and "shifted_dev" in table
+    # the shifted cells are measured on the shifted rows: the NLL differs from the in-distribution one
+    assert any(r["shifted_nll"] != r["nll"] for r in rows)
+    with pytest.raises(SystemExit) as refused:  # only shifted splits are offered
+        main(argv[:-6] + ["--shifted-split", "heldout_example", "--cache-dir", str(cache)])
+    assert refused.value.code == 2
+
+
+def test_augmentation_keeps_responses_names_and_numbers():
+    import random
+
+    from transfertune.training.augment import augment_prompts, reword
+
+    rows = [r for t in ("people_qa", "arithmetic") for r in load_task(t, "train")[:200]]
+    out = augment_prompts(rows, 2, seed=3)
+    assert out[: len(rows)] == rows and len(out) == 3 * len(rows)
+    assert out == augment_prompts(rows, 2, seed=3) and out != augment_prompts(rows, 2, seed=4)
+    changed = 0
+    for i, extra in enumerate(out[len(rows):]):
+        original = rows[i % len(rows)]
+        assert extra["response"] == original["response"] and extra.get("deferred") == original.get("deferred")
+        assert extra["prompt"].split()[-1] == original["prompt"].split()[-1]  # the word a response continues
+        for word in original["prompt"].split():
+            if any(ch.isdigit() for ch in word):
+                assert word.strip(".,?!:;") in extra["prompt"]  # numbers are never dropped
+        changed += extra["prompt"] != original["prompt"]
+    assert changed > 0.8 * len(rows) * 2
+    assert reword("Say the employer. Veth Louxlu", random.Random(0)).endswith("Veth Louxlu")
+    assert augment_prompts(rows, 0) == rows
+
+
+def test_recipe_default_is_the_study_choice():
+    """The default recipe of `train`, `eval` and the demo is the one docs/results.md#prompt-shift-study chose."""
+    from transfertune.evaluation.config import EVAL_VALUE_RECIPE
+    from transfertune.family.demo import parse_args
+    from transfertune.training.recipe import ValueRecipe
+
+    chosen = json.loads((ROOT / "docs" / "prompt_shift_choice.json").read_text())
+    for field, value in chosen["recipe"].items():
+        assert getattr(EVAL_VALUE_RECIPE, field) == value, field
+        assert getattr(ValueRecipe(), field) == value or field in chosen.get("train_defaults_differ", []), field
+    demo = parse_args([])
+    assert demo.augment == chosen["recipe"].get("augment", 0)

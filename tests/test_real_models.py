@@ -131,8 +131,8 @@ def test_a_pickle_is_refused_and_a_non_gguf_file_named(tmp_path, capsys):
 
 @real
 def test_convert_writes_a_plain_safetensors_model_that_matches_the_gguf(smol_dir, tmp_path, capsys):
-    from transfertune.io.loading import load_causal_lm, load_tokenizer
     from transfertune.io.fingerprint import vocab_fingerprint
+    from transfertune.io.loading import load_causal_lm, load_tokenizer
 
     config = json.loads((smol_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["vocab_size"] == 49_152
@@ -289,8 +289,8 @@ def test_base_only_decoding_keeps_up_with_hf_generate(smol_dir):
     least 0.95x the tokens per second. Timed on one thread in CPU seconds of this process (best of 3 interleaved
     runs each): on a shared machine, wall-clock time measures the neighbours more than the code."""
     from transfertune.inference.composed_model import ComposedModel
-    from transfertune.io.loading import load_base
     from transfertune.inference.sampling import SamplingParams
+    from transfertune.io.loading import load_base
 
     model, tok = load_base(str(smol_dir))
     cm = ComposedModel(model, tok)

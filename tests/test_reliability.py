@@ -18,14 +18,14 @@ from filelock import FileLock
 from safetensors.torch import load_file
 
 from transfertune.cli.main import main
-from transfertune.inference.composed_model import ComposedModel
 from transfertune.core.compose import VocabularyMismatchError
-from transfertune.vocab.token_map import CrossVocabValue, VocabMap
+from transfertune.core.value_model import LoraSettings, ValueConfig, ValueModel
+from transfertune.inference.composed_model import ComposedModel
 from transfertune.io.data import DataFormatError
 from transfertune.io.run_dirs import LOCK_NAME, RUN_NAME, latest_checkpoint, read_run, staged_directory
-from transfertune.training.value_trainer import ValueTrainer, train_value_model
 from transfertune.io.validate import ContextLengthError, InputError
-from transfertune.core.value_model import LoraSettings, ValueConfig, ValueModel
+from transfertune.training.value_trainer import ValueTrainer, train_value_model
+from transfertune.vocab.token_map import CrossVocabValue, VocabMap
 
 FAST = dict(max_steps=2, learning_rate=1e-2, batch_size=8, logging_steps=1000, disable_tqdm=True)
 
@@ -297,8 +297,8 @@ def test_cross_vocab_decoding_recrops_the_value_cache(model_dir, other_tokenizer
 def test_context_length_is_enforced(tmp_path, base, yes_no_records, data_file, capsys):
     with pytest.raises(InputError, match="more than the context of base .* \\(256 tokens\\)"):
         train_value_model(base, yes_no_records, str(tmp_path / "v"), max_length=512, **FAST)
-    from transfertune.training.value_trainer import fit_context
     from transfertune.io.loading import load_causal_lm
+    from transfertune.training.value_trainer import fit_context
 
     assert fit_context(None, {"base": load_causal_lm(base)}) == 256
     long_prompt = "The cat sat on the mat. " * 60

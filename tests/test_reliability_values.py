@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import resource
 import shutil
 from pathlib import Path
@@ -123,7 +124,8 @@ def test_non_finite_weights_in_a_value_dir_are_refused(value, base, capsys, bad)
         w["model.norm.weight"][3] = bad
     edit_weights(value, poison)
     kind = "1 NaN, 0 infinite" if bad != bad else "0 NaN, 1 infinite"
-    with pytest.raises(InputError, match=rf"1 tensor\(s\) hold NaN or infinite values: model.norm.weight \({kind} of 32\)"):
+    message = rf"1 tensor\(s\) hold NaN or infinite values: model.norm.weight \({kind} of 32\)"
+    with pytest.raises(InputError, match=message):
         ValueModel.load(value)
     code, err = generate(capsys, base, value)
     assert code == 2 and f"{value / 'model.safetensors'}: 1 tensor(s) hold NaN or infinite values" in err
@@ -160,11 +162,21 @@ def test_a_config_of_another_size_or_a_tensor_of_another_shape_names_file_and_te
     assert code == 2 and f"error: {value / 'model.safetensors'}: " in err and "Traceback" not in err
 
 
+def test_a_config_that_transformers_rejects_names_the_file(value, base, capsys):
+    edit_config(value, num_attention_heads=5)
+    message = f"{value / 'config.json'} describes no valid model (The hidden size (32) is not a multiple of the number"
+    with pytest.raises(InputError, match=re.escape(message)):
+        ValueModel.load(value)
+    code, err = generate(capsys, base, value)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
 def test_a_base_with_a_tensor_of_another_shape_is_refused(base, tmp_path):
     mybase = Path(shutil.copytree(base, tmp_path / "mybase"))
     edit_weights(mybase, lambda w: w.update({"model.layers.0.mlp.gate_proj.weight": torch.zeros(65, 32)}))
-    with pytest.raises(InputError, match=rf"{mybase / 'model.safetensors'}: 1 tensor\(s\) do not have the shapes "
-                                         r".*model.layers.0.mlp.gate_proj.weight is \[65, 32\], the config's \[64, 32\]"):
+    message = (rf"{mybase / 'model.safetensors'}: 1 tensor\(s\) do not have the shapes "
+               r".*model.layers.0.mlp.gate_proj.weight is \[65, 32\], the config's \[64, 32\]")
+    with pytest.raises(InputError, match=message):
         load_causal_lm(str(mybase))
 
 

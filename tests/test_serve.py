@@ -29,15 +29,15 @@ import uvicorn  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from transfertune.core.compose import compose_logits, compose_logits_per_row  # noqa: E402
+from transfertune.core.value_model import ValueModel  # noqa: E402
 from transfertune.inference.composed_model import ComposedModel  # noqa: E402
-from transfertune.vocab.token_map import CrossVocabValue, VocabMap  # noqa: E402
+from transfertune.inference.sampling import SamplingParams  # noqa: E402
 from transfertune.io.data import encode_prompt  # noqa: E402
 from transfertune.io.loading import load_causal_lm  # noqa: E402
-from transfertune.inference.sampling import SamplingParams  # noqa: E402
 from transfertune.serving import Engine, Row, create_app  # noqa: E402
 from transfertune.serving.engine import Event, Sink  # noqa: E402
 from transfertune.serving.protocol import APIError  # noqa: E402
-from transfertune.core.value_model import ValueModel  # noqa: E402
+from transfertune.vocab.token_map import CrossVocabValue, VocabMap  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -585,9 +585,8 @@ def test_full_queue_answers_429(cm):
 def test_fuzzed_requests_never_5xx(test_client, cm):
     """Bodies drawn from the server's own OpenAPI schema (sometimes broken): no 5xx, and it still answers right."""
     pytest.importorskip("hypothesis")
-    from hypothesis import HealthCheck, given, settings
-
     from fuzz_strategies import requests
+    from hypothesis import HealthCheck, given, settings
 
     statuses = []
 

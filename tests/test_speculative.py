@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from transfertune.inference.composed_model import ComposedModel
-from transfertune.io.data import encode_prompt
-from transfertune.io.loading import load_causal_lm
 from transfertune.inference.sampling import SamplingParams
 from transfertune.inference.speculative import SpeculativeComposedGenerator, SpeculativeStats, verify_draft
+from transfertune.io.data import encode_prompt
+from transfertune.io.loading import load_causal_lm
 
 PROMPTS = ["The cat sat", "It was the best of times, it was", "Answer:"]
 # (draft_engine, exact): a transformers draft, and a fused one with exact values, equal plain decoding token for

@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from transfertune.core.compose import VocabularyMismatchError
+from transfertune.core.value_model import LoraSettings, ValueConfig, ValueModel
 from transfertune.inference.composed_model import ComposedModel
 from transfertune.io.data import RightPadCollator, SFTDataset, pad_id_of
 from transfertune.io.loading import load_base, load_causal_lm
 from transfertune.training.value_trainer import ValueTrainer, train_value_model
-from transfertune.core.value_model import LoraSettings, ValueConfig, ValueModel
 
 TRAIN = dict(epochs=30, learning_rate=1e-2, batch_size=8, logging_steps=1000, disable_tqdm=True)
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from transfertune.cli.main import main
-from transfertune.vocab.token_map import VocabMap
 from transfertune.evaluation.config import EvalConfig, parse_vocab_maps
 from transfertune.evaluation.runner import EvalRunner
 from transfertune.evaluation.tasks import is_user_task, load_user_task
 from transfertune.io.validate import InputError
+from transfertune.vocab.token_map import VocabMap
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -31,9 +31,9 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from transfertune.core.value_model import ValueModel  # noqa: E402
 from transfertune.inference.composed_model import ComposedModel  # noqa: E402
 from transfertune.io.data import encode_prompt  # noqa: E402
-from transfertune.core.value_model import ValueModel  # noqa: E402
 from transfertune.serving.vllm.export import export_vllm  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -16,9 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from transfertune.cli import main as cli
 from transfertune.core.compose import VocabularyMismatchError, compose_logits
+from transfertune.core.value_model import LoraSettings, ValueModel
 from transfertune.inference.composed_model import ComposedModel
 from transfertune.io.validate import InputError
-from transfertune.core.value_model import LoraSettings, ValueModel
 from transfertune.serving.vllm.export import ARCHITECTURE, META_KEY, VALUE_FILE, VALUE_PREFIX, export_vllm, is_export
 
 

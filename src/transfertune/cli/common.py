@@ -42,7 +42,8 @@ def add_compose_args(p: argparse.ArgumentParser) -> None:
                    help="decoding: run value (and proxy) models in threads of their own, beside the base, the cores "
                         "split between them; meant for models on different devices (--value-device): on one CPU "
                         "it was slower than the default (docs/performance.md#base-and-value-overlapped)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model repos to run their own code (off by default)")
 
 
 def add_device_args(p: argparse.ArgumentParser, what: str = "models",

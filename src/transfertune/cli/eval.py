@@ -34,6 +34,9 @@ def add_arguments(p) -> None:
                    help=f"methods to run (default all: {', '.join(METHODS)})")
     p.add_argument("--split", default=d.split, choices=[s for s in SPLITS if s != "train"],
                    help="held-out split of built-in tasks and already split directories (default heldout_example)")
+    p.add_argument("--shifted-split", choices=[s for s in SPLITS if s.startswith("shifted")], default=None,
+                   help="also measure every cell on this prompt-shifted split of the built-in tasks (shifted_dev to "
+                        "choose designs, shifted_test to report), with the share of the score kept")
     p.add_argument("--split-by", choices=SPLIT_BY, default=d.split_by,
                    help="JSONL tasks: hold out examples (rows sharing an \"example\" id stay together) or templates "
                         "(rows need a \"template\" field); default example")
@@ -47,10 +50,12 @@ def add_arguments(p) -> None:
     p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                    help="JSONL tasks: the label set of classification rows without \"choices\" (default: their "
                         "labels / responses)")
-    p.add_argument("--examples", type=COUNT, default=d.eval_examples, help="held-out examples per task (default %(default)s)")
+    p.add_argument("--examples", type=COUNT, default=d.eval_examples,
+                   help="held-out examples per task (default %(default)s)")
     add_recipe_flags(p, defaults=d.value, prefix="value-", only_eval=True)
     p.add_argument("--finetune-lr", type=POSITIVE, default=d.finetune_lr,
-                   help="learning rate of full fine-tuning: the source, and the target unless --target-lr (default %(default)s)")
+                   help="learning rate of full fine-tuning: the source, and the target unless --target-lr "
+                        "(default %(default)s)")
     p.add_argument("--lora-lr", type=POSITIVE, default=d.lora_lr,
                    help="learning rate of LoRA fine-tuning (default %(default)s)")
     p.add_argument("--target-lr", type=POSITIVE, default=d.target_lr,
@@ -86,6 +91,7 @@ def run(args) -> None:
     defaults = EvalConfig()
     cfg = EvalConfig(
         source=args.source, targets=args.targets, tasks=args.tasks, methods=args.methods, split=args.split,
+        shifted=args.shifted_split,
         eval_examples=args.examples, value=recipe_from_args(args, prefix="value-", base=defaults.value),
         finetune_lr=args.finetune_lr, lora_lr=args.lora_lr, target_lr=args.target_lr,
         finetune_steps=args.finetune_steps, target_steps=args.target_steps,

@@ -9,7 +9,8 @@ DESCRIPTION = "Train a value model with the composed SFT loss (response tokens o
 
 def add_arguments(p) -> None:
     p.add_argument("--base", required=True, help="frozen training base (short name, dir or HF id)")
-    p.add_argument("--data", required=True, help='JSONL of {"prompt","response"}, {"prompt","completion"} or {"messages"}')
+    p.add_argument("--data", required=True,
+                   help='JSONL of {"prompt","response"}, {"prompt","completion"} or {"messages"}')
     p.add_argument("--output", required=True,
                    help="value directory to write: new or empty (see --overwrite, --resume)")
     add_recipe_flags(p)

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transfertune.core.compose import match_vocab_size
-
 from transfertune.core.choices import SCHEMES  # noqa: E402,F401 (re-exported)
+from transfertune.core.compose import match_vocab_size
 
 
 def cascade_embeddings(model, input_ids: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ the residual scheme of Inverse Value Learning and eq. 6 of Portable Reward Tunin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

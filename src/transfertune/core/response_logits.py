@@ -92,7 +92,7 @@ def cache_keyword(model) -> str:
     return "past_key_values"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_parameter(forward) -> str | None:
     parameters = inspect.signature(forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
@@ -213,7 +213,7 @@ def _response_logits_source(model, input_ids, attention_mask, rows, cols, base_l
     return lambda start, end: head(hidden[start:end])
 
 
-_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _output_layer(model, input_ids, attention_mask):

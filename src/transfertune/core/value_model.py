@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from transfertune import __version__
 from transfertune.core.compose import VocabularyMismatchError
-from transfertune.io.loading import load_causal_lm, load_config, load_tokenizer, portable_name, resolve_model
-from transfertune.io.validate import InputError, check_number, check_weight_files, pickled_weights, read_json_file
 from transfertune.io.fingerprint import vocab_fingerprint
+from transfertune.io.loading import load_causal_lm, load_config, load_tokenizer, portable_name
+from transfertune.io.validate import InputError, check_number, check_weight_files, pickled_weights, read_json_file
 
 CONFIG_NAME = "transfertune.json"
 from transfertune.core.choices import LORA_HEADS  # noqa: E402,F401 (re-exported)
@@ -55,7 +55,7 @@ class ValueConfig:
         Path(directory, CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ValueConfig":
+    def load(cls, directory: str | Path) -> ValueConfig:
         path = Path(directory, CONFIG_NAME)
         if not path.is_file():
             hint = " (a save was interrupted?)" if Path(directory).is_dir() and any(
@@ -117,7 +117,7 @@ class ValueModel(nn.Module):
         lora_head: str = "lora",
         trust_remote_code: bool = False,
         **config_kwargs,
-    ) -> "ValueModel":
+    ) -> ValueModel:
         """A new value model from a pretrained LM (`init` = name or path), or random weights from
         `init="random:<name or path>"` (that model's config, fresh weights).
 
@@ -220,7 +220,7 @@ class ValueModel(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
-    ) -> "ValueModel":
+    ) -> ValueModel:
         directory = Path(directory)
         config = ValueConfig.load(directory)
         _check_files(directory, config)

@@ -19,6 +19,9 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["people_qa", "arithmetic"])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     split: str = "heldout_example"
+    # also measure every cell on this prompt-shifted split of the built-in tasks (shifted_dev / shifted_test),
+    # beside `split`, with the share kept; tasks without it show n/a
+    shifted: str | None = None
     eval_examples: int = 80
     # the value model's recipe; its init may also be "random" (the source's config, fresh weights). Batch size,
     # max length and seed are the eval's own (below), shared by every trained method
@@ -68,3 +71,46 @@ def parse_vocab_maps(values: list[str] | None) -> tuple[str, dict[str, str]]:
         raise InputError(f"--vocab-map: {len(every)} maps for every target ({', '.join(every)}): give one, and "
                          f"TARGET=KIND for the others")
     return (every[0] if every else "exact"), per_target
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Every setting in range and every name known (InputError naming it); the tasks are checked when read."""
+    from transfertune.evaluation.tasks import KINDS, SPLIT_BY, SPLITS
+    from transfertune.io.validate import check_number
+
+    unknown = set(cfg.methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    for key in ("eval_examples", "finetune_steps", "target_steps", "batch_size"):
+        check_number(getattr(cfg, key), key, integer=True, ge=1)
+    check_number(cfg.max_length, "max_length", integer=True, ge=2)
+    for key in ("finetune_lr", "lora_lr"):
+        check_number(getattr(cfg, key), key, ge=0)
+    if cfg.target_lr is not None:
+        check_number(cfg.target_lr, "target_lr", gt=0)
+    try:
+        cfg.value.check()
+    except InputError as err:
+        raise InputError(f"value {err}") from None
+    if cfg.value.max_steps < 1:
+        raise InputError(f"value max_steps must be >= 1, got {cfg.value.max_steps}")
+    for beta in cfg.betas:
+        check_number(beta, "beta", gt=0)
+    for alpha in cfg.alphas:
+        check_number(alpha, "alpha")
+    if cfg.shifted is not None and (cfg.shifted not in SPLITS or cfg.shifted == "train"):
+        raise InputError(f"shifted split must be a held-out split ({', '.join(SPLITS[1:])}), got {cfg.shifted!r}")
+    check_number(cfg.heldout_fraction, "heldout_fraction", gt=0, lt=1)
+    check_number(cfg.split_seed, "split_seed", integer=True)
+    if cfg.split_by not in SPLIT_BY:
+        raise InputError(f"split_by must be one of {', '.join(SPLIT_BY)}, got {cfg.split_by!r}")
+    if cfg.kind is not None and cfg.kind not in KINDS:
+        raise InputError(f"kind must be one of {', '.join(KINDS)}, got {cfg.kind!r}")
+    if cfg.labels is not None and (len(set(cfg.labels)) < 2 or len(set(cfg.labels)) < len(cfg.labels)):
+        raise InputError(f"--labels must be at least 2 different labels, got {' '.join(cfg.labels)}")
+    for target, kind in {"": cfg.vocab_map, **cfg.vocab_maps}.items():
+        if kind not in VOCAB_MAPS:
+            raise InputError(f"vocab map for {target or 'every target'} must be exact or align, got {kind!r}")
+    unknown = [t for t in cfg.vocab_maps if t not in cfg.targets]
+    if unknown:
+        raise InputError(f"--vocab-map names {', '.join(unknown)}, not among --targets ({', '.join(cfg.targets)})")

@@ -33,20 +33,30 @@ def add_gap_closed(rows: list[dict]) -> None:
 
 
 def format_markdown(result: dict) -> str:
+    """The results table; with a shifted split (EvalConfig.shifted), two more columns: the metric on it and the
+    share kept (shifted / in distribution)."""
     rows = result["rows"]
-    lines = ["| target | task | method | NLL | acc / EM | gap closed (NLL) | gap closed (acc/EM) | s/token |",
-             "|---|---|---|---|---|---|---|---|"]
+    shifted = next((r["shifted_split"] for r in rows if r.get("shifted_split")), None)
+    extra_head = f" acc / EM on {shifted} | kept |" if shifted else ""
+    head = "| target | task | method | NLL | acc / EM | gap closed (NLL) | gap closed (acc/EM) | s/token |"
+    lines = [head + extra_head,
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if shifted else "")]
+    fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['target']} | {r['task']} | {r['label']} | n/a: {r['skipped']} |  |  |  |  |")
+            lines.append(f"| {r['target']} | {r['task']} | {r['label']} | n/a: {r['skipped']} |  |  |  |  |"
+                         + ("  |  |" if shifted else ""))
             continue
         m = metric_of(r)
         gap_m = r.get(f"gap_closed_{m[0]}") if m else None
-        fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
-        lines.append(
-            f"| {r['target']} | {r['task']} | {r['label']} | {r['nll']:.3f} | {fmt(m[1] if m else None)} "
-            f"| {fmt(r.get('gap_closed_nll'), '.2f')} | {fmt(gap_m, '.2f')} | {r['seconds_per_token'] * 1e3:.2f} ms |"
-        )
+        line = (f"| {r['target']} | {r['task']} | {r['label']} | {r['nll']:.3f} | {fmt(m[1] if m else None)} "
+                f"| {fmt(r.get('gap_closed_nll'), '.2f')} | {fmt(gap_m, '.2f')} "
+                f"| {r['seconds_per_token'] * 1e3:.2f} ms |")
+        if shifted:
+            moved = r.get(f"shifted_{m[0]}") if m else None
+            kept = r.get("share_kept")
+            line += f" {fmt(moved) if r.get('shifted_split') else 'n/a'} | {'-' if kept is None else f'{kept:.0%}'} |"
+        lines.append(line)
     notes = truncation_notes(rows)
     return "\n".join(lines + ([""] + [f"Note: {n}." for n in notes] if notes else []))
 
@@ -107,7 +117,7 @@ def write_docs(result: dict, table: str, path: Path, png: Path, section: str = "
 
 Written by `transfertune eval` (config below); do not edit by hand. ![{section}](results-{section}.png)
 
-Source `{c['source']}`; split `{c['split']}` ({c['eval_examples']} examples per task); value model
+Source `{c['source']}`; split `{c['split']}`{shifted_note(c)} ({c['eval_examples']} examples per task); value model
 {v['max_steps']} steps (l1 {v['l1_coef']}, entropy {v['entropy_coef']}{defer_note(result)}), source fine-tuning
 {c['finetune_steps']} steps, target oracles {c['target_steps']} steps.{user_data_lines(result)}
 
@@ -163,3 +173,10 @@ def write_doc_section(path: Path, section: str, body: str, png: Path | None = No
         else:
             text = text.rstrip() + "\n\n" + block + "\n"
         path.write_text(text)
+
+
+def shifted_note(config: dict) -> str:
+    if not config.get("shifted"):
+        return ""
+    return (f", and the prompt-shifted `{config['shifted']}` (phrasings and stories nothing was trained or tuned on; "
+            f"evaluation/builtin_tasks/SHIFTED.md) beside it, \"kept\" = shifted / in distribution")

@@ -27,23 +27,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from transfertune.evaluation.config import METHODS, VOCAB_MAPS, EvalConfig
-from transfertune.evaluation.report import (
-    add_gap_closed,
-    format_markdown,
-    plot,
-    write_docs,
-)
+from transfertune.evaluation.config import EvalConfig, check_config
+from transfertune.evaluation.report import add_gap_closed, format_markdown, metric_of, plot, write_docs
 from transfertune.io.run_dirs import write_atomic
 from transfertune.io.validate import InputError
 
-__all__ = ["METHODS", "EvalConfig", "EvalRunner", "format_markdown", "run_eval"]
+__all__ = ["EvalConfig", "EvalRunner", "format_markdown", "run_eval"]
 
 # value models made before these options
 _DEFAULT_RECIPE = {"init": None, "scheme": "residual", "head": "zero", "defer": True}
 # config fields that reach the cache keys another way (the user task's identity, the target's own map)
 _NOT_SETTINGS = ("targets", "tasks", "methods", "betas", "alphas", "cache_dir", "vocab_maps", "split_by",
-                 "heldout_fraction", "split_seed", "kind", "labels")
+                 "heldout_fraction", "split_seed", "kind", "labels", "shifted")
 
 
 
@@ -54,12 +49,15 @@ def legacy_value_settings(recipe) -> dict:
     settings = {"value_steps": recipe.max_steps, "value_lr": recipe.learning_rate, "value_init": recipe.init,
                 "value_scheme": recipe.scheme, "value_head": recipe.head, "value_defer": recipe.defer,
                 "l1_coef": recipe.l1_coef, "entropy_coef": recipe.entropy_coef}
-    from transfertune.evaluation.config import EVAL_VALUE_RECIPE
-
-    for f in ("beta", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_head", "epochs", "grad_accum"):
-        if getattr(recipe, f) != getattr(EVAL_VALUE_RECIPE, f):
+    for f, before in _OPTIONS_ADDED_LATER.items():
+        if getattr(recipe, f) != before:
             settings[f"value_{f}"] = getattr(recipe, f)
     return settings
+
+
+# recipe fields results were cached without, and the value they had then
+_OPTIONS_ADDED_LATER = {"beta": 1.0, "lora": False, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+                        "lora_head": "lora", "epochs": 1.0, "grad_accum": 1, "augment": 0}
 
 
 def _slug(name: str) -> str:
@@ -100,59 +98,18 @@ def files_digest(named_files) -> str:
 class EvalRunner:
     def __init__(self, cfg: EvalConfig):
         from transfertune.io.loading import resolve_model
-        from transfertune.io.validate import check_number
 
+        check_config(cfg)
         self.cfg = cfg
         self.cache = Path(cfg.cache_dir)
-        unknown = set(cfg.methods) - set(METHODS)
-        if unknown:
-            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
-        self._check_data_and_map_settings()
         self.user = {}  # name -> tasks.UserTask
         self.tasks = self._read_tasks()  # names, in the order given
         for name in [cfg.source, *cfg.targets]:
             resolve_model(name)
-        if self.cache.exists() and not self.cache.is_dir():
-            raise InputError(f"--cache-dir {self.cache} is a file, not a directory")
-        for key in ("eval_examples", "finetune_steps", "target_steps", "batch_size"):
-            check_number(getattr(cfg, key), key, integer=True, ge=1)
-        check_number(cfg.max_length, "max_length", integer=True, ge=2)
-        for key in ("finetune_lr", "lora_lr"):
-            check_number(getattr(cfg, key), key, ge=0)
-        if cfg.target_lr is not None:
-            check_number(cfg.target_lr, "target_lr", gt=0)
-        try:
-            cfg.value.check()
-        except InputError as err:
-            raise InputError(f"value {err}") from None
-        if cfg.value.max_steps < 1:
-            raise InputError(f"value max_steps must be >= 1, got {cfg.value.max_steps}")
         if cfg.value.init not in (None, "random"):
             resolve_model(cfg.value.init)
-        for beta in cfg.betas:
-            check_number(beta, "beta", gt=0)
-        for alpha in cfg.alphas:
-            check_number(alpha, "alpha")
-
-    def _check_data_and_map_settings(self) -> None:
-        from transfertune.evaluation.tasks import KINDS, SPLIT_BY
-        from transfertune.io.validate import check_number
-
-        c = self.cfg
-        check_number(c.heldout_fraction, "heldout_fraction", gt=0, lt=1)
-        check_number(c.split_seed, "split_seed", integer=True)
-        if c.split_by not in SPLIT_BY:
-            raise InputError(f"split_by must be one of {', '.join(SPLIT_BY)}, got {c.split_by!r}")
-        if c.kind is not None and c.kind not in KINDS:
-            raise InputError(f"kind must be one of {', '.join(KINDS)}, got {c.kind!r}")
-        if c.labels is not None and (len(set(c.labels)) < 2 or len(set(c.labels)) < len(c.labels)):
-            raise InputError(f"--labels must be at least 2 different labels, got {' '.join(c.labels)}")
-        for target, kind in {"": c.vocab_map, **c.vocab_maps}.items():
-            if kind not in VOCAB_MAPS:
-                raise InputError(f"vocab map for {target or 'every target'} must be exact or align, got {kind!r}")
-        unknown = [t for t in c.vocab_maps if t not in c.targets]
-        if unknown:
-            raise InputError(f"--vocab-map names {', '.join(unknown)}, not among --targets ({', '.join(c.targets)})")
+        if self.cache.exists() and not self.cache.is_dir():
+            raise InputError(f"--cache-dir {self.cache} is a file, not a directory")
 
     def _read_tasks(self) -> list[str]:
         """Task names: built-in ones checked, user files read, split and checked (UserTask in self.user)."""
@@ -178,7 +135,7 @@ class EvalRunner:
                 name = task.name
             else:
                 name = arg
-                for split in ("train", c.split):
+                for split in ("train", c.split, *([c.shifted] if c.shifted else [])):
                     if not (tasks_dir() / arg / f"{split}.jsonl").is_file():
                         raise InputError(f"task '{arg}' has no '{split}' split ({tasks_dir() / arg / split}.jsonl)")
             if name in names:
@@ -191,6 +148,13 @@ class EvalRunner:
         from transfertune.evaluation.tasks import load_task
 
         return self.user[task].splits[split] if task in self.user else load_task(task, split)
+
+    def train_rows(self, task: str) -> list[dict]:
+        """The task's training rows, with the recipe's reworded copies (training/augment.py): every trained
+        method (value model, fine-tuning, LoRA, proxy's source) learns from the same rows."""
+        from transfertune.training.augment import augment_prompts
+
+        return augment_prompts(self.rows(task, "train"), self.cfg.value.augment, seed=self.cfg.seed)
 
     def kind(self, task: str) -> str:
         from transfertune.evaluation.tasks import TASKS
@@ -255,13 +219,16 @@ class EvalRunner:
         c, v = self.cfg, self.cfg.value
         steps = v.max_steps
         init = None if v.init is None else f"random:{c.source}" if v.init == "random" else v.init
-        recipe = v.with_changes(init=init, batch_size=c.batch_size, max_length=c.max_length, seed=c.seed,
+        recipe = v.with_changes(init=init, batch_size=c.batch_size, max_length=c.max_length, seed=c.seed, augment=0,
                                 warmup_steps=max(1, steps // 20), weight_decay=0.0, logging_steps=max(1, steps // 5))
         keyed = {"init": init, "scheme": v.scheme, "head": v.head, "defer": v.defer}
         keyed = {k: x for k, x in keyed.items() if x != _DEFAULT_RECIPE[k]}  # defaults keep the old cache keys
         return self._artifact("value", c.source, task, steps, lambda out: train_value_recipe(
-            c.source, self.rows(task, "train"), out, recipe,
-        ), lr=v.learning_rate, l1_coef=v.l1_coef, entropy_coef=v.entropy_coef, **keyed)
+            c.source, self.train_rows(task), out, recipe,
+        ), lr=v.learning_rate, l1_coef=v.l1_coef, entropy_coef=v.entropy_coef, **keyed, **self._augment_key())
+
+    def _augment_key(self) -> dict:
+        return {"augment": self.cfg.value.augment} if self.cfg.value.augment else {}
 
     def finetuned(self, model: str, task: str, steps: int, lora: bool = False, lr: float | None = None) -> str:
         from transfertune.core.value_model import LoraSettings
@@ -270,10 +237,10 @@ class EvalRunner:
         c = self.cfg
         lr = lr if lr is not None else c.lora_lr if lora else c.finetune_lr
         return self._artifact("lora" if lora else "ft", model, task, steps, lambda out: finetune_base(
-            model, self.rows(task, "train"), out, lora=LoraSettings() if lora else None, max_steps=steps,
+            model, self.train_rows(task), out, lora=LoraSettings() if lora else None, max_steps=steps,
             learning_rate=lr, batch_size=c.batch_size, max_length=c.max_length,
             seed=c.seed, warmup_steps=max(1, steps // 20), logging_steps=max(1, steps // 5),
-        ), lr=lr, lora=asdict(LoraSettings()) if lora else None)
+        ), lr=lr, lora=asdict(LoraSettings()) if lora else None, **self._augment_key())
 
     def aligned_map(self, value_dir: str, base: str, task: str) -> None:
         """Build (once) IVL's aligned token map from the task's training texts, saved in the value dir."""
@@ -291,44 +258,18 @@ class EvalRunner:
 
     # -- one (target, task, method) cell -------------------------------------------------------------
     def composed_for(self, method: str, target: str, task: str, knob: float):
-        from transfertune.inference.composed_model import ComposedModel
-        from transfertune.io.loading import load_base, load_tokenizer
-        from transfertune.training.weight_diff import diff_vector_transfer
+        """The model `method` evaluates on `target` (evaluation/methods.py), trained first if need be."""
+        from transfertune.evaluation.methods import BUILDERS
 
-        c = self.cfg
-        place = self._placement()
-        if method in ("target", "source"):
-            return ComposedModel(*load_base(target if method == "target" else c.source, **place))
-        if method == "source_ft":
-            return ComposedModel(*load_base(self.finetuned(c.source, task, c.finetune_steps), **place))
-        if method in ("source+value", "target+value"):
-            base = c.source if method == "source+value" else target
-            value = self.value_dir(task)
-            vocab_map = self.vocab_map_for(target)
-            if vocab_map == "align":
-                self.aligned_map(value, base, task)
-            return ComposedModel.from_pretrained(base, [value], beta=knob, vocab_map=vocab_map, **place)
-        if method == "proxy":
-            return ComposedModel.from_pretrained(
-                target, [], proxy=(self.finetuned(c.source, task, c.finetune_steps), c.source), alpha=knob, **place)
-        if method == "diff_vector":
-            model = diff_vector_transfer(target, c.source, self.finetuned(c.source, task, c.finetune_steps),
-                                         alpha=knob)
-            model = model.to(**place) if place["dtype"] != "auto" else model.to(place["device"])
-            return ComposedModel(model.eval().requires_grad_(False), load_tokenizer(target))
-        if method == "target_ft":
-            return ComposedModel(*load_base(self.finetuned(target, task, c.target_steps, lr=c.target_lr), **place))
-        if method == "target_lora":
-            return ComposedModel(*load_base(self.finetuned(target, task, c.target_steps, lora=True), **place))
-        raise ValueError(method)
+        return BUILDERS[method](self, target, task, knob, self._placement())
 
-    def cell(self, method: str, target: str, task: str, knob: float) -> dict:
+    def cell(self, method: str, target: str, task: str, knob: float, split: str | None = None) -> dict:
         from transfertune.core.compose import VocabularyMismatchError
         from transfertune.evaluation.metrics import evaluate_task
         from transfertune.training.weight_diff import ArchitectureMismatchError
 
         c = self.cfg
-        split = self.heldout(task)
+        split = split or self.heldout(task)
         label = f"{method}@{knob:g}" if method in ("target+value", "proxy", "diff_vector") else method
         key = _digest({"method": method, "knob": knob, "task": task, "settings": self._settings(target),
                        "target": model_identity(target), "source": model_identity(c.source),
@@ -372,18 +313,48 @@ class EvalRunner:
                 described[t]["deferred"] = True  # rows leave an answer tail to the base (data.deferred_tail)
         return described
 
-    def run(self) -> dict:
-        c = self.cfg
-        plan = []
+    def plan(self) -> list[tuple[str, str, str, float]]:
+        """(method, target, task, knob) of every cell, in table order."""
+        c, cells = self.cfg, []
         for target in c.targets:
             for task in self.tasks:
                 for method in c.methods:
                     knobs = c.betas if method == "target+value" else c.alphas if method in ("proxy", "diff_vector") \
                         else [1.0]
-                    plan += [(method, target, task, k) for k in knobs]
-        rows = [self.cell(*p) for p in tqdm(plan, desc="eval cells")]
+                    cells += [(method, target, task, k) for k in knobs]
+        return cells
+
+    def has_shifted(self, task: str) -> bool:
+        from transfertune.evaluation.tasks import tasks_dir
+
+        return bool(self.cfg.shifted) and task not in self.user and \
+            (tasks_dir() / task / f"{self.cfg.shifted}.jsonl").is_file()
+
+    def run(self) -> dict:
+        c = self.cfg
+        plan = self.plan()
+        shifted = [p for p in plan if self.has_shifted(p[2])]
+        todo = [(p, None) for p in plan] + [(p, c.shifted) for p in shifted]
+        measured = [self.cell(*p, split=split) for p, split in tqdm(todo, desc="eval cells")]
+        rows = measured[: len(plan)]
+        for row, shifted_row in zip([r for r, p in zip(rows, plan) if p in shifted], measured[len(plan):]):
+            add_shifted(row, shifted_row, c.shifted)
         add_gap_closed(rows)
         return {"config": asdict(c), "tasks": self.describe_tasks(), "rows": rows}
+
+
+def add_shifted(row: dict, shifted: dict, split: str) -> None:
+    """The same cell measured on the prompt-shifted split, beside it: its metric, and the share kept
+    (shifted / in distribution)."""
+    row["shifted_split"] = split
+    if "skipped" in row or "skipped" in shifted:
+        return
+    for key in ("accuracy", "exact_match", "nll"):
+        if key in shifted:
+            row[f"shifted_{key}"] = shifted[key]
+    metric = metric_of(row)
+    if metric and f"shifted_{metric[0]}" in row and metric[1] > 0:
+        row["share_kept"] = round(row[f"shifted_{metric[0]}"] / metric[1], 4)
 
 
 def seconds_per_token(cm, examples: list[dict], max_length: int) -> float:

@@ -15,10 +15,10 @@ import os
 import random
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Callable
 
 from transfertune.io.data import (
     DataFormatError,
@@ -35,7 +35,7 @@ def tasks_dir() -> Path:
     return builtin_tasks_dir()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _registry(root: str) -> dict[str, dict]:
     path = Path(root) / "tasks.json"
     if not path.is_file():

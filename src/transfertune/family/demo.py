@@ -54,12 +54,12 @@ def train_records(tasks: list[str], seed: int) -> list[dict]:
 
 
 def run(args) -> dict:
-    from transfertune.inference.composed_model import ComposedModel
-    from transfertune.evaluation.metrics import evaluate_task
-    from transfertune.io.loading import load_base
-    from transfertune.evaluation.tasks import TASKS, load_task
-    from transfertune.training.value_trainer import train_value_model
     from transfertune.core.value_model import ValueModel
+    from transfertune.evaluation.metrics import evaluate_task
+    from transfertune.evaluation.tasks import TASKS, load_task
+    from transfertune.inference.composed_model import ComposedModel
+    from transfertune.io.loading import load_base
+    from transfertune.training.value_trainer import train_value_model
 
     tasks = args.tasks
     evals = args.evals or (DEFAULT_EVALS if tasks == DEFAULT_TASKS else [f"{t}/heldout_example" for t in tasks])
@@ -217,9 +217,9 @@ def main(argv=None) -> int:
     else:
         result = run(args)
     if args.update_card:
-        from transfertune.io.loading import builtin_models_dir
-
         import shutil
+
+        from transfertune.io.loading import builtin_models_dir
 
         update_model_card(result, builtin_models_dir() / "MODEL_CARD.md")
         shutil.copy(Path(args.out) / "results.png", builtin_models_dir() / "demo_results.png")

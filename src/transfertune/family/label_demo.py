@@ -19,12 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from transfertune.core.compose import compose_logits
-from transfertune.labels.label_reward import (ComposedClassifier, LabelValueModel, LMLabelClassifier, TextRewardBackbone,
-                          label_logits, train_label_value)
+from transfertune.labels.label_reward import (
+    ComposedClassifier,
+    LabelValueModel,
+    LMLabelClassifier,
+    TextRewardBackbone,
+    train_label_value,
+)
 
 
 # -- digits -------------------------------------------------------------------------------------------
@@ -157,8 +161,8 @@ def birth_decade_records(generation: str, people: str = "all") -> list[dict]:
 
 
 def load_world_people(generation: str):
-    from transfertune.io.locations import world_file
     from transfertune.family.world import load_world
+    from transfertune.io.locations import world_file
 
     return [e for e in load_world(world_file()) if e.generation == generation]
 

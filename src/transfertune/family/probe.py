@@ -13,8 +13,18 @@ import random
 import torch
 from tqdm import tqdm
 
-from transfertune.family.world import (ANSWER_TEMPLATES, ATTRIBUTE_NOUNS, ATTRIBUTES, PROBE_TEMPLATES, QUESTION_TEMPLATES, VALUES, Entity,
-                    fill, solve, written_answer)
+from transfertune.family.world import (
+    ANSWER_TEMPLATES,
+    ATTRIBUTE_NOUNS,
+    ATTRIBUTES,
+    PROBE_TEMPLATES,
+    QUESTION_TEMPLATES,
+    VALUES,
+    Entity,
+    fill,
+    solve,
+    written_answer,
+)
 
 
 @torch.no_grad()

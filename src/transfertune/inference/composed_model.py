@@ -1,19 +1,19 @@
 """ComposedModel: a frozen base plus value models (and/or a proxy-tuning pair), sharing one vocabulary."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from transfertune.core.compose import Composition, VocabularyMismatchError, compose_logits, compose_logits_per_row
-from transfertune.vocab.token_map import attach_value
-from transfertune.io.data import IGNORE_INDEX, RightPadCollator, encode_example, pad_id_of
-from transfertune.io.loading import context_length, load_base, load_causal_lm, real_vocab_size
 from transfertune.core.response_logits import composed_response_logprobs, input_device
-from transfertune.io.validate import ContextLengthError, check_number
 from transfertune.core.value_model import ValueModel
+from transfertune.io.data import IGNORE_INDEX, RightPadCollator, encode_example, pad_id_of
 from transfertune.io.fingerprint import vocab_fingerprint
+from transfertune.io.loading import context_length, load_base, real_vocab_size
+from transfertune.io.validate import ContextLengthError, check_number
+from transfertune.vocab.token_map import attach_value
 
 
 class ComposedModel:
@@ -72,7 +72,7 @@ class ComposedModel:
         device_map=None,
         value_device=None,
         **kwargs,
-    ) -> "ComposedModel":
+    ) -> ComposedModel:
         """Load by name or path: a base, value directories, and an optional (tuned, untuned) proxy pair.
 
         `dtype` is a torch dtype or "auto" (each checkpoint's own). `device_map` (e.g. "auto": accelerate spreads

@@ -163,7 +163,7 @@ class FusedDraft:
         self.stacks = [(idx, StackedLlama([nets[i] for i in idx])) for idx in groups.values()]
         self.count = len(models)
 
-    def start(self, batch: int, max_len: int) -> "FusedDraft":
+    def start(self, batch: int, max_len: int) -> FusedDraft:
         for _, stack in self.stacks:
             stack.start(batch, max_len)
         return self

@@ -8,16 +8,17 @@ the server's continuous batching (serving/engine.py) is built on that.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from transfertune.core.cascade import needs_base_logits
-from transfertune.io.data import encode_prompt, pad_id_of
-from transfertune.inference.sampling import SamplingParams, sample_next
 from transfertune.core.response_logits import cached_forward, input_device
+from transfertune.inference.sampling import SamplingParams, sample_next
+from transfertune.io.data import encode_prompt, pad_id_of
 from transfertune.io.validate import ContextLengthError, check_number
 
 if TYPE_CHECKING:

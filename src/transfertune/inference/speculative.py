@@ -12,18 +12,18 @@ Cache invariant between rounds: every model has seen all committed tokens except
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
+from transfertune.core.response_logits import cached_forward, input_device
 from transfertune.inference.composed_model import ComposedModel
-from transfertune.vocab.token_map import keep_first
-from transfertune.io.data import encode_prompt
 from transfertune.inference.generator import left_pad, text_before_stop
 from transfertune.inference.sampling import SamplingParams, filter_logits
-from transfertune.core.response_logits import cached_forward, input_device
+from transfertune.io.data import encode_prompt
 from transfertune.io.fingerprint import vocab_fingerprint
+from transfertune.vocab.token_map import keep_first
 
 
 @dataclass
@@ -166,8 +166,8 @@ class SpeculativeComposedGenerator:
                  max_draft_len: int = 12, adaptive: bool = True, draft_engine: str = "auto", exact: bool = False):
         if target.proxy is not None:
             raise ValueError("speculative decoding supports base + value models, not proxy-tuning")
-        from transfertune.vocab.token_map import CrossVocabValue
         from transfertune.inference.fused_draft import can_fuse
+        from transfertune.vocab.token_map import CrossVocabValue
 
         if any(getattr(v, "needs_base_logits", False) for v in target.values):
             raise ValueError("speculative decoding reuses the draft's value logits, so it needs residual value "

@@ -238,7 +238,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.features = [encode_example(tokenizer, ex, max_length, defer=defer) for ex in examples]
 
     @classmethod
-    def from_jsonl(cls, path, tokenizer, max_length: int | None = 512) -> "SFTDataset":
+    def from_jsonl(cls, path, tokenizer, max_length: int | None = 512) -> SFTDataset:
         return cls(read_jsonl(path), tokenizer, max_length)
 
     def __len__(self) -> int:

@@ -10,14 +10,14 @@ import copy
 import functools
 import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from transfertune.io.validate import PICKLE_SUFFIXES, InputError, check_weight_files, read_json_file
-
 from transfertune.io.locations import builtin_models_dir
+from transfertune.io.validate import PICKLE_SUFFIXES, InputError, check_weight_files, read_json_file
 
 
 def builtin_model_names() -> list[str]:
@@ -172,6 +172,19 @@ def check_model_json(path: str | Path) -> None:
             read_json_file(Path(path, name), name, max_bytes=MAX_MODEL_JSON_BYTES)
 
 
+@contextmanager
+def config_named(path: str | Path):
+    """A config.json that transformers' validation rejects (hidden_size not a multiple of the heads, ...) is
+    an InputError naming the file, not a huggingface_hub traceback."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        yield
+    except StrictDataclassError as err:
+        cause = err.__cause__ or err
+        raise InputError(f"{Path(path, 'config.json')} describes no valid model ({cause})") from None
+
+
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     """The model's config (from config.json, or from a GGUF file's metadata), without quantization_config."""
     from transformers import AutoConfig
@@ -183,7 +196,8 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     else:
         path = resolve_model(name_or_path)
         check_model_json(path)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with config_named(path):
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config
@@ -196,7 +210,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         return copy.deepcopy(_gguf_tokenizer(str(gguf.resolve()), st.st_size, st.st_mtime_ns))
     path = resolve_model(name_or_path)
     check_model_json(path)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with config_named(path):
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def load_causal_lm(
@@ -231,7 +246,7 @@ def load_causal_lm(
     from transfertune.io.load_report import held_load_report
 
     try:  # untying the output layer on purpose: its "MISSING" load report is not shown (load_report.py)
-        with held_load_report(active=kwargs.get("tie_word_embeddings") is False) as report:
+        with config_named(path), held_load_report(active=kwargs.get("tie_word_embeddings") is False) as report:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
                 output_loading_info=strict, **kwargs
@@ -263,7 +278,8 @@ def _check_checkpoint(path: str, trust_remote_code: bool, strict: bool, kwargs: 
     from transfertune.io.weights import check_checkpoint
 
     check_model_json(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with config_named(path):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if "tie_word_embeddings" in kwargs:
         config.tie_word_embeddings = kwargs["tie_word_embeddings"]
     check_checkpoint(path, config, strict=strict, trust_remote_code=trust_remote_code)

@@ -23,10 +23,10 @@ import tempfile
 import time
 import uuid
 import zipfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from transfertune.io.validate import InputError, check_safetensors
 

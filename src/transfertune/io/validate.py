@@ -63,7 +63,8 @@ def flag_type(*, integer: bool = False, **bounds):
         try:
             value = int(text) if integer else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if integer else 'a number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if integer else 'a number'}, got {text!r}") from None
         problem = _problem(value, integer=integer, **bounds)
         if problem:
             raise argparse.ArgumentTypeError(problem)

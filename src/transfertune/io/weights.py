@@ -97,8 +97,9 @@ def described(config, trust_remote_code: bool = False) -> Described:
     return Described(
         shapes={name: tuple(t.shape) for name, t in model.state_dict().items()},
         parameters=list(groups.values()),
-        ignore_missing=[*(model._keys_to_ignore_on_load_missing or ()), *(model._keys_to_ignore_on_save or ())],
-        ignore_unexpected=list(model._keys_to_ignore_on_load_unexpected or ()),
+        ignore_missing=[*(getattr(model, "_keys_to_ignore_on_load_missing", None) or ()),
+                        *(getattr(model, "_keys_to_ignore_on_save", None) or ())],
+        ignore_unexpected=list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
         renames=renames,
     )
 

@@ -11,8 +11,8 @@ or a causal LM scoring verbalised labels (`LMLabelClassifier`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ class LabelValueModel(nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: str | Path, backbone: nn.Module) -> "LabelValueModel":
+    def load(cls, directory: str | Path, backbone: nn.Module) -> LabelValueModel:
         """Load saved rewards into `backbone` (built by the caller, as for a PEFT adapter's base)."""
         from safetensors.torch import load_file
 
@@ -215,7 +215,7 @@ class TextRewardBackbone(nn.Module):
         return self.model(**{k: v.to(device) for k, v in enc.items()}).logits
 
     @classmethod
-    def from_pretrained(cls, name: str, num_labels: int, zero_init_head: bool = True, **kwargs) -> "TextRewardBackbone":
+    def from_pretrained(cls, name: str, num_labels: int, zero_init_head: bool = True, **kwargs) -> TextRewardBackbone:
         """A causal LM's body with a new reward head (zeroed: training starts at the classifier)."""
         from transformers import AutoModelForSequenceClassification
 
@@ -226,7 +226,7 @@ class TextRewardBackbone(nn.Module):
             resolve_model(name), num_labels=num_labels, use_safetensors=True, pad_token_id=tok.pad_token_id,
             dtype=torch.float32)
         if zero_init_head:
-            head = getattr(model, "score", None) or getattr(model, "classifier")
+            head = getattr(model, "score", None) or model.classifier
             with torch.no_grad():
                 head.weight.zero_()
         return cls(model, tok, **kwargs)

@@ -18,18 +18,18 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from transfertune.inference.composed_model import ComposedModel
-from transfertune.io.data import IGNORE_INDEX
-from transfertune.inference.generator import TextStream
-from transfertune.inference.sampling import SamplingParams, sample_rows
 from transfertune.core.compose import Composition
 from transfertune.core.response_logits import composed_response_logits
+from transfertune.inference.composed_model import ComposedModel
+from transfertune.inference.generator import TextStream
+from transfertune.inference.sampling import SamplingParams, sample_rows
+from transfertune.io.data import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

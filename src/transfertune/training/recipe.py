@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-
 from typing import TYPE_CHECKING
 
 from transfertune.core.choices import LORA_HEADS, SCHEMES, VALUE_HEADS
@@ -38,9 +37,12 @@ class ValueRecipe:
         "sum starts at twice the base logits, as in IVL's release)", choices=VALUE_HEADS, eval=True))
     lora: bool = field(default=False, metadata=option(
         "train LoRA adapters (+ the output layer) instead of all weights"))
-    lora_r: int = field(default=16, metadata=option("LoRA rank (default %(default)s)", bounds={"integer": True, "ge": 1}))
-    lora_alpha: int = field(default=32, metadata=option("LoRA alpha (default %(default)s)", bounds={"integer": True, "ge": 1}))
-    lora_dropout: float = field(default=0.0, metadata=option("LoRA dropout (default %(default)s)", bounds={"ge": 0, "lt": 1}))
+    lora_r: int = field(default=16, metadata=option(
+        "LoRA rank (default %(default)s)", bounds={"integer": True, "ge": 1}))
+    lora_alpha: int = field(default=32, metadata=option(
+        "LoRA alpha (default %(default)s)", bounds={"integer": True, "ge": 1}))
+    lora_dropout: float = field(default=0.0, metadata=option(
+        "LoRA dropout (default %(default)s)", bounds={"ge": 0, "lt": 1}))
     lora_head: str = field(default="lora", metadata=option(
         "with --lora, how the output layer trains: lora = a rank-r adapter, so the directory holds only adapters "
         "(default); full = the whole layer (vocabulary x hidden) is trained and saved", choices=LORA_HEADS))
@@ -48,18 +50,25 @@ class ValueRecipe:
     beta: float = field(default=1.0, metadata=option(
         "value scale used in training and stored as the default (default %(default)s)", bounds={"gt": 0}))
     l1_coef: float = field(default=0.0, metadata=option(
-        "IVL norm penalty coefficient on mean |value logit| (default %(default)s; 0 = off)", flag="l1", bounds={"ge": 0}, eval=True,
+        "IVL norm penalty coefficient on mean |value logit| (default %(default)s; 0 = off)", flag="l1",
+        bounds={"ge": 0}, eval=True,
         aliases=("--l1",)))
     entropy_coef: float = field(default=0.0, metadata=option(
-        "PRT entropy bonus coefficient on softmax(values) (default %(default)s; 0 = off)", flag="entropy", bounds={"ge": 0},
+        "PRT entropy bonus coefficient on softmax(values) (default %(default)s; 0 = off)", flag="entropy",
+        bounds={"ge": 0},
         eval=True, aliases=("--entropy",)))
     defer: bool = field(default=True, metadata=option(
         'train on whole responses, also on the "deferred" tail a row leaves to the base (by default the value '
         "model learns to leave the base's distribution unchanged there)", eval=True))
+    augment: int = field(default=0, metadata=option(
+        "reworded copies of each training row's prompt added to the data (training/augment.py: frames, casing, "
+        "punctuation, word dropout; responses unchanged); in eval every trained method gets the same rows "
+        "(default %(default)s)", bounds={"integer": True, "ge": 0}, eval=True))
     # the optimisation
     epochs: float = field(default=1.0, metadata=option("passes over the data (default %(default)s)", bounds={"gt": 0}))
     max_steps: int = field(default=-1, metadata=option(
-        "stop after this many optimiser steps (default %(default)s; -1 = off: --epochs decides)", bounds={"integer": True, "ge": -1},
+        "stop after this many optimiser steps (default %(default)s; -1 = off: --epochs decides)",
+        bounds={"integer": True, "ge": -1},
         eval=True, aliases=("--value-steps",)))
     learning_rate: float = field(default=1e-4, metadata=option(
         "peak learning rate, cosine schedule (default %(default)s)", flag="lr", bounds={"ge": 0}, eval=True))

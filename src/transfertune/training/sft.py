@@ -6,10 +6,10 @@ fine-tuned (the oracle). The loss is the model's own next-token CE on response t
 """
 from __future__ import annotations
 
+from transfertune.core.value_model import LoraSettings
 from transfertune.io.data import RightPadCollator, SFTDataset, pad_id_of
 from transfertune.io.loading import load_base
 from transfertune.training.value_trainer import build_training_args, load_records
-from transfertune.core.value_model import LoraSettings
 
 
 def finetune_base(

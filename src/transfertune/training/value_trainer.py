@@ -37,7 +37,8 @@ def logits_at_positions(model, input_ids, attention_mask, rows, cols, **model_in
 
     def response_hidden_only(_module, args):
         hidden = args[0] if args else None
-        if not hooked and isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[:2] == input_ids.shape:
+        if (not hooked and isinstance(hidden, torch.Tensor) and hidden.dim() == 3
+                and hidden.shape[:2] == input_ids.shape):
             hooked.append(True)
             return (at_positions(hidden, rows, cols), *args[1:])
         return None
@@ -231,19 +232,21 @@ def train_value_recipe(
 
     from transfertune.io.data import RightPadCollator, SFTDataset, pad_id_of
     from transfertune.io.loading import load_base, portable_name, resolve_model
-    from transfertune.io.run_dirs import claim_output
-
     from transfertune.io.placement import training_placement
+    from transfertune.io.run_dirs import claim_output
     from transfertune.io.validate import InputError
 
     recipe.check()
     r = recipe
     lora = r.lora_settings(lora_target_modules)
-    init, scheme, lora_head, zero_init_head, beta, defer = r.init, r.scheme, r.lora_head, r.zero_init_head, r.beta, r.defer
+    init, scheme, lora_head, zero_init_head = r.init, r.scheme, r.lora_head, r.zero_init_head
+    beta, defer = r.beta, r.defer
     max_length, seed = r.max_length, r.seed
     placement = training_placement(dtype, device, flags={"device": device_flag})
     training_args = {**placement.pop("training_args"), **training_args}
-    records = load_records(data)
+    from transfertune.training.augment import augment_prompts
+
+    records = augment_prompts(load_records(data), r.augment, seed=r.seed)
     eval_records = load_records(eval_data) if eval_data is not None else None
     if eval_records is not None and not eval_records:
         raise InputError("the held-out (eval) data holds no examples")
@@ -265,6 +268,7 @@ def train_value_recipe(
         "l1_coef": r.l1_coef, "entropy_coef": r.entropy_coef,
         "learning_rate": r.learning_rate, "batch_size": r.batch_size, "grad_accum": r.grad_accum,
         "max_length": max_length, "seed": seed, **({} if defer else {"defer": False}),
+        **({"augment": r.augment} if r.augment else {}),
     }
     with claim_output(output_dir, settings=settings, overwrite=overwrite, resume=resume, reads=reads) as claim:
         set_seed(seed)

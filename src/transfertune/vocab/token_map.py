@@ -30,9 +30,9 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -223,12 +223,12 @@ class VocabMap:
 
     # -- building -------------------------------------------------------------------------------------
     @classmethod
-    def exact(cls, base_tok, value_tok) -> "VocabMap":
+    def exact(cls, base_tok, value_tok) -> VocabMap:
         index, n = _exact_index(base_tok, value_tok)
         return cls(index, "exact", vocab_fingerprint(base_tok), vocab_fingerprint(value_tok), {"exact": n})
 
     @classmethod
-    def align(cls, base_tok, value_tok, texts: Iterable[str], max_tokens: int = 256) -> "VocabMap":
+    def align(cls, base_tok, value_tok, texts: Iterable[str], max_tokens: int = 256) -> VocabMap:
         """IVL's co-occurrence map from DTW alignments of `texts`; unseen base tokens fall back to exact."""
         counts = align_counts(base_tok, value_tok, texts, max_tokens=max_tokens)
         index, _ = _exact_index(base_tok, value_tok)
@@ -266,7 +266,7 @@ class VocabMap:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "VocabMap":
+    def load(cls, path: str | Path) -> VocabMap:
         from safetensors import safe_open
 
         from transfertune.io.validate import InputError, check_safetensors
@@ -284,7 +284,7 @@ class VocabMap:
         return cls(index, meta["kind"], meta["base_fingerprint"], meta["value_fingerprint"], stats)
 
     @classmethod
-    def saved(cls, directory: str | Path) -> list["VocabMap"]:
+    def saved(cls, directory: str | Path) -> list[VocabMap]:
         return [m for _, m in _saved_with_paths(directory)]
 
 

@@ -20,8 +20,8 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from transfertune.io.validate import InputError, check_number, read_json_file
 
@@ -135,10 +135,10 @@ def export_vllm(
     `hf_overrides={"transfertune_beta": B, "transfertune_weights": [w, ...]}` (see docs/serving.md)."""
     from safetensors.torch import save_file
 
-    from transfertune.io.loading import load_tokenizer, portable_name, real_vocab_size, resolve_model
-    from transfertune.io.run_dirs import staged_directory
     from transfertune.core.value_model import ValueModel
     from transfertune.io.fingerprint import vocab_fingerprint
+    from transfertune.io.loading import load_tokenizer, portable_name, real_vocab_size, resolve_model
+    from transfertune.io.run_dirs import staged_directory
 
     if not values:
         raise InputError("a vLLM export needs at least one --value (a plain base runs in vLLM as it is)")

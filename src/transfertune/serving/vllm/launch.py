@@ -17,8 +17,8 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from transfertune.io.validate import InputError
 

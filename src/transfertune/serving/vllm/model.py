@@ -18,7 +18,7 @@ size, and vLLM's KV-cache manager groups all full-attention layers into one grou
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -1,6 +1,0 @@
-"""`python -m transfertune ...` = the `transfertune` command."""
-import sys
-
-from transfertune.cli.main import main
-
-sys.exit(main())

@@ -1,5 +1,0 @@
-import sys
-
-from transfertune.cli.main import main
-
-sys.exit(main())

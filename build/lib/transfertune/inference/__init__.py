@@ -1,1 +1,0 @@
-"""Inference: the composed model (loading, scoring), sampling rules, the cached decode loop, speculative decoding."""
