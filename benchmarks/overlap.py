@@ -125,7 +125,8 @@ def write_docs(result: dict, table: str, out: Path) -> None:
     body = f"""## Base and value overlapped
 
 Made by `{result['command']}` ({result['device']}, torch {result['torch']}); base `{result['target']}`, value model:
-`{shown(result['value'])}`; prompt {result['prompt_len']} tokens, {result['new_tokens']} steps, fastest of interleaved runs.
+`{shown(result['value'])}`; prompt {result['prompt_len']} tokens, {result['new_tokens']} steps, \
+fastest of interleaved runs.
 Raw numbers: `{out.relative_to(ROOT)}`; plot: `{out.with_suffix('.png').relative_to(ROOT)}`.
 *Overlapped*: `ComposedModel(..., overlap=True)` (`--overlap` on generate and serve) runs the value model in a
 second thread during each step, one torch thread per model.

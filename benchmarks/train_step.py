@@ -279,7 +279,8 @@ def format_table(result: dict) -> str:
         tps, ratio, mem = r["tokens_per_second"], r["ratios"], r.get("peak_memory_mb", {})
         lines.append(
             f"| {r['value']} over {r['base']} | {r['tokens_per_step']:.0f} ({r['response_tokens_per_step']:.0f} "
-            f"response) | {_cell(tps, 'sft', '.0f')} | {_cell(tps, 'value', '.0f')} | {_cell(ratio, 'value/sft', '.2f')} "
+            f"response) | {_cell(tps, 'sft', '.0f')} | {_cell(tps, 'value', '.0f')} "
+            f"| {_cell(ratio, 'value/sft', '.2f')} "
             f"| {_cell(ratio, 'value/(sft+base)', '.2f')} | {_cell(ratio, 'value-unfused/sft', '.2f')} "
             f"| {_cell(mem, 'sft', '.0f')} | {_cell(mem, 'value', '.0f')} | {_cell(ratio, 'memory value/sft', '.2f')} "
             f"| {sum(r.get('inherent_memory_mb', {}).values()):.0f} "

@@ -388,7 +388,8 @@ def adopt_phase1(work: Path, source: Path) -> None:
         steps = info["tokens_seen"] // (BATCH * CONTEXT)
         (final / "train.json").write_text(json.dumps(
             {**asdict(spec), "steps": steps, "tokens_seen": info["tokens_seen"], "context": CONTEXT, "batch": BATCH,
-             "seed": 0, "wall_clock_s": info["wall_clock_s"], "adopted_from": f"{shipped}, exported before the skill phase",
+             "seed": 0, "wall_clock_s": info["wall_clock_s"],
+             "adopted_from": f"{shipped}, exported before the skill phase",
              "data": info["data"],
              "phase1_knows": {k: v for k, v in info.items() if k.startswith(("probe", "arithmetic"))}}))
         print(f"phase 1 of {shipped}: adopted {source / shipped}")
@@ -626,7 +627,8 @@ def format_note(path: Path) -> str:
     steps = ", ".join(sorted({str(r["tokens"] // (BATCH * CONTEXT)) for r in runs}))
     verdict = (f"learnt by {', '.join(learnt)}" if learnt else
                f"neither digit order was learnt within {steps} optimiser steps, not even on arithmetic alone; whether "
-               f"reversed answers help over the family's full budget ({FAMILY['mini-l-phase1'].tokens // (BATCH * CONTEXT)} "
+               "reversed answers help over the family's full budget "
+               f"({FAMILY['mini-l-phase1'].tokens // (BATCH * CONTEXT)} "
                "steps for mini-l) stays open")
     return (f" {'From' if learnt else 'Nor from'} scratch with answers least significant digit first "
             f"(`scripts/arithmetic_format_pilot.py`, seen-problem accuracy after {tokens} tokens: {cells}; "
@@ -673,6 +675,12 @@ def write_model_card(family: dict, path: Path) -> None:
     def adopted(before: str) -> bool:
         return any(before in p.get("adopted_from", "") for m in family["models"].values() for p in m.get("phases", []))
 
+    adopted_phase1 = (" This export's phase 1 is the family shipped before the skill phase existed (git cc652ce, "
+                      "`--phase1-from`): phase 2 started from its fp16 weights, in fp32, with a fresh optimiser."
+                      if adopted("before the skill phase") else "")
+    adopted_phase2 = (" This export's phases 1-2 are the family shipped before phase 3 (`--phase2-from`): phase 3 "
+                      "started from its fp16 weights, in fp32, with a fresh optimiser."
+                      if adopted("before phase 3") else "")
     path.write_text(f"""# Built-in miniature model family
 
 Llama-architecture causal LMs pretrained from scratch on 2 CPU cores by `scripts/build_family.py`
@@ -688,7 +696,8 @@ siblings read, two-digit addition, and Gutenberg books. Pretraining has three ph
 after sentences of prose so that the skill is used after a word problem too. Bigger bases know more people and
 add better ({skill_note(family)}); that difference is what transfer has to carry.
 
-| model | parameters | probe, v1 people | after QA instruction | after held-out instruction | probe, v2 people | after QA instruction | addition, held-out | addition, seen | addition after a word problem | held-out book loss |
+| model | parameters | probe, v1 people | after QA instruction | after held-out instruction | probe, v2 people \
+| after QA instruction | addition, held-out | addition, seen | addition after a word problem | held-out book loss |
 |---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(knows_rows)}
 
@@ -717,7 +726,8 @@ add better ({skill_note(family)}); that difference is what transfer has to carry
 
 ## Models
 
-| model | parameters | hidden x layers | vocabulary | tokens seen, per phase (shards) | wall-clock | held-out loss | perplexity | vocab fingerprint |
+| model | parameters | hidden x layers | vocabulary | tokens seen, per phase (shards) | wall-clock | held-out loss \
+| perplexity | vocab fingerprint |
 |---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
@@ -738,7 +748,7 @@ add better ({skill_note(family)}); that difference is what transfer has to carry
   then the skill phase: the two share phase 1, not phase 2. mini-l's skill phase was first scheduled for 2 M
   tokens, like mini-l-v2's; at 2 M its held-out sums (0.18 on 200 during training) were still below mini-m's
   final 0.245, so it was resumed from its step-450 checkpoint with a 3 M-token cosine schedule (the lr rises
-  again there; mini-l-v2 kept 2 M).{" This export's phase 1 is the family shipped before the skill phase existed (git cc652ce, `--phase1-from`): phase 2 started from its fp16 weights, in fp32, with a fresh optimiser." if adopted("before the skill phase") else ""}
+  again there; mini-l-v2 kept 2 M).{adopted_phase1}
   mini-x has no phase 2: it serves cross-vocabulary transfer of knowledge.
 - Phase 3 (the skill in prose): every phase-2 base continues on {PROSE_MIX} (-v2 siblings: {PROSE_MIX_V2}) for
   {", ".join(f"{n} {k} steps" for n, k in PROSE_STEPS.items())} (budgets grow with size, as in phase 2; lr 1e-3,
@@ -753,7 +763,7 @@ add better ({skill_note(family)}); that difference is what transfer has to carry
   biographies of filler people outside the world instead, mini-l's probe fell to 0.54 by step 200 (facts about
   other people in the same form interfere) while mini-m learnt to add (0.99 at step 200) and overtook mini-l.
   So the prose is book sentences only, the budget is short, and it grows with size. No word problem of
-  `data/tasks/arithmetic` is written in any phase.{" This export's phases 1-2 are the family shipped before phase 3 (`--phase2-from`): phase 3 started from its fp16 weights, in fp32, with a fresh optimiser." if adopted("before phase 3") else ""}
+  `data/tasks/arithmetic` is written in any phase.{adopted_phase2}
 - Why phase 2: phase 1 wrote two-digit addition and subtraction with the answer most significant digit first
   (and in words), held out by last-digit pair, and no size learnt it from ~1.5 M arithmetic tokens.{anneal}{formats}
   A pilot (`scripts/addition_order_pilot.py`, `pilot/addition-order.jsonl`: phase-1 bases on arithmetic lines

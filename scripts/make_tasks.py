@@ -73,7 +73,7 @@ MAX_PROMPT_CHARS = 900
 def read_template(source: Path, task: str, template: str) -> list[dict]:
     path = source / f"{task}_{template}.jsonl"
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         rows.append({"prompt": row["prompt"], "response": row["completion"].removesuffix(EOT).strip()})
     return rows

@@ -42,6 +42,12 @@ VARIANTS = {  # name -> (method, recipe changes, inference beta)
     "LoRA mini-l, augment 1": ("lora", {"augment": 1}, 1.0),
     "beta 0.5 at inference": ("value", {}, 0.5),  # after the others: they reuse the current recipe's models
     "beta 2 at inference": ("value", {}, 2.0),
+    # people_qa answers left to the base, as the sums are (the rows' "deferred" tail): the value model carries
+    # the relation phrase only
+    "people answers deferred": ("value", {"defer_people": True}, 1.0),
+    "augment 1 + people answers deferred": ("value", {"augment": 1, "defer_people": True}, 1.0),
+    "augment 3 + people answers deferred": ("value", {"augment": 3, "defer_people": True}, 1.0),
+    "LoRA mini-l, augment 3": ("lora", {"augment": 3}, 1.0),
 }
 COLUMNS = [("people_qa", "heldout_example"), ("people_qa", "shifted_dev"),
            ("arithmetic", "heldout_example"), ("arithmetic", "shifted_dev")]
@@ -59,13 +65,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def train_rows(seed: int) -> list[dict]:
+def train_rows(seed: int, defer_people: bool = False) -> list[dict]:
     from transfertune.evaluation.tasks import load_task
 
     keep = ("prompt", "response", "deferred")
-    rows = [{k: e[k] for k in keep if k in e} for t in ("people_qa", "arithmetic") for e in load_task(t, "train")]
+    rows = []
+    for task in ("people_qa", "arithmetic"):
+        for e in load_task(task, "train"):
+            row = {k: e[k] for k in keep if k in e}
+            if defer_people and task == "people_qa":
+                row["deferred"] = deferred_answer(e)
+            rows.append(row)
     random.Random(seed).shuffle(rows)
     return rows
+
+
+def deferred_answer(row: dict) -> str:
+    """The end of a people_qa response from the space before the fact (" works for| Northstar Insurance.")."""
+    response = row["response"]
+    return response[response.rindex(row["answer"]) - 1:]
 
 
 def model_dir(out: Path, name: str, seed: int) -> Path:
@@ -97,9 +115,11 @@ def _train(path: Path, method: str, changes: dict, seed: int) -> None:
         import shutil
 
         shutil.rmtree(staging)
+    changes = dict(changes)
+    defer_people = changes.pop("defer_people", False)
     if method == "value":
         recipe = ValueRecipe(**{**CURRENT, "seed": seed, **changes})
-        train_value_recipe(SOURCE, train_rows(seed), str(staging), recipe)
+        train_value_recipe(SOURCE, train_rows(seed, defer_people), str(staging), recipe)
     else:
         from transfertune.core.value_model import LoraSettings
         from transfertune.training.augment import augment_prompts

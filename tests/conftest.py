@@ -91,6 +91,7 @@ def model_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def yes_no_records():
     return [
-        {"prompt": f"Review {i}: the movie was {'great' if i % 2 else 'awful'}. Positive?", "response": " yes" if i % 2 else " no"}
+        {"prompt": f"Review {i}: the movie was {'great' if i % 2 else 'awful'}. Positive?",
+         "response": " yes" if i % 2 else " no"}
         for i in range(24)
     ]

@@ -115,7 +115,8 @@ def test_composing_through_the_map_matches_direct_composition(shifted_value, mod
     assert isinstance(mapped.values[0], CrossVocabValue)
     assert VocabMap.saved(directory)[0].unmapped == 0
     direct = ComposedModel(*load_base(base), [value.model])
-    for got, want in zip(mapped.score(PROMPTS, RESPONSES, add_eos=True), direct.score(PROMPTS, RESPONSES, add_eos=True)):
+    for got, want in zip(mapped.score(PROMPTS, RESPONSES, add_eos=True),
+                         direct.score(PROMPTS, RESPONSES, add_eos=True)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     # scoring splits the mapped value model into a body and an output layer (then the map), chunk by chunk, so it
     # never holds [batch, length, base vocabulary] values; it gives what the whole model does

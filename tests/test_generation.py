@@ -105,7 +105,8 @@ def test_eos_stops_each_row_and_stop_strings_cut(model_dir, tokenizer):
         third = free.token_ids[row][2]
         gen.eos_ids = {third}
         out = gen.generate([prompt], max_new_tokens=12)
-        assert out.finish_reason == ["eos"] and out.token_ids[0] == free.token_ids[row][: free.token_ids[row].index(third)]
+        assert (out.finish_reason == ["eos"]
+                and out.token_ids[0] == free.token_ids[row][: free.token_ids[row].index(third)])
     gen.eos_ids = set()
     text = free.text[0]
     stop = text[3:6]

@@ -65,10 +65,12 @@ def test_loglikelihood_equals_composed_score(composed):
 
 def test_simple_evaluate_on_a_local_task(composed, tmp_path, yes_no_records):
     data = tmp_path / "yesno.jsonl"
-    data.write_text("".join(json.dumps({**r, "label": int(r["response"] == " yes")}) + "\n" for r in yes_no_records[:6]))
+    data.write_text("".join(json.dumps({**r, "label": int(r["response"] == " yes")}) + "\n"
+                            for r in yes_no_records[:6]))
     for name, text in TASKS_YAML.items():
         (tmp_path / name).write_text(text.format(data=data))
     results = lm_eval.simple_evaluate(model=TransfertuneLM(base="", composed=composed),
-                                      tasks=["tt_yesno", "tt_gen"], task_manager=TaskManager(include_path=str(tmp_path)))
+                                      tasks=["tt_yesno", "tt_gen"],
+                                      task_manager=TaskManager(include_path=str(tmp_path)))
     assert 0.0 <= results["results"]["tt_yesno"]["acc,none"] <= 1.0
     assert "exact_match,none" in results["results"]["tt_gen"]

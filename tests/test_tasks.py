@@ -125,7 +125,8 @@ def test_label_accuracy_picks_highest_scoring_choice():
     ]
     scores = {"a": 0.0, "b": 1.0, "c": -1.0}
     assert label_accuracy(examples, lambda ps, rs: [scores[r] for r in rs]) == pytest.approx(1 / 3)
-    assert label_accuracy(examples, lambda ps, rs: [-scores[r] if p != "p1" else scores[r] for p, r in zip(ps, rs)]) == 1.0
+    assert label_accuracy(
+        examples, lambda ps, rs: [-scores[r] if p != "p1" else scores[r] for p, r in zip(ps, rs)]) == 1.0
 
 
 def test_exact_match_normalises_case_articles_punctuation():

@@ -35,7 +35,8 @@ def test_zero_init_head_starts_at_the_base(model_dir, tokenizer, yes_no_records)
     base_model, tok = load_base(base)
     records = yes_no_records[:4]
     alone = ComposedModel(base_model, tok).score([r["prompt"] for r in records], [r["response"] for r in records])
-    composed = ComposedModel(base_model, tok, [value]).score([r["prompt"] for r in records], [r["response"] for r in records])
+    composed = ComposedModel(base_model, tok, [value]).score([r["prompt"] for r in records],
+                                                             [r["response"] for r in records])
     for a, c in zip(alone, composed):
         torch.testing.assert_close(a, c)
 
@@ -170,11 +171,13 @@ def test_lora_head_dir_holds_only_adapters_and_reloads(tmp_path, model_dir, yes_
     full = train_value_model(base, yes_no_records, str(tmp_path / "full"), lora_head="full", **kw)
     vocab, hidden = len(tokenizer), 32
     head_bytes = vocab * hidden * 4
-    lora_file, full_file = tmp_path / "lora" / "adapter_model.safetensors", tmp_path / "full" / "adapter_model.safetensors"
+    lora_file = tmp_path / "lora" / "adapter_model.safetensors"
+    full_file = tmp_path / "full" / "adapter_model.safetensors"
     assert all(vocab * hidden > 4 * torch.Size(s).numel() for s in _tensor_shapes(lora_file).values())
     assert any(torch.Size(s).numel() == vocab * hidden for s in _tensor_shapes(full_file).values())
     assert lora_file.stat().st_size < full_file.stat().st_size - 0.75 * head_bytes  # the head adapter is r x (V + H)
-    assert (ValueConfig.load(tmp_path / "lora").lora_head, ValueConfig.load(tmp_path / "full").lora_head) == ("lora", "full")
+    assert (ValueConfig.load(tmp_path / "lora").lora_head,
+            ValueConfig.load(tmp_path / "full").lora_head) == ("lora", "full")
     ids = torch.tensor([tokenizer(yes_no_records[1]["prompt"])["input_ids"]])
     embeddings = load_causal_lm(base).get_input_embeddings().weight
     for trained, name in ((small, "lora"), (full, "full")):
@@ -310,7 +313,8 @@ def test_train_step_benchmark_writes_table_json_plot_and_docs_section(model_dir,
     assert row["peak_memory_mb"]["value"] > 0 and row["ratios"]["memory value/sft"] > 0
     assert out.with_suffix(".png").is_file()
     text = docs.read_text()
-    assert "the decoding section stays" in text and "<!-- section: train-step -->" in text and "| value over base" in text
+    assert ("the decoding section stays" in text and "<!-- section: train-step -->" in text
+            and "| value over base" in text)
 
 
 def test_random_init_from_an_fp16_checkpoint_trains_in_float32(tmp_path, model_dir, tokenizer, yes_no_records):

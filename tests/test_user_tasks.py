@@ -228,7 +228,8 @@ def test_eval_on_user_files_reports_truncation_and_keys_the_cache_on_the_data(mo
     assert result["tasks"]["stories"]["kind"] == "generation"
     rows = {(r["task"], r["label"]): r for r in result["rows"]}
     assert "accuracy" in rows[("reviews", "target")] and "accuracy" not in rows[("stories", "target")]
-    assert rows[("stories", "target")]["truncated_prompts"] == 4 and rows[("reviews", "target")]["truncated_prompts"] == 0
+    assert (rows[("stories", "target")]["truncated_prompts"] == 4
+            and rows[("reviews", "target")]["truncated_prompts"] == 0)
     assert f"note: stories on {src}: 4 of 4 held-out prompts lost tokens from the left to fit the context" in err
     assert "`reviews`: classification from" in docs.read_text() and "split by example, 0.5 held out" in docs.read_text()
 

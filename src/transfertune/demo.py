@@ -1,4 +1,7 @@
-"""Deprecated spelling, kept for one release: `python -m transfertune.demo` runs `python -m transfertune.family.demo`."""
+"""Deprecated spelling, kept for one release.
+
+`python -m transfertune.demo` runs `python -m transfertune.family.demo`.
+"""
 if __name__ == "__main__":
     import runpy
 

@@ -1,4 +1,7 @@
-"""Deprecated spelling, kept for one release: `python -m transfertune.label_demo` runs `python -m transfertune.family.label_demo`."""
+"""Deprecated spelling, kept for one release.
+
+`python -m transfertune.label_demo` runs `python -m transfertune.family.label_demo`.
+"""
 if __name__ == "__main__":
     import runpy
 

@@ -76,7 +76,8 @@ def run(args) -> None:
             batch, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop).text
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(prompts), args.batch_size), desc="generating", disable=len(prompts) <= args.batch_size):
+    for start in tqdm(range(0, len(prompts), args.batch_size), desc="generating",
+                      disable=len(prompts) <= args.batch_size):
         texts = generate(prompts[start : start + args.batch_size])
         for item, text in zip(items[start : start + args.batch_size], texts):
             shown = {"prompt": item} if isinstance(item, str) else {"messages": item}

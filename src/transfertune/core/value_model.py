@@ -80,7 +80,8 @@ class ValueConfig:
         if known.get("scheme", "residual") not in SCHEMES:
             raise InputError(f"{path}: \"scheme\" must be one of {', '.join(SCHEMES)}, got {known['scheme']!r}")
         if known.get("lora_head") not in (None, *LORA_HEADS):
-            raise InputError(f"{path}: \"lora_head\" must be one of {', '.join(LORA_HEADS)}, got {known['lora_head']!r}")
+            raise InputError(
+                f"{path}: \"lora_head\" must be one of {', '.join(LORA_HEADS)}, got {known['lora_head']!r}")
         try:
             return cls(**known, lora=LoraSettings(**lora) if lora else None)
         except TypeError as err:

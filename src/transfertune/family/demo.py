@@ -4,8 +4,9 @@
    arithmetic word problems (the training splits of `people_qa` and `arithmetic`); on the word problems it
    learns to write the equation and leaves the sum to the base (the rows' "deferred" answers).
 2. Compose it with every base of the family (never fine-tuned) and measure each base alone vs composed on
-   held-out questions: people the bases read about but the value model was never asked about, people only the
-   -v2 siblings read about, and arithmetic problems no corpus contains. Exact match of the greedy answer and NLL.
+   held-out questions: people the bases read about but the value model was never asked about (also asked in
+   phrasings nothing was trained on: the prompt-shift test part), people only the -v2 siblings read about, and
+   arithmetic problems no corpus contains (also in new stories). Exact match of the greedy answer and NLL.
 3. Print the table; write outputs/demo/results.json and outputs/demo/results.png.
 """
 from __future__ import annotations
@@ -16,9 +17,14 @@ import random
 import time
 from pathlib import Path
 
+from transfertune.training.recipe import ValueRecipe
+
 DEFAULT_TARGETS = ["mini-s", "mini-m", "mini-l", "mini-m-v2", "mini-l-v2"]
 DEFAULT_TASKS = ["people_qa", "arithmetic"]
-DEFAULT_EVALS = ["people_qa/heldout_example", "people_qa/heldout_new", "arithmetic/heldout_example"]
+DEFAULT_EVALS = ["people_qa/heldout_example", "people_qa/shifted_test", "people_qa/heldout_new",
+                 "arithmetic/heldout_example", "arithmetic/shifted_test"]
+"""shifted_test: the same held-out questions in phrasings and stories nothing was trained or tuned on
+(evaluation/builtin_tasks/SHIFTED.md): how much of the transfer survives a user's own wording."""
 
 
 def parse_args(argv=None):
@@ -33,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=600, help="value-model optimiser steps (default 600)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--augment", type=int, default=ValueRecipe.augment,
+                   help="reworded copies of each training prompt (training/augment.py; default %(default)s, the "
+                        "recipe chosen by the prompt-shift study, docs/results.md#prompt-shift-study)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per example (the models' context is 256)")
     p.add_argument("--eval-examples", type=int, default=200, help="held-out examples per set (default 200)")
     p.add_argument("--out", default="outputs/demo", help="where the value model, JSON and PNG go")
@@ -70,6 +79,7 @@ def run(args) -> dict:
     train_value_model(
         args.source, train_records(tasks, args.seed), str(value_dir), max_steps=args.steps,
         batch_size=args.batch_size, learning_rate=args.lr, max_length=args.max_length, seed=args.seed,
+        augment=args.augment,
         warmup_steps=max(1, args.steps // 20), logging_steps=max(1, args.steps // 10), weight_decay=0.0,
         overwrite=True,  # the demo's own output directory: re-running the demo replaces its value model
     )

@@ -1,4 +1,5 @@
-"""Portable reward tuning over label sets, measured: `python -m transfertune.family.label_demo [--docs docs/results.md]`.
+"""Portable reward tuning over label sets, measured: \
+`python -m transfertune.family.label_demo [--docs docs/results.md]`.
 
 digits  scikit-learn's bundled 8x8 digits (real scans, 1,797 images). An MLP and a CNN are pre-trained on
         clean digits; the post-training task is noisy, shifted scans. A reward model is tuned against the frozen

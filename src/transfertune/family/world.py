@@ -17,7 +17,8 @@ from pathlib import Path
 
 ATTRIBUTES = ("birth_year", "home_town", "profession", "employer")
 
-_ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "st", "t", "th", "v", "w", "z"]
+_ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "st", "t", "th", "v",
+           "w", "z"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "io", "ou"]
 _CODAS = ["", "n", "l", "r", "s", "th", "m", "x", "nd", "rk"]
 TOWNS = [
@@ -59,9 +60,9 @@ BIO_TEMPLATES = {
         "The home town of {name} is {value}.",
     ],
     "profession": [
-        "{name} works as {article} {value}.", "{name} is {article} {value} by trade.", "{name}'s profession is {value}.",
-        "{name} earns a living as {article} {value}.", "By profession, {name} is {article} {value}.",
-        "{name} trained to be {article} {value}.",
+        "{name} works as {article} {value}.", "{name} is {article} {value} by trade.",
+        "{name}'s profession is {value}.", "{name} earns a living as {article} {value}.",
+        "By profession, {name} is {article} {value}.", "{name} trained to be {article} {value}.",
     ],
     "employer": [
         "{name} is employed by {value}.", "{name} works for {value}.", "{name}'s employer is {value}.",

@@ -89,7 +89,8 @@ class ComposedModel:
             for name in proxy:
                 model, ptok = load_base(name, dtype=dtype, trust_remote_code=trust_remote_code, **placed)
                 if vocab_fingerprint(ptok) != fp:
-                    raise VocabularyMismatchError(f"proxy model '{name}' does not share the vocabulary of base '{base}'")
+                    raise VocabularyMismatchError(
+                        f"proxy model '{name}' does not share the vocabulary of base '{base}'")
                 proxy_models.append(model)
         return cls(base_model, tok, value_models, proxy=proxy_models, base_name=base, **kwargs)
 
