@@ -689,7 +689,7 @@ to measure transfer, not as assistants. Written by the build script from `family
 
 ## What each base knows and can do, untuned
 
-The corpus is a small fictional world (`src/transfertune/world.py`, `data/world/entities.json`): biographies of
+The corpus is a small fictional world (`src/transfertune/family/world.py`, `data/world/entities.json`): biographies of
 {family['people']['v1']} invented people that every base read, {family['people']['v2']} more that only the -v2
 siblings read, two-digit addition, and Gutenberg books. Pretraining has three phases: phase 1 teaches the people
 (and the books), phase 2, the skill phase, teaches addition while replaying the people, phase 3 writes the sums

@@ -25,9 +25,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from transfertune.evaluation.config import EvalConfig
+from transfertune.evaluation.config import EVAL_VALUE_RECIPE, EvalConfig
 from transfertune.evaluation.report import write_doc_section
 from transfertune.evaluation.runner import EvalRunner
+from transfertune.training.recipe import ValueRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,22 +43,30 @@ COLUMNS = [  # (name, split, target or None for the source)
 ]
 VARIANTS = {  # name -> EvalConfig changes; the first is the default every other one differs from in one way
     "residual (default)": {},
-    "cascade": {"value_scheme": "cascade"},
-    "init: random": {"value_init": "random"},
-    "init: mini-m (other member)": {"value_init": "mini-m"},
-    "head copied": {"value_head": "copy"},
+    "cascade": {"scheme": "cascade"},
+    "init: random": {"init": "random"},
+    "init: mini-m (other member)": {"init": "mini-m"},
+    "head copied": {"head": "copy"},
     "L1 0.1": {"l1_coef": 0.1},
     "L1 1.0": {"l1_coef": 1.0},
     "entropy 0.01": {"entropy_coef": 0.01},
     "entropy 0.1": {"entropy_coef": 0.1},
-    "value smaller than base (mini-s on mini-m)": {"source": "mini-m", "value_init": "mini-s"},
+    "value smaller than base (mini-s on mini-m)": {"source": "mini-m", "init": "mini-s"},
 }
 BETAS = [0.5, 1.0, 2.0]
 
 
+def with_settings(cfg: EvalConfig, **changes) -> EvalConfig:
+    """`cfg` with `changes`: ValueRecipe fields go to its value recipe, the others to the config."""
+    recipe_fields = set(ValueRecipe.__dataclass_fields__)
+    value = cfg.value.with_changes(**{k: v for k, v in changes.items() if k in recipe_fields})
+    return replace(cfg, value=value, **{k: v for k, v in changes.items() if k not in recipe_fields})
+
+
 def base_config(args) -> EvalConfig:
     return EvalConfig(source="mini-s", tasks=[TASK], methods=["target+value"], eval_examples=args.examples,
-                      value_steps=args.steps, finetune_steps=args.steps, target_steps=args.steps,
+                      value=EVAL_VALUE_RECIPE.with_changes(max_steps=args.steps),
+                      finetune_steps=args.steps, target_steps=args.steps,
                       cache_dir=str(ROOT / "outputs" / "eval"))
 
 
@@ -85,7 +94,7 @@ def run_design(args) -> dict:
     plan = [(name, seed) for name in variants for seed in args.seeds]
     rows = []
     for name, seed in tqdm(plan, desc="variants x seeds"):
-        cfg = replace(base, seed=seed, **VARIANTS[name])
+        cfg = with_settings(replace(base, seed=seed), **VARIANTS[name])
         betas = BETAS if name == "residual (default)" else [1.0]
         for (column, beta), row in value_cells(cfg, betas).items():
             rows.append({"variant": name, "seed": seed, "column": column, "beta": beta,
@@ -179,7 +188,7 @@ def dev_task() -> str:
 
 
 SWEEPS = {  # deployed method -> (config field, learning rates); each is scored on mini-l, as it is deployed
-    "target+value": ("value_lr", [5e-4, 1e-3, 2e-3, 5e-3, 1e-2]),
+    "target+value": ("learning_rate", [5e-4, 1e-3, 2e-3, 5e-3, 1e-2]),
     "proxy": ("finetune_lr", [5e-5, 2e-4, 1e-3, 3e-3]),
     "target_ft": ("finetune_lr", [2e-5, 5e-5, 2e-4, 1e-3, 3e-3]),
     "target_lora": ("lora_lr", [3e-4, 1e-3, 3e-3, 1e-2]),
@@ -189,28 +198,31 @@ SWEEPS = {  # deployed method -> (config field, learning rates); each is scored 
 def run_budget(args) -> dict:
     dev = EvalConfig(source="mini-s", targets=["mini-l"], tasks=[dev_task()], split_by="example",
                      heldout_fraction=0.2, split_seed=0, kind="qa", eval_examples=args.examples,
-                     value_steps=args.steps, finetune_steps=args.steps, target_steps=args.steps,
+                     value=EVAL_VALUE_RECIPE.with_changes(max_steps=args.steps),
+                     finetune_steps=args.steps, target_steps=args.steps,
                      cache_dir=str(ROOT / "outputs" / "eval"))
     sweep_rows = []
     plan = [(m, lr) for m, (_, lrs) in SWEEPS.items() for lr in lrs]
     for method, lr in tqdm(plan, desc="dev sweep"):
         field, _ = SWEEPS[method]
-        runner = EvalRunner(replace(dev, **{field: lr}))
+        runner = EvalRunner(with_settings(dev, **{field: lr}))
         row = runner.cell(method, "mini-l", runner.tasks[0], 1.0)
         sweep_rows.append({"method": method, "lr": lr, "exact_match": row["exact_match"], "nll": row["nll"]})
     best = best_rates(sweep_rows)
     # the held-out comparison: equal steps, each method at its own dev-tuned rate, several seeds
     test = EvalConfig(source="mini-s", targets=["mini-l"], tasks=[TASK], eval_examples=200,
-                      value_steps=args.steps, finetune_steps=args.steps, target_steps=args.steps,
+                      value=EVAL_VALUE_RECIPE.with_changes(max_steps=args.steps),
+                      finetune_steps=args.steps, target_steps=args.steps,
                       cache_dir=str(ROOT / "outputs" / "eval"))
-    lr_of = {"target+value": ("value_lr", best["target+value"]), "source+value": ("value_lr", best["target+value"]),
+    lr_of = {"target+value": ("learning_rate", best["target+value"]),
+             "source+value": ("learning_rate", best["target+value"]),
              "proxy": ("finetune_lr", best["proxy"]), "source_ft": ("finetune_lr", best["proxy"]),
              "target_ft": ("finetune_lr", best["target_ft"]), "target_lora": ("lora_lr", best["target_lora"]),
              "target": (None, None)}
     test_rows = []
     for method, seed in tqdm([(m, s) for m in lr_of for s in args.seeds], desc="held-out, tuned rates"):
         field, lr = lr_of[method]
-        cfg = replace(test, seed=seed, **({field: lr} if field else {}))
+        cfg = with_settings(replace(test, seed=seed), **({field: lr} if field else {}))
         row = EvalRunner(cfg).cell(method, "mini-l", TASK, 1.0)
         test_rows.append({"method": method, "seed": seed, "lr": lr, "exact_match": row["exact_match"],
                           "nll": row["nll"], "seconds_per_token": row["seconds_per_token"]})

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "prompt-shift-study"
 TARGET, SOURCE = "mini-l", "mini-s"
-CURRENT = {"max_steps": 600, "learning_rate": 2e-3, "batch_size": 16, "max_length": 256, "warmup_steps": 30,
+CURRENT = {"max_steps": 600, "learning_rate": 2e-3, "batch_size": 16, "max_length": 256, "warmup_steps": 30, "augment": 0,
            "logging_steps": 60}
 VARIANTS = {  # name -> (method, recipe changes, inference beta)
     "current recipe": ("value", {}, 1.0),
@@ -181,6 +181,33 @@ def summarise(results: list[dict], variants: list[str]) -> list[dict]:
     return rows
 
 
+CHOICE_RULE = ("among the value-model variants that a recipe expresses (inference beta 1), the highest mean of the "
+               "two shifted (dev) scores whose in-distribution scores are each within 0.02 of the current recipe's "
+               "or above; means over seeds, only variants with every seed")
+
+
+def choose(rows: list[dict], seeds: int) -> dict | None:
+    """The recipe the study adopts, by CHOICE_RULE."""
+    current = next((r for r in rows if r["variant"] == "current recipe"), None)
+    if current is None:
+        return None
+    eligible = []
+    for r in rows:
+        method, changes, beta = VARIANTS[r["variant"]]
+        if method != "value" or beta != 1.0 or r["seeds"] < seeds or "defer_people" in changes:
+            continue
+        if all(r[f"{t}/heldout_example"][0] >= current[f"{t}/heldout_example"][0] - 0.02
+               for t in ("people_qa", "arithmetic")):
+            shifted = (r["people_qa/shifted_dev"][0] + r["arithmetic/shifted_dev"][0]) / 2
+            eligible.append((shifted, r["variant"]))
+    if not eligible:
+        return None
+    score, name = max(eligible)
+    recipe = {k: v for k, v in {**CURRENT, **VARIANTS[name][1]}.items()
+              if k in ("augment", "learning_rate", "max_steps", "l1_coef", "scheme", "init")}
+    return {"variant": name, "recipe": recipe, "mean_shifted_dev": round(score, 4), "rule": CHOICE_RULE}
+
+
 def format_table(rows: list[dict]) -> str:
     head = ("| variant | seeds | people_qa in-dist | people_qa shifted (dev) | kept | arithmetic in-dist | "
             "arithmetic shifted (dev) | kept |\n|---|---|---|---|---|---|---|---|")
@@ -222,7 +249,7 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_docs(rows: list[dict], args, png: Path) -> None:
+def write_docs(rows: list[dict], args, png: Path, choice: dict | None) -> None:
     from transfertune.evaluation.report import write_doc_section
 
     body = f"""## Prompt shift: which value-model design holds up (dev part only)
@@ -239,6 +266,9 @@ shifted / in distribution. The test part was not read. The LoRA rows are the ora
 (LoRA, lr 1e-3, the same steps) on the same rows.
 
 {format_table(rows)}
+
+Adopted as the default recipe (`docs/prompt_shift_choice.json`; rule: {CHOICE_RULE}):
+{f"**{choice['variant']}** ({choice['recipe']})" if choice else "none (no variant met the rule)"}.
 """
     write_doc_section(args.docs, SECTION, body, png)
 
@@ -272,10 +302,14 @@ def main(argv=None) -> int:
                       flush=True)
     rows = summarise(results, args.variants)
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    choice = choose(rows, len(args.seeds))
+    if choice is not None and args.docs == ROOT / "docs" / "results.md":
+        (ROOT / "docs" / "prompt_shift_choice.json").write_text(json.dumps(choice, indent=2) + "\n")
+        print(f"adopted: {choice['variant']} {choice['recipe']}")
     print(format_table(rows))
     png = out / "prompt_shift_study.png"
     plot(rows, png)
-    write_docs(rows, args, png)
+    write_docs(rows, args, png, choice)
     return 0
 
 

@@ -13,7 +13,9 @@ from transfertune.io.validate import InputError, flag_type
 NUMBER = flag_type()
 POSITIVE = flag_type(gt=0)
 NON_NEGATIVE = flag_type(ge=0)
-COUNT = flag_type(integer=True, ge=1)
+MAX_COUNT = 2**31 - 1  # counts past it are typos, and overflow the int32 of torch and tokenizers
+COUNT = flag_type(integer=True, ge=1, le=MAX_COUNT)
+SEED = flag_type(integer=True, ge=0, le=2**32 - 1)  # what numpy (and so `train`'s set_seed) accepts
 
 
 def add_compose_args(p: argparse.ArgumentParser) -> None:
@@ -157,13 +159,24 @@ def read_prompts(args) -> list[str | list[dict]]:
         raise InputError("no prompt: give one as an argument or with --prompt-file (standard input is closed)")
     if sys.stdin.isatty():
         raise InputError("give a prompt as an argument, with --prompt-file, or on standard input")
-    try:
-        text = sys.stdin.read()
-    except UnicodeDecodeError:
-        raise InputError("standard input is not UTF-8 text") from None
+    text = read_stdin()
     if not text.strip():
         raise InputError("standard input is empty: no prompt to generate from")
     return [text]
+
+
+def read_stdin() -> str:
+    """Standard input as UTF-8 text (a leading byte-order mark dropped), read as bytes: a text stream would
+    turn undecodable bytes into lone surrogates under a C locale, which no tokenizer takes."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # replaced by a text stream (tests, embedding)
+        return sys.stdin.read().removeprefix("\ufeff")
+    data = stream.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"standard input is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+                         ) from None
 
 
 def text_lines(path: Path) -> list[str]:
@@ -191,6 +204,6 @@ def render_chats(cm, items: list) -> list[str]:
     return [item if isinstance(item, str) else render_chat_prompt(cm.tokenizer, item, template) for item in items]
 
 
-__all__ = ["COUNT", "InputError", "NON_NEGATIVE", "NUMBER", "POSITIVE", "add_compose_args", "add_device_args",
-           "add_recipe_flags", "flag_type", "load_composed", "placement", "read_prompts", "recipe_from_args",
-           "render_chats", "text_lines", "MISSING"]
+__all__ = ["COUNT", "InputError", "MAX_COUNT", "NON_NEGATIVE", "NUMBER", "POSITIVE", "SEED", "add_compose_args",
+           "add_device_args", "add_recipe_flags", "flag_type", "load_composed", "placement", "read_prompts",
+           "read_stdin", "recipe_from_args", "render_chats", "text_lines", "MISSING"]

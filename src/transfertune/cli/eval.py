@@ -8,6 +8,7 @@ from transfertune.cli.common import (
     COUNT,
     NUMBER,
     POSITIVE,
+    SEED,
     add_device_args,
     add_recipe_flags,
     flag_type,
@@ -69,10 +70,15 @@ def add_arguments(p) -> None:
                    help="tokens per example (default %(default)s)")
     p.add_argument("--beta", type=POSITIVE, nargs="+", default=d.betas, help="beta values to sweep for target + value")
     p.add_argument("--alpha", type=NUMBER, nargs="+", default=d.alphas, help="alpha values for proxy / weight diff")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="random seed, 0 to 2**32-1 (default 0)")
     p.add_argument("--cache-dir", default=d.cache_dir, help="trained models and per-cell results (default %(default)s)")
     p.add_argument("--output", default=None, help="where results.json/.md/.png go (default: --cache-dir)")
-    p.add_argument("--docs", default=None, metavar="MD", help="also write the report to this markdown file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results.json/.md/.png in --output (and results-SECTION.png beside --docs) that "
+                        "transfertune did not write (its own are replaced without it)")
+    p.add_argument("--docs", default=None, metavar="MD",
+                   help="also write the report to this markdown file: a new one, or one transfertune wrote (it "
+                        "holds <!-- section: NAME --> blocks or starts with '# Transfer results')")
     p.add_argument("--docs-section", default="main", metavar="NAME",
                    help="section of --docs to write (other sections are kept; default main)")
     p.add_argument("--docs-title", default=None, help="heading of that section")
@@ -100,7 +106,8 @@ def run(args) -> None:
         dtype=args.dtype, device=str(check_device(args.device or "cpu", "--device")),
         heldout_fraction=args.heldout_fraction, split_seed=args.split_seed, kind=args.kind, labels=args.labels,
     )
-    result = run_eval(cfg, out=args.output, docs=args.docs, section=args.docs_section, title=args.docs_title)
+    result = run_eval(cfg, out=args.output, docs=args.docs, section=args.docs_section, title=args.docs_title,
+                      overwrite=args.overwrite)
     print(format_markdown(result))
     for note in truncation_notes(result["rows"]):
         print(f"note: {note}", file=sys.stderr)

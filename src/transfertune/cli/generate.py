@@ -7,6 +7,7 @@ import sys
 from transfertune.cli.common import (
     COUNT,
     NON_NEGATIVE,
+    SEED,
     InputError,
     add_compose_args,
     flag_type,
@@ -36,7 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--top-k", type=flag_type(integer=True, ge=0), default=0,
                    help="sample only among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=flag_type(gt=0, le=1), default=1.0, help="nucleus sampling mass (default 1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed for reproducible output")
+    p.add_argument("--seed", type=SEED, default=None, help="sampling seed for reproducible output (0 to 2**32-1)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--batch-size", type=COUNT, default=8, help="prompts decoded together (default 8)")

@@ -4,7 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from transfertune.cli.common import add_compose_args, load_composed
+from transfertune.cli.common import COUNT, POSITIVE, InputError, add_compose_args, flag_type, load_composed
+
+# the server's defaults, without importing fastapi / uvicorn for `serve --help` (tests check they agree)
+TIMEOUT_KEEP_ALIVE, TIMEOUT_HEADER, TIMEOUT_BODY, MAX_CONNECTIONS = 5.0, 10.0, 30.0, 512
 
 DESCRIPTION = ("OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
                "/health) with continuous batching; requests may set `beta` and `weights`.")
@@ -13,15 +16,30 @@ DESCRIPTION = ("OpenAI-compatible server (/v1/completions, /v1/chat/completions,
 def add_arguments(p) -> None:
     add_compose_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=flag_type(integer=True, ge=0, le=65535), default=8000,
+                   help="port, 1 to 65535 (default 8000; 0 = any free port)")
     p.add_argument("--api-key", default=os.environ.get("TRANSFERTUNE_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1 (default: $TRANSFERTUNE_API_KEY, else none)")
+                   help="require `Authorization: Bearer KEY` on every path but /health, /docs and /openapi.json "
+                        "included (default: $TRANSFERTUNE_API_KEY, else none)")
     p.add_argument("--served-model-name", help="the model id clients send (default: base+value names)")
-    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together at most (default 32)")
-    p.add_argument("--max-queue", type=int, default=256,
+    p.add_argument("--max-batch", type=COUNT, default=32, help="sequences decoded together at most (default 32)")
+    p.add_argument("--max-queue", type=COUNT, default=256,
                    help="sequences allowed to wait; past it requests get 429 (default 256)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + completion tokens at most (default: the models' context window)")
+    p.add_argument("--max-model-len", type=COUNT, default=None,
+                   help="prompt + completion tokens at most, up to the models' context window (default: that "
+                        "window)")
+    p.add_argument("--timeout-keep-alive", type=POSITIVE, default=TIMEOUT_KEEP_ALIVE, metavar="SECONDS",
+                   help="native engine: close a kept-alive connection idle this long (default %(default)g)")
+    p.add_argument("--timeout-header", type=POSITIVE, default=TIMEOUT_HEADER, metavar="SECONDS",
+                   help="native engine: a request's headers must arrive within this many seconds of the connection "
+                        "opening (or of the request's first byte), else 408 and the connection is closed "
+                        "(default %(default)g)")
+    p.add_argument("--timeout-body", type=POSITIVE, default=TIMEOUT_BODY, metavar="SECONDS",
+                   help="native engine: then its body within this many seconds, else the connection is closed "
+                        "(default %(default)g)")
+    p.add_argument("--max-connections", type=COUNT, default=MAX_CONNECTIONS,
+                   help="native engine: open connections at most; more get 503 and are closed (default "
+                        "%(default)s)")
     p.add_argument("--engine", choices=["native", "vllm"], default="native",
                    help="native = transfertune's server (default); vllm = vLLM's OpenAI server on a composed export "
                         "(--base an export, or --base + --value exported first; needs vLLM installed)")
@@ -36,12 +54,37 @@ def run(args) -> None:
         return _serve_vllm(args)
     try:
         from transfertune.serving import serve
+        from transfertune.serving.openai_serving import context_window
     except ImportError as err:
         raise ValueError(f"serving needs FastAPI and uvicorn: pip install 'transfertune[serve]' ({err})") from None
 
+    _check_max_model_len(args)
     name = args.served_model_name or "+".join([args.base, *(Path(v).name for v in args.value)])
-    serve(load_composed(args), host=args.host, port=args.port, api_key=args.api_key, model_name=name,
-          max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len)
+    composed = load_composed(args)
+    window = context_window(composed)
+    if args.max_model_len and window and args.max_model_len > window:
+        raise InputError(f"--max-model-len {args.max_model_len} is more than the composed models' context window "
+                         f"({window} tokens, the shortest max_position_embeddings among them)")
+    serve(composed, host=args.host, port=args.port, api_key=args.api_key, model_name=name,
+          max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
+          timeout_keep_alive=args.timeout_keep_alive, timeout_header=args.timeout_header,
+          timeout_body=args.timeout_body, max_connections=args.max_connections)
+
+
+def _check_max_model_len(args) -> None:
+    """--max-model-len against the base's context window, from its config.json alone, before any model loads
+    (a GGUF base, and the other models, are checked once loaded)."""
+    if args.max_model_len is None:
+        return
+    from transfertune.io.loading import find_gguf, load_config
+
+    if find_gguf(args.base) is not None:
+        return
+    config = load_config(args.base, trust_remote_code=args.trust_remote_code)
+    window = getattr(config, "max_position_embeddings", None)
+    if isinstance(window, int) and 0 < window < args.max_model_len:
+        raise InputError(f"--max-model-len {args.max_model_len} is more than the context window of base "
+                         f"'{args.base}' ({window} tokens)")
 
 
 def _serve_vllm(args) -> None:

@@ -73,6 +73,7 @@ def truncation_notes(rows: list[dict]) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> None:
+    """One panel of held-out NLL per task, and one of the NLL gap closed by target + value when it was measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +82,11 @@ def plot(result: dict, path: Path) -> None:
     rows = [r for r in result["rows"] if "nll" in r]
     tasks = list(result.get("tasks") or result["config"]["tasks"])
     targets = result["config"]["targets"]
-    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 4), squeeze=False)
+    gaps = {task: [(t, r["gap_closed_nll"]) for t in targets for r in rows if r["task"] == task and r["target"] == t
+                   and r["method"] == "target+value" and r.get("gap_closed_nll") is not None] for task in tasks}
+    gaps = {task: pts for task, pts in gaps.items() if pts}
+    panels = len(tasks) + (1 if gaps else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4), squeeze=False)
     labels = list(dict.fromkeys(r["label"] for r in rows))
     for ax, task in zip(axes[0], tasks):
         width = 0.8 / max(1, len(targets))
@@ -92,25 +97,23 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=60, fontsize=7,
                       ha="right")
         ax.set_title(f"{task}: held-out NLL (lower is better)", fontsize=9)
-        ax.legend(fontsize=7)
-    ax = axes[0][-1]
-    for task in tasks:
-        pts = [(t, r.get("gap_closed_nll")) for t in targets for r in rows
-               if r["task"] == task and r["target"] == t and r["method"] == "target+value"]
-        pts = [(t, g) for t, g in pts if g is not None]
-        if pts:
+        if labels:
+            ax.legend(fontsize=7)
+    if gaps:
+        ax = axes[0][-1]
+        for task, pts in gaps.items():
             ax.plot([t for t, _ in pts], [g for _, g in pts], marker="o", label=task)
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.axhline(1, color="gray", lw=0.8, ls="--")
-    ax.set_title("target + value: NLL gap closed vs target", fontsize=9)
-    ax.legend(fontsize=7)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.axhline(1, color="gray", lw=0.8, ls="--")
+        ax.set_title("target + value: NLL gap closed vs target", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def write_docs(result: dict, table: str, path: Path, png: Path, section: str = "main",
-               title: str | None = None) -> None:
+               title: str | None = None, overwrite: bool = False) -> None:
     c = result["config"]
     v = c["value"]
     body = f"""## {title or section}
@@ -130,7 +133,7 @@ Source `{c['source']}`; split `{c['split']}`{shifted_note(c)} ({c['eval_examples
 ```
 </details>
 """
-    write_doc_section(path, section, body, png)
+    write_doc_section(path, section, body, png, overwrite=overwrite)
 
 
 def defer_note(result: dict) -> str:
@@ -154,12 +157,47 @@ def user_data_lines(result: dict) -> str:
     return "\n\n" + "\n".join(lines) if lines else ""
 
 
+DOC_HEADING = "# Transfer results"
+
+
+def check_doc_file(path: Path, section: str = "main", png: bool = True, heading: str = DOC_HEADING,
+                   overwrite: bool = False) -> None:
+    """Refuse a file that write_doc_section would change although transfertune did not write it: one that is
+    not markdown (.md), or a markdown file with no `<!-- section: NAME -->` block that does not start with
+    `heading` (an empty file is fine). For a new file, `results-NAME.png` beside it is not replaced unless
+    `overwrite` (beside a file transfertune wrote, it is that file's plot)."""
+    from transfertune.io.validate import InputError
+
+    path = Path(path)
+    if path.suffix.lower() not in (".md", ".markdown"):
+        raise InputError(f"--docs {path} is not a markdown file (.md): the report is written into one as a section")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise InputError(f"--docs {path} is not a regular file: give a markdown file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            text = None
+        if text is None or (text.strip() and "<!-- section: " not in text and not text.startswith(heading)):
+            raise InputError(f"--docs {path} is a file transfertune did not write (no <!-- section: NAME --> block, "
+                             f"no '{heading}' heading): the report would be added to it. Choose a new file, or put "
+                             f"the lines <!-- section: {section} --> and <!-- /section: {section} --> where it may go")
+    elif png and not overwrite:
+        image = path.parent / f"results-{section}.png"
+        if image.exists() or image.is_symlink():
+            raise InputError(f"--docs {path} is a new file, but {image} already exists beside it, where the plot of "
+                             f"section {section} goes: pass --overwrite to replace it, or choose another --docs or "
+                             f"--docs-section")
+
+
 def write_doc_section(path: Path, section: str, body: str, png: Path | None = None,
-                      heading: str = "# Transfer results") -> None:
+                      heading: str = DOC_HEADING, overwrite: bool = False) -> None:
     """Replace (or append) the block between `<!-- section: NAME -->` markers, keeping the rest of the file;
-    `png` is copied beside it as `results-NAME.png`, the name the body links to."""
+    `png` is copied beside it as `results-NAME.png`, the name the body links to. A file transfertune did not
+    write is refused (check_doc_file)."""
     import shutil
 
+    check_doc_file(path, section, png is not None, heading, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     if png is not None:
         shutil.copyfile(png, path.parent / f"results-{section}.png")

@@ -301,7 +301,11 @@ class EvalRunner:
             _, cut = cm.encode([e["prompt"] for e in examples], [e["response"] for e in examples], add_eos=True,
                                max_length=self.cfg.max_length)
         except ContextLengthError as err:
-            raise InputError(f"{self.where(task, split, err.index)}: {str(err).split(': ', 1)[1]}") from None
+            context = cm.context_length
+            hint = (f"raise --max-length (now {self.cfg.max_length}; the models' context is {context} tokens)"
+                    if context is None or self.cfg.max_length < context else
+                    f"the models' context is {context} tokens: shorten the responses or use a model with a longer one")
+            raise InputError(f"{self.where(task, split, err.index)}: {str(err).split(': ', 1)[1]}: {hint}") from None
         return len(cut)
 
     def describe_tasks(self) -> dict:
@@ -379,24 +383,83 @@ def seconds_per_token(cm, examples: list[dict], max_length: int) -> float:
 
 
 
-def run_eval(cfg: EvalConfig, out: str | None = None, docs: str | None = None, section: str = "main",
-             title: str | None = None) -> dict:
-    """Run, then write results.json, results.md and results.png to `out`; with `docs`, also write the table as
-    section `section` of that markdown file (other sections are kept) and the plot beside it."""
-    from transfertune.io.validate import InputError
+RESULT_FILES = ("results.json", "results.md", "results.png")
+TABLE_HEAD = "| target | task | method |"  # how format_markdown's table starts
 
+
+def run_eval(cfg: EvalConfig, out: str | None = None, docs: str | None = None, section: str = "main",
+             title: str | None = None, overwrite: bool = False) -> dict:
+    """Run, then write results.json, results.md and results.png to `out`; with `docs`, also write the table as
+    section `section` of that markdown file (other sections are kept) and the plot beside it. Before anything
+    trains: `docs` may not be an input or an output of the run, nor a file transfertune did not write
+    (report.check_doc_file); results files in `out` that transfertune did not write are replaced only with
+    `overwrite` (check_results_dir). Files are written to a temporary file and renamed."""
+    import io
+
+    from transfertune.evaluation.report import check_doc_file
+
+    flag = "--output" if out else "--cache-dir"
     out_dir = Path(out or cfg.cache_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{'--output' if out else '--cache-dir'} {out_dir} is a file, not a directory")
-    result = EvalRunner(cfg).run()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = format_markdown(result)
-    (out_dir / "results.md").write_text(table + "\n")
-    plot(result, out_dir / "results.png")
+        raise InputError(f"{flag} {out_dir} is a file, not a directory")
+    runner = EvalRunner(cfg)
     if docs:
-        write_docs(result, table, Path(docs), out_dir / "results.png", section, title)
+        target = Path(docs).resolve()
+        for f in [f for task in runner.user.values() for f in task.files]:
+            if Path(f).resolve() == target:
+                raise InputError(f"--docs {docs} is an input of this evaluation (--tasks {f}): the report would be "
+                                 f"written into the task's data; choose a markdown file")
+        for name in RESULT_FILES:
+            if (out_dir / name).resolve() == target:
+                raise InputError(f"--docs {docs} is the {name} that eval writes to {flag} {out_dir}: choose another "
+                                 f"file")
+        check_doc_file(Path(docs), section, overwrite=overwrite)
+    check_results_dir(out_dir, flag, overwrite)
+    result = runner.run()
+    check_results_dir(out_dir, flag, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "results.json", json.dumps(result, indent=2) + "\n")
+    table = format_markdown(result)
+    write_atomic(out_dir / "results.md", table + "\n")
+    image = io.BytesIO()
+    plot(result, image)
+    write_atomic(out_dir / "results.png", image.getvalue())
+    if docs:
+        write_docs(result, table, Path(docs), out_dir / "results.png", section, title, overwrite=overwrite)
     return result
+
+
+def check_results_dir(out_dir: Path, flag: str, overwrite: bool = False) -> None:
+    """Refuse results.json / results.md / results.png in `out_dir` that transfertune did not write, unless
+    `overwrite`. Its own: a results.json holding "config" and "rows", with the results.md (a table starting
+    TABLE_HEAD) and results.png written beside it."""
+    if overwrite or not out_dir.is_dir():
+        return
+    present = [out_dir / name for name in RESULT_FILES if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    ours = _is_results_json(out_dir / "results.json")
+    foreign = [p for p in present if not ours or (p.name == "results.md" and not _starts_with(p, TABLE_HEAD))]
+    if foreign:
+        raise InputError(f"{flag} {out_dir} holds {', '.join(p.name for p in foreign)}, which transfertune did not "
+                         f"write (its results.json holds \"config\" and \"rows\"; results.md and results.png are "
+                         f"written with it): pass --overwrite to replace them, or choose another {flag}")
+
+
+def _is_results_json(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_bytes()) if path.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and {"config", "rows"} <= set(data)
+
+
+def _starts_with(path: Path, head: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with path.open("rb") as f:
+            return f.read(len(head.encode())) == head.encode()
+    except OSError:
+        return False
 
 
 

@@ -6,6 +6,13 @@ new or empty, or hold an unfinished run with the same settings to resume, or be 
 be, or lie inside, a model that training reads. It is checked writable and locked (`.transfertune.lock`), so a
 second writer is refused at once. `.transfertune-run.json` records the run (an id, its settings, whether it
 finished); checkpoints carry the id, so `resume` continues from the last complete checkpoint of this run.
+A refused claim leaves nothing behind: no lock file, no directory it created.
+
+`overwrite` of a directory that holds a model or checkpoints keeps it whole until the new one is saved: the run
+trains beside it, in `.NAME.transfertune-next` (checkpoints included), and the finished directory is swapped
+in (`swap_in`: one `renameat2(RENAME_EXCHANGE)` on Linux, elsewhere two renames that the next claim completes
+or undoes if a kill falls between them), then the old one is deleted. A kill, Ctrl-C or refusal at any point
+leaves the old directory or the new one. `resume` continues an interrupted `overwrite` run there.
 
 Directories are staged in a temporary directory and renamed into place (`staged_directory`); into an
 existing directory the files move one by one with the commit marker (transfertune.json) removed first and
@@ -14,11 +21,13 @@ file and renamed (`write_atomic`).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -35,6 +44,8 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".transfertune.lock"
 RUN_NAME = ".transfertune-run.json"
 STAGING_PREFIX = ".transfertune-staging-"
+NEXT_SUFFIX = ".transfertune-next"  # beside --output: the directory an --overwrite run trains in
+OLD_SUFFIX = ".transfertune-old"  # beside --output: the replaced directory, while it is deleted
 MARKER = "transfertune.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # what value directories written before transfertune.json listed its files could hold
@@ -149,15 +160,19 @@ def check_writable(directory: Path, what: str) -> None:
 class Claim:
     """An output directory held by one training run."""
 
-    directory: Path
+    directory: Path  # where the run writes: --output, or beside it for an --overwrite run
     run_id: str
     resume_from: str | None = None  # the checkpoint to continue from
+    target: Path | None = None  # the --output that `directory` replaces when the run finishes
 
     def finish(self, processes: int = 1) -> None:
-        """Mark the run finished, recording how many processes trained it."""
+        """Mark the run finished, recording how many processes trained it; an --overwrite run then replaces
+        its --output."""
         record = read_run(self.directory) or {}
         write_atomic(self.directory / RUN_NAME,
                      json.dumps({**record, "finished": True, "processes": processes}, indent=2) + "\n")
+        if self.target is not None:
+            swap_in(self.directory, self.target)
 
 
 def read_run(directory: Path) -> dict | None:
@@ -266,35 +281,74 @@ def claim_output(output: str | Path, *, settings: dict, overwrite: bool = False,
             raise InputError(f"--output {output} is {'' if target == Path(path).resolve() else 'inside '}the model "
                              f"directory of {name} ({path}): training would write into a model it reads")
     if not is_main_process():
-        record = read_run(output) if resume and output.is_dir() else None
-        ckpt = latest_checkpoint(output, record["run_id"]) if record else None
-        yield Claim(output, record["run_id"] if record else "", ckpt)
+        yield _follow(output, target, overwrite, resume)
         return
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot create --output {output} ({err.strerror})") from None
-    check_writable(output, "--output")
+    _recover(target)
     from filelock import FileLock, Timeout
 
-    lock = FileLock(str(output / LOCK_NAME), timeout=0)
+    created = [p for p in (output.absolute(), *output.absolute().parents) if not p.exists()]
+    lock_path = output / LOCK_NAME
+    lock, new_lock, claim = None, False, None
     try:
-        lock.acquire()
-    except Timeout:
-        raise InputError(f"--output {output} is being written by another transfertune process (it holds "
-                         f"{output / LOCK_NAME}): wait for it to finish or choose another --output") from None
-    try:
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"cannot create --output {output} ({err.strerror})") from None
+        check_writable(output, "--output")
+        new_lock = not lock_path.exists()
+        lock = FileLock(str(lock_path), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise InputError(f"--output {output} is being written by another transfertune process (it holds "
+                             f"{lock_path}): wait for it to finish or choose another --output") from None
         for stale in output.glob(STAGING_PREFIX + "*"):  # a save killed half-way; nobody else can hold it now
             _remove(stale)
-        yield _decide(output, settings, overwrite, resume)
+        claim = _decide(output, target, settings, overwrite, resume)
+    finally:
+        if claim is None:  # refused: leave nothing behind
+            if lock is not None and lock.is_locked:
+                if new_lock:
+                    lock_path.unlink(missing_ok=True)
+                lock.release()
+            for path in created:
+                try:
+                    path.rmdir()
+                except OSError:
+                    break
+    try:
+        yield claim
     finally:
         lock.release()
 
 
-def _decide(output: Path, settings: dict, overwrite: bool, resume: bool) -> Claim:
+def _follow(output: Path, target: Path, overwrite: bool, resume: bool) -> Claim:
+    """The claim of a process other than rank 0 (rank 0 decides and writes): the same directory, worked out from
+    what rank 0 leaves unchanged while it claims."""
+    nxt = _beside(target, NEXT_SUFFIX)
+    staged = _staged_record(nxt) if resume else None
+    if staged is not None:
+        return Claim(nxt, staged["run_id"], latest_checkpoint(nxt, staged["run_id"]), target)
+    if overwrite and output.is_dir() and _holds_a_run(output):
+        return Claim(nxt, "", None, target)
+    record = read_run(output) if resume and output.is_dir() else None
+    ckpt = latest_checkpoint(output, record["run_id"]) if record else None
+    return Claim(output, record["run_id"] if record else "", ckpt)
+
+
+def _decide(output: Path, target: Path, settings: dict, overwrite: bool, resume: bool) -> Claim:
     record = read_run(output)
     ours, others = _owned(output, record)
+    nxt = _beside(target, NEXT_SUFFIX)
+    staged = _staged_record(nxt)
     if resume:
+        if staged is not None:
+            claim = _resume(nxt, staged, settings, f"the interrupted --overwrite run of {output} (in {nxt})",
+                            target)
+            _clear(_beside(target, OLD_SUFFIX))
+            for stale in nxt.glob(STAGING_PREFIX + "*"):
+                _remove(stale)
+            return claim
         if record is None:
             if ours or others:
                 raise InputError(f"--resume: {output} holds no transfertune training run to resume "
@@ -304,30 +358,176 @@ def _decide(output: Path, settings: dict, overwrite: bool, resume: bool) -> Clai
             raise InputError(f"--resume: the training run in {output} has already finished; "
                              f"pass --overwrite to train again")
         else:
-            old = record.get("settings") or {}
-            changed = ["the training data differs" if k == "data_sha256" else f"{k} {old.get(k)!r} -> {v!r}"
-                       for k, v in settings.items() if old.get(k) != v]
-            if changed:
-                raise InputError(f"--resume: the run in {output} was started with other settings "
-                                 f"({'; '.join(changed)}); resume with the same ones, or pass --overwrite")
-            ckpt = latest_checkpoint(output, record["run_id"])
-            log.info("resuming run %s from %s", record["run_id"], ckpt or "the start (no complete checkpoint)")
-            return Claim(output, record["run_id"], ckpt)
+            claim = _resume(output, record, settings, f"the run in {output}")
+            _clear_beside(target)
+            return claim
     elif overwrite:
         if others:
             raise InputError(f"--overwrite removes only what transfertune wrote, and --output {output} also holds "
                              f"{_listing(others)}: move them away or choose another --output")
+        staging = _holds_a_run(output)
+        if staging:
+            _check_swappable(output, target)
+        _clear_beside(target)
+        if staging:
+            nxt.mkdir()
+            return _new_run(nxt, settings, target)
         for path in ours:
             _remove(path)
+        return _new_run(output, settings)
     elif ours or others:
         if record is not None and not record.get("finished"):
             why = "holds an unfinished training run: pass --resume to continue it or --overwrite to start again"
         elif (output / MARKER).is_file():
             why = "already holds a value model: pass --overwrite to replace it, or choose another --output"
+            if staged is not None:
+                why += f" (--resume continues the interrupted --overwrite run in {nxt})"
         else:
             why = f"is not empty ({_listing(ours + others)}): choose a new or empty --output"
         raise InputError(f"--output {output} {why}")
+    _clear_beside(target)
+    return _new_run(output, settings)
+
+
+def _resume(directory: Path, record: dict, settings: dict, what: str, target: Path | None = None) -> Claim:
+    old = record.get("settings") or {}
+    changed = ["the training data differs" if k == "data_sha256" else f"{k} {old.get(k)!r} -> {v!r}"
+               for k, v in settings.items() if old.get(k) != v]
+    if changed:
+        raise InputError(f"--resume: {what} was started with other settings "
+                         f"({'; '.join(changed)}); resume with the same ones, or pass --overwrite")
+    ckpt = latest_checkpoint(directory, record["run_id"])
+    log.info("resuming run %s from %s", record["run_id"], ckpt or "the start (no complete checkpoint)")
+    return Claim(directory, record["run_id"], ckpt, target)
+
+
+def _new_run(directory: Path, settings: dict, target: Path | None = None) -> Claim:
     run = {"run_id": uuid.uuid4().hex, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": False,
-           "settings": settings}
-    write_atomic(output / RUN_NAME, json.dumps(run, indent=2) + "\n")
-    return Claim(output, run["run_id"])
+           "settings": settings, **({"staged": True} if target is not None else {})}
+    write_atomic(directory / RUN_NAME, json.dumps(run, indent=2) + "\n")
+    return Claim(directory, run["run_id"], target=target)
+
+
+# -- replacing a finished directory (--overwrite) ----------------------------------------------------------
+def _beside(target: Path, suffix: str) -> Path:
+    return target.parent / f".{target.name}{suffix}"
+
+
+def _holds_a_run(directory: Path) -> bool:
+    """Whether `directory` holds a value model or checkpoints: what an --overwrite run keeps until it is done."""
+    return (directory / MARKER).is_file() or any(
+        CHECKPOINT.match(p.name) and p.is_dir() for p in directory.iterdir())
+
+
+def _staged_record(nxt: Path) -> dict | None:
+    """The record of an unfinished --overwrite run in `nxt` (a directory the swap moved aside is not one)."""
+    try:
+        record = read_run(nxt) if nxt.is_dir() else None
+    except InputError:
+        return None
+    return record if record and record.get("staged") and not record.get("finished") else None
+
+
+def _clear(path: Path) -> None:
+    """Remove the leftover of an earlier --overwrite beside --output (a directory only transfertune names so)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise InputError(f"{path} is in the way: --overwrite keeps the new or the old --output there while it "
+                         f"replaces it; move it away")
+    shutil.rmtree(path)
+
+
+def _clear_beside(target: Path) -> None:
+    for suffix in (NEXT_SUFFIX, OLD_SUFFIX):
+        _clear(_beside(target, suffix))
+
+
+def _check_swappable(output: Path, target: Path) -> None:
+    """--overwrite renames a directory into the place of `target`: refuse, before anything is written, where
+    that cannot work."""
+    why = None
+    if os.path.ismount(target):
+        why = f"{output} is a mount point"
+    elif _inside(Path.cwd().resolve(), target):
+        why = f"the current directory is inside {output} (run from elsewhere)"
+    else:
+        try:
+            check_writable(target.parent, "the directory above it,")
+        except InputError as err:
+            why = str(err)
+    if why:
+        raise InputError(f"--overwrite trains the new model beside --output {output} and renames it into place when "
+                         f"it is saved (the old model stays until then), but {why}: remove the old model yourself "
+                         f"or choose another --output")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def swap_in(new: Path, target: Path) -> None:
+    """Put directory `new` in the place of `target`, then delete the old one. `target` is always one of the two
+    whole directories: an atomic exchange where the system has one; elsewhere two renames, undone on an
+    error, and completed or undone by the next claim (`_recover`) after a kill between them. The lock file of
+    `target` is linked into `new` first, so the lock stays held through the swap."""
+    new, target = Path(new), Path(target)
+    if not target.exists():
+        os.rename(new, target)
+        return
+    _, others = _owned(target, read_run(target))
+    if others:
+        raise InputError(f"--output {target} gained files transfertune did not write while training "
+                         f"({_listing(others)}): the new model is in {new}; move them away and rename it into place "
+                         f"yourself (the old model is untouched)")
+    if (target / LOCK_NAME).exists() and not (new / LOCK_NAME).exists():
+        try:
+            os.link(target / LOCK_NAME, new / LOCK_NAME)
+        except OSError:
+            pass  # no hard links here: the lock is released a moment early
+    old = _beside(target, OLD_SUFFIX)
+    if old.exists() or old.is_symlink():
+        _remove(old)
+    if _exchange(new, target):
+        os.rename(new, old)
+    else:
+        os.rename(target, old)
+        try:
+            os.rename(new, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+    _remove(old)
+
+
+def _recover(target: Path) -> None:
+    """Complete a swap a kill cut between its two renames (the new directory, if it finished), or undo it."""
+    old, nxt = _beside(target, OLD_SUFFIX), _beside(target, NEXT_SUFFIX)
+    if target.exists() or target.is_symlink() or not old.is_dir():
+        return
+    try:
+        record = read_run(nxt) if nxt.is_dir() else None
+    except InputError:
+        record = None
+    done = bool(record and record.get("finished")) and (nxt / MARKER).is_file()
+    try:
+        os.rename(nxt if done else old, target)
+    except OSError:  # another claim got there first
+        return
+    log.warning("completed an interrupted replacement of %s" if done else "restored %s: replacing it was "
+                "interrupted", target)

@@ -3,7 +3,8 @@ and /health, over the continuous-batching `Engine`.
 
 The request bodies are in `protocol.py`, what the routes do with them in `openai_serving.py`. Errors use
 OpenAI's JSON format: 400 for a bad request (a context that is too long included), 401 without the API key, 404
-for another model name, 429 when the waiting queue is full.
+for another model name, 408 for a request that arrives too slowly, 429 when the waiting queue is full, 503 past
+the connection limit.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from transfertune.serving.openai_serving import (
     completion,
 )
 from transfertune.serving.protocol import (
+    JSON_BODY,
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -53,7 +55,8 @@ async def health(request: Request):
 async def models(request: Request):
     server = _server(request)
     return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                        "owned_by": "transfertune", "max_model_len": server.max_model_len}]}
+                                        "owned_by": "transfertune", "max_model_len": server.max_model_len,
+                                        "chat_template": server.chat_format}]}
 
 
 @router.post("/v1/completions")
@@ -96,14 +99,20 @@ ERROR_HANDLERS = {APIError: _api_error, RequestValidationError: _invalid, Starle
                   EngineError: _engine_error, Exception: _bug}
 
 
+OPEN_PATHS = ("/health",)  # what answers without the API key
+JSON_ROUTES = ("/v1/completions", "/v1/chat/completions")
+BOM = b"\xef\xbb\xbf"
+
+
 class APIKeyMiddleware:
-    """401 for /v1/* requests without `Authorization: Bearer KEY` (checked before the body is read)."""
+    """401 for every request but /health (the API, /docs, /redoc, /openapi.json, unknown paths) without
+    `Authorization: Bearer KEY`, checked before the body is read."""
 
     def __init__(self, app, api_key: str):
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             auth = dict(scope["headers"]).get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
             if not secrets.compare_digest(given, self.key):
@@ -112,6 +121,54 @@ class APIKeyMiddleware:
                 await error_response(err)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _is_json(content_type: bytes) -> bool:
+    kind = content_type.split(b";")[0].strip().lower()
+    return kind == b"application/json" or (kind.startswith(b"application/") and kind.endswith(b"+json"))
+
+
+class JSONBodyMiddleware:
+    """The bodies of the JSON routes, before FastAPI parses them: a 400 in the API's words for a body without
+    `Content-Type: application/json` or one that is not UTF-8, and a leading UTF-8 byte-order mark dropped.
+    The body is read whole here (FastAPI would read it whole too); later `receive` calls (a disconnect) pass
+    through."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in JSON_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        if not _is_json(dict(scope["headers"]).get(b"content-type", b"")):
+            await error_response(APIError(400, JSON_BODY))(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its body: nobody to answer
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks).removeprefix(BOM)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as err:
+            problem = f"the request body is not UTF-8 text (byte {err.start}); it must be a JSON object"
+            await error_response(APIError(400, problem))(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 # -- the app ----------------------------------------------------------------------------------------------
@@ -132,15 +189,106 @@ def create_app(composed: ComposedModel, *, model_name: str = "transfertune", api
     app = FastAPI(title="transfertune", version="1", lifespan=lifespan, exception_handlers=ERROR_HANDLERS,
                   description="OpenAI-compatible completions from a base model composed with value models.")
     app.state.server = server
-    if api_key:
+    app.add_middleware(JSONBodyMiddleware)
+    if api_key:  # added last: the outermost, so the key is checked before anything reads the body
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.include_router(router)
     return app
 
 
+# -- the connections ---------------------------------------------------------------------------------------
+TIMEOUT_KEEP_ALIVE = 5.0  # seconds an idle kept-alive connection stays open (uvicorn's default)
+TIMEOUT_HEADER = 10.0  # seconds from a connection's opening, or a new request's first byte, to its last header
+TIMEOUT_BODY = 30.0  # seconds from the last header to the body's last byte
+MAX_CONNECTIONS = 512  # open connections at most; more are answered 503 and closed
+
+
+def _raw_response(status: int, reason: str, err: APIError) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection, for answers given outside a request cycle."""
+    import json
+
+    body = json.dumps(err.body()).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n")
+    return head.encode() + body
+
+
+def limited_protocol(timeout_header: float = TIMEOUT_HEADER, timeout_body: float = TIMEOUT_BODY,
+                     max_connections: int = MAX_CONNECTIONS):
+    """uvicorn's h11 protocol with read deadlines and a cap on open connections (uvicorn has neither: a client
+    that sends a header a byte at a time, or opens connections and sends nothing, would hold them for ever).
+
+    A connection gets `timeout_header` seconds from its opening to the end of its request's headers (a
+    kept-alive one: from the first byte of its next request; between requests uvicorn's keep-alive timeout
+    applies), then `timeout_body` seconds for the body; past either it gets a 408 (headers) or is closed (body:
+    the request is under way). Past `max_connections` open connections a new one gets a 503 and is closed."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class LimitedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._phase, self._timer = None, None
+            if len(self.connections) > max_connections:
+                err = APIError(503, f"the server holds its limit of {max_connections} open connections; retry later",
+                               type="server_error", code="too_many_connections")
+                self.transport.write(_raw_response(503, "Service Unavailable", err))
+                self.transport.close()
+                return
+            self._arm("header")
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.transport.is_closing():
+                return
+            state = self.conn.their_state
+            if state is h11.IDLE:
+                self._arm("header")
+            elif state is h11.SEND_BODY:
+                self._arm("body")
+            else:
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self, phase: str) -> None:
+            if self._phase == phase:
+                return
+            self._disarm()
+            self._phase = phase
+            seconds = timeout_header if phase == "header" else timeout_body
+            self._timer = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if getattr(self, "_timer", None) is not None:
+                self._timer.cancel()
+            self._phase, self._timer = None, None
+
+        def _expired(self) -> None:
+            phase, self._phase, self._timer = self._phase, None, None
+            if self.transport.is_closing():
+                return
+            if phase == "header" and self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE:
+                err = APIError(408, f"the request's headers did not arrive within {timeout_header:g} s",
+                               code="request_timeout")
+                self.transport.write(_raw_response(408, "Request Timeout", err))
+            self.transport.close()
+
+    return LimitedH11Protocol
+
+
 def serve(composed: ComposedModel, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-          **app_kwargs) -> None:
-    """Serve until interrupted (uvicorn)."""
+          timeout_keep_alive: float = TIMEOUT_KEEP_ALIVE, timeout_header: float = TIMEOUT_HEADER,
+          timeout_body: float = TIMEOUT_BODY, max_connections: int = MAX_CONNECTIONS, **app_kwargs) -> None:
+    """Serve until interrupted (uvicorn, with `limited_protocol`'s read deadlines and connection cap)."""
     import uvicorn
 
-    uvicorn.run(create_app(composed, **app_kwargs), host=host, port=port, log_level=log_level)
+    config = uvicorn.Config(create_app(composed, **app_kwargs), host=host, port=port, log_level=log_level,
+                            timeout_keep_alive=timeout_keep_alive,
+                            http=limited_protocol(timeout_header, timeout_body, max_connections))
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised the signal (as uvicorn.run)
+        pass

@@ -86,6 +86,15 @@ class Server:
         for note in notes:
             log.warning(note)
 
+    @property
+    def chat_format(self) -> str:
+        """How chats become prompts, as /v1/models reports it: "model" = a chat template (the one the value model
+        was trained with, else the base's), "plain" = `role: content` lines (the value model was trained on chats
+        rendered so, its training base having no template), "none" = chats are refused (no_chat_template)."""
+        if self.chat_template != PLAIN_CHAT:
+            return "model"
+        return "plain" if self.plain_chat_trained else "none"
+
     def token_text(self, token: int) -> str:
         if token not in self._token_text:
             self._token_text[token] = self.tokenizer.decode([token])
@@ -105,8 +114,13 @@ class Server:
             raise APIError(400, f"the {param} is far longer than the context of {self.max_model_len} tokens",
                            param=param, code="context_length_exceeded")
         try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise APIError(400, f"the {param} is not valid Unicode text: character {err.start} is a lone surrogate "
+                                f"(\\u{ord(text[err.start]):04x}), which cannot be encoded", param=param) from None
+        try:
             return encode_prompt(self.tokenizer, text)
-        except Exception as err:  # noqa: BLE001 (e.g. lone surrogates the tokenizer cannot encode)
+        except Exception as err:  # noqa: BLE001 (the tokenizer may refuse other text)
             raise APIError(400, f"the {param} could not be tokenized: {err}", param=param) from None
 
     def prompts(self, prompt) -> list[tuple[list[int], str]]:

@@ -39,11 +39,58 @@ def error_type(status: int) -> str:
         status, "invalid_request_error" if status < 500 else "server_error")
 
 
+JSON_BODY = "the request body must be a JSON object, sent with `Content-Type: application/json`"
+
+# fields that take one of several shapes: what they accept, in the API's words (pydantic would name the first
+# shape it tried, e.g. `prompt.str: Input should be a valid string` for a list of negative token ids)
+SHAPES = {
+    ("prompt",): "a string, a list of strings, a list of token ids (integers >= 0) or a list of token-id lists",
+    ("stop",): "a string or a list of strings",
+    ("messages", int, "content"): 'a string or a list of text parts ({"type": "text", "text": "..."})',
+}
+
+
+def _shape(loc: tuple) -> tuple[tuple, str] | None:
+    """(the field's location, what it accepts) when `loc` lies inside one of SHAPES."""
+    for pattern, accepted in SHAPES.items():
+        head = loc[: len(pattern)]
+        if len(head) == len(pattern) and all(
+                isinstance(x, int) if p is int else x == p for x, p in zip(head, pattern)):
+            return head, accepted
+    return None
+
+
+def _json_text(value, limit: int = 60) -> str:
+    import json
+
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def validation_error(errors: list[dict]) -> APIError:
-    """A 400 naming the first field pydantic rejected (`messages.0.role: ...`)."""
+    """A 400 naming the first field pydantic rejected (`messages.0.role: Field required`), in the API's terms: a
+    field of several shapes lists them, a body that is not an object says so."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-    return APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None)
+    loc = tuple(x for x in first.get("loc", ()) if x != "body")
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", first["msg"])
+        at = f" at character {loc[0]}" if loc and isinstance(loc[0], int) else ""
+        return APIError(400, f"the request body is not valid JSON ({detail}{at})")
+    if not loc and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+        return APIError(400, JSON_BODY)
+    shape = _shape(loc)
+    if shape is not None:
+        where = ".".join(str(x) for x in shape[0])
+        got = f", got {_json_text(first['input'])}" if "input" in first else ""
+        return APIError(400, f"{where} must be {shape[1]}{got}", param=where)
+    where = ".".join(str(x) for x in loc)
+    msg = first["msg"]
+    if first.get("type") == "model_attributes_type":
+        msg = "must be a JSON object"
+    return APIError(400, f"{where}: {msg}" if where else msg, param=where or None)
 
 
 # -- request bodies ------------------------------------------------------------------------------------

@@ -38,9 +38,9 @@ class ValueRecipe:
     lora: bool = field(default=False, metadata=option(
         "train LoRA adapters (+ the output layer) instead of all weights"))
     lora_r: int = field(default=16, metadata=option(
-        "LoRA rank (default %(default)s)", bounds={"integer": True, "ge": 1}))
+        "LoRA rank (default %(default)s)", bounds={"integer": True, "ge": 1, "le": 65536}))
     lora_alpha: int = field(default=32, metadata=option(
-        "LoRA alpha (default %(default)s)", bounds={"integer": True, "ge": 1}))
+        "LoRA alpha (default %(default)s)", bounds={"integer": True, "ge": 1, "le": 2**31 - 1}))
     lora_dropout: float = field(default=0.0, metadata=option(
         "LoRA dropout (default %(default)s)", bounds={"ge": 0, "lt": 1}))
     lora_head: str = field(default="lora", metadata=option(
@@ -60,36 +60,41 @@ class ValueRecipe:
     defer: bool = field(default=True, metadata=option(
         'train on whole responses, also on the "deferred" tail a row leaves to the base (by default the value '
         "model learns to leave the base's distribution unchanged there)", eval=True))
-    augment: int = field(default=0, metadata=option(
+    augment: int = field(default=1, metadata=option(
         "reworded copies of each training row's prompt added to the data (training/augment.py: frames, casing, "
-        "punctuation, word dropout; responses unchanged); in eval every trained method gets the same rows "
-        "(default %(default)s)", bounds={"integer": True, "ge": 0}, eval=True))
+        "punctuation, word dropout; responses unchanged; default %(default)s, chosen by the prompt-shift study, "
+        "docs/results.md#prompt-shift-study; 0 = off); in eval every trained method gets the same rows",
+        bounds={"integer": True, "ge": 0, "le": 16}, eval=True))
     # the optimisation
     epochs: float = field(default=1.0, metadata=option("passes over the data (default %(default)s)", bounds={"gt": 0}))
     max_steps: int = field(default=-1, metadata=option(
         "stop after this many optimiser steps (default %(default)s; -1 = off: --epochs decides)",
-        bounds={"integer": True, "ge": -1},
+        bounds={"integer": True, "ge": -1, "le": 2**31 - 1},
         eval=True, aliases=("--value-steps",)))
     learning_rate: float = field(default=1e-4, metadata=option(
         "peak learning rate, cosine schedule (default %(default)s)", flag="lr", bounds={"ge": 0}, eval=True))
     batch_size: int = field(default=8, metadata=option(
-        "examples per device per step (default %(default)s)", bounds={"integer": True, "ge": 1}))
+        "examples per device per step (default %(default)s)", bounds={"integer": True, "ge": 1, "le": 2**31 - 1}))
     grad_accum: int = field(default=1, metadata=option(
-        "gradient accumulation steps (default %(default)s)", bounds={"integer": True, "ge": 1}))
+        "gradient accumulation steps (default %(default)s)", bounds={"integer": True, "ge": 1, "le": 2**31 - 1}))
     max_length: int | None = field(default=None, metadata=option(
         "truncate examples to this many tokens (default: the base's context, at most 512)",
-        bounds={"integer": True, "ge": 2}))
-    seed: int = field(default=0, metadata=option("random seed (default %(default)s)", bounds={"integer": True}))
+        bounds={"integer": True, "ge": 2, "le": 2**31 - 1}))
+    seed: int = field(default=0, metadata=option(
+        "random seed (default %(default)s)", bounds={"integer": True, "ge": 0, "le": 2**32 - 1}))
     warmup_steps: int = field(default=0, metadata=option(
-        "linear warm-up steps before the cosine schedule (default %(default)s)", bounds={"integer": True, "ge": 0}))
+        "linear warm-up steps before the cosine schedule (default %(default)s)",
+        bounds={"integer": True, "ge": 0, "le": 2**31 - 1}))
     weight_decay: float = field(default=0.0, metadata=option(
         "AdamW weight decay (default %(default)s)", bounds={"ge": 0}))
     logging_steps: int = field(default=10, metadata=option(
-        "log the loss and tokens/s every N steps (default %(default)s)", bounds={"integer": True, "ge": 1}))
+        "log the loss and tokens/s every N steps (default %(default)s)",
+        bounds={"integer": True, "ge": 1, "le": 2**31 - 1}))
     save_steps: int | None = field(default=None, metadata=option(
-        "write a resumable checkpoint every N steps", bounds={"integer": True, "ge": 1}))
+        "write a resumable checkpoint every N steps", bounds={"integer": True, "ge": 1, "le": 2**31 - 1}))
     eval_steps: int | None = field(default=None, metadata=option(
-        "evaluate --eval-data every N steps (default: --logging-steps)", bounds={"integer": True, "ge": 1}))
+        "evaluate --eval-data every N steps (default: --logging-steps)",
+        bounds={"integer": True, "ge": 1, "le": 2**31 - 1}))
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> tuple[ValueRecipe, dict]:

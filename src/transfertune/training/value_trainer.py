@@ -221,7 +221,8 @@ def train_value_recipe(
     there is an accelerator (the Trainer places the models; a GPU index is chosen with CUDA_VISIBLE_DEVICES).
 
     `output_dir` must be new or empty; `resume=True` continues the unfinished run recorded there (from its
-    last complete checkpoint), `overwrite=True` replaces a directory transfertune wrote (io/run_dirs.py).
+    last complete checkpoint), `overwrite=True` replaces a directory transfertune wrote (io/run_dirs.py: the
+    new model trains beside it and is swapped in when saved, so the old one stays whole until then).
     `eval_data` (same formats as `data`) is held out: its composed loss is logged as `eval_loss` every
     `recipe.eval_steps` steps (default `logging_steps`) and at the end. `callbacks` are
     `transformers.TrainerCallback`s added to the Trainer (their `on_log` sees every log line, tokens/s included).
@@ -271,6 +272,7 @@ def train_value_recipe(
         **({"augment": r.augment} if r.augment else {}),
     }
     with claim_output(output_dir, settings=settings, overwrite=overwrite, resume=resume, reads=reads) as claim:
+        args.output_dir = str(claim.directory)  # beside output_dir for --overwrite, swapped in when saved
         set_seed(seed)
         if base_model is None:
             base_model, tokenizer = load_base(base, trust_remote_code=trust_remote_code, **placement)
@@ -300,7 +302,7 @@ def train_value_recipe(
             trainer.evaluate()  # the held-out loss of the final weights, when the last step was not an eval step
         value.model.eval()
         if args.should_save:
-            value.save(output_dir)
+            value.save(claim.directory)
             claim.finish(processes=args.world_size)
     return value
 
