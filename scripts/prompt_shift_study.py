@@ -203,9 +203,9 @@ def choose(rows: list[dict], seeds: int) -> dict | None:
     if not eligible:
         return None
     score, name = max(eligible)
-    recipe = {k: v for k, v in {**CURRENT, **VARIANTS[name][1]}.items()
-              if k in ("augment", "learning_rate", "max_steps", "l1_coef", "scheme", "init")}
-    return {"variant": name, "recipe": recipe, "mean_shifted_dev": round(score, 4), "rule": CHOICE_RULE}
+    changed = {k: v for k, v in VARIANTS[name][1].items() if k not in ("logging_steps", "warmup_steps")}
+    return {"variant": name, "recipe": changed, "study_recipe": CURRENT, "mean_shifted_dev": round(score, 4),
+            "rule": CHOICE_RULE}
 
 
 def format_table(rows: list[dict]) -> str:
