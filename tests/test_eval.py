@@ -165,9 +165,14 @@ def test_value_recipe_and_target_rate_reach_training_and_cache_keys(model_dir, t
     monkeypatch.setattr(EvalRunner, "_artifact", lambda self, kind, model, task, steps, train, **settings:
                         (train("unused"), settings)[1])
     source, target = model_dir("llama", hidden=32, seed=5), model_dir("llama", hidden=48, seed=7)
-    base = EvalConfig(source=source, targets=[target], tasks=[tiny_task], cache_dir=str(tmp_path / "c"))
+    # the recipe as it was before the options existed (augment came later, with default 1: checked below)
+    base = EvalConfig(source=source, targets=[target], tasks=[tiny_task], cache_dir=str(tmp_path / "c"),
+                      value=EvalConfig().value.with_changes(augment=0))
     default = EvalRunner(base)
     assert default.value_dir(tiny_task) == {"lr": base.value.learning_rate, "l1_coef": 0.0, "entropy_coef": 0.0}
+    augmented = EvalRunner(EvalConfig(**{**base.__dict__, "value": base.value.with_changes(augment=1)}))
+    assert augmented.value_dir(tiny_task)["augment"] == 1 and augmented._settings(target)["value_augment"] == 1
+    assert "value_augment" not in default._settings(target)
     assert calls[-1][1]["defer"] is True
     recipe = base.value.with_changes(scheme="cascade", init="random", head="copy", defer=False)
     varied = EvalRunner(EvalConfig(**{**base.__dict__, "value": recipe, "target_lr": 1e-5}))

@@ -174,8 +174,8 @@ def check_model_json(path: str | Path) -> None:
 
 @contextmanager
 def config_named(path: str | Path):
-    """A config.json that transformers' validation rejects (hidden_size not a multiple of the heads, ...) is
-    an InputError naming the file, not a huggingface_hub traceback."""
+    """A config.json (or tokenizer_config.json) that transformers rejects (hidden_size not a multiple of the heads,
+    a field of the wrong JSON type, ...) is an InputError naming the file, not a traceback from transformers."""
     from huggingface_hub.errors import StrictDataclassError
 
     try:
@@ -183,6 +183,9 @@ def config_named(path: str | Path):
     except StrictDataclassError as err:
         cause = err.__cause__ or err
         raise InputError(f"{Path(path, 'config.json')} describes no valid model ({cause})") from None
+    except (TypeError, KeyError, AttributeError, IndexError) as err:
+        raise InputError(f"{Path(path, 'config.json')} (or tokenizer_config.json) holds a field transformers "
+                         f"cannot read: {type(err).__name__}: {err}") from None
 
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
