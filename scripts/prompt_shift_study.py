@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "prompt-shift-study"
 TARGET, SOURCE = "mini-l", "mini-s"
-CURRENT = {"max_steps": 600, "learning_rate": 2e-3, "batch_size": 16, "max_length": 256, "warmup_steps": 30, "augment": 0,
-           "logging_steps": 60}
+CURRENT = {"max_steps": 600, "learning_rate": 2e-3, "batch_size": 16, "max_length": 256, "warmup_steps": 30,
+           "augment": 0, "logging_steps": 60}
 VARIANTS = {  # name -> (method, recipe changes, inference beta)
     "current recipe": ("value", {}, 1.0),
     "augment 1": ("value", {"augment": 1}, 1.0),
@@ -259,7 +259,10 @@ Written by `python scripts/prompt_shift_study.py` (the cells: outputs/prompt_shi
 
 Value models trained against frozen `{SOURCE}` on the demo's rows (people_qa + arithmetic training splits),
 composed with `{TARGET}`; current recipe: {CURRENT['max_steps']} steps, lr {CURRENT['learning_rate']}, batch
-{CURRENT['batch_size']}. Each variant changes it in one way; seeds {', '.join(map(str, args.seeds))} (mean ± sd).
+{CURRENT['batch_size']}. Each variant changes it in one way. Two stages: every variant was screened with seed 0;
+the candidates that a recipe expresses and that did not lose in distribution on the screen (current, augment 1,
+augment 3) and the inference betas ran seeds {', '.join(map(str, args.seeds))} (mean ± sd; the "seeds" column says
+how many a row has). The LoRA oracles ran one seed (7-11 min each on the shared 2 cores).
 Exact match on the first {args.examples} rows of each split: `heldout_example` (the project's phrasings and
 stories) and `shifted_dev` (the benchmark's dev phrasings and stories, builtin_tasks/SHIFTED.md). "kept" =
 shifted / in distribution. The test part was not read. The LoRA rows are the oracle: mini-l itself fine-tuned

@@ -1,6 +1,8 @@
 """Tiny models and tokenizers built in-process: no downloads, a few seconds in all."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -95,3 +97,16 @@ def yes_no_records():
          "response": " yes" if i % 2 else " no"}
         for i in range(24)
     ]
+
+
+@pytest.fixture(scope="module")
+def base(model_dir):
+    """A tiny llama base (the CLI and reliability tests)."""
+    return model_dir("llama", seed=3)
+
+
+@pytest.fixture()
+def data_file(tmp_path, yes_no_records):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in yes_no_records))
+    return path

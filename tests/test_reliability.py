@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import cli, no_model_loads
 from filelock import FileLock
 from safetensors.torch import load_file
 
@@ -28,39 +29,6 @@ from transfertune.training.value_trainer import ValueTrainer, train_value_model
 from transfertune.vocab.token_map import CrossVocabValue, VocabMap
 
 FAST = dict(max_steps=2, learning_rate=1e-2, batch_size=8, logging_steps=1000, disable_tqdm=True)
-
-
-@pytest.fixture(scope="module")
-def base(model_dir):
-    return model_dir("llama", seed=3)
-
-
-@pytest.fixture()
-def data_file(tmp_path, yes_no_records):
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in yes_no_records))
-    return path
-
-
-def cli(capsys, *argv) -> tuple[int, str]:
-    """Exit status and stderr of `transfertune ARGV`, with argparse's own exits caught."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
-def no_model_loads(monkeypatch):
-    """Make any model load fail loudly: the checks under test must come first."""
-    import transfertune.io.loading as loading
-
-    def refuse(*_, **__):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    monkeypatch.setattr(loading, "load_causal_lm", refuse)
-    monkeypatch.setattr(loading, "load_base", refuse)
 
 
 # -- data loss and wrong results ---------------------------------------------------------------------------

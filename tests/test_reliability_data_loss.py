@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_helpers import cli, no_model_loads
 
 import transfertune.io.run_dirs as run_dirs
 from transfertune.cli.main import main
@@ -20,36 +21,11 @@ from transfertune.io.validate import InputError
 from transfertune.training.value_trainer import ValueTrainer
 
 
-@pytest.fixture(scope="module")
-def base(model_dir):
-    return model_dir("llama", seed=3)
-
-
 @pytest.fixture()
 def data_file(tmp_path, yes_no_records):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in yes_no_records))
     return path
-
-
-def cli(capsys, *argv) -> tuple[int, str]:
-    """Exit status and stderr of `transfertune ARGV`, with argparse's own exits caught."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
-def no_model_loads(monkeypatch):
-    import transfertune.io.loading as loading
-
-    def refuse(*_, **__):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    monkeypatch.setattr(loading, "load_causal_lm", refuse)
-    monkeypatch.setattr(loading, "load_base", refuse)
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from cli_helpers import cli
 from fastapi.testclient import TestClient  # noqa: E402
 
 from transfertune.cli.main import main  # noqa: E402
@@ -31,28 +32,6 @@ from transfertune.training.recipe import ValueRecipe  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-def cli(capsys, *argv) -> tuple[int, str]:
-    """Exit status and stderr of `transfertune ARGV`, with argparse's own exits caught."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def base(model_dir):
-    return model_dir("llama", seed=3)
-
-
-@pytest.fixture()
-def data_file(tmp_path, yes_no_records):
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in yes_no_records))
-    return path
 
 
 @pytest.fixture()

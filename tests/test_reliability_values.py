@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import cli
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from transfertune.cli.main import main
 from transfertune.core.value_model import LoraSettings, ValueModel
 from transfertune.io.data import DataFormatError, read_jsonl
 from transfertune.io.loading import load_causal_lm
@@ -27,11 +27,6 @@ from transfertune.io.validate import InputError, read_json_file
 from transfertune.training.value_trainer import ValueTrainer
 
 NESTED = "[" * 100_000
-
-
-@pytest.fixture(scope="module")
-def base(model_dir):
-    return model_dir("llama", seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +40,6 @@ def saved_value(base, tmp_path_factory):
 def value(saved_value, tmp_path):
     """A fresh copy of a full-weights value directory, to damage."""
     return Path(shutil.copytree(saved_value, tmp_path / "v"))
-
-
-def cli(capsys, *argv) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 def edit_weights(directory: Path, change, name: str = "model.safetensors") -> None:
