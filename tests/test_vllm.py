@@ -36,6 +36,8 @@ from transfertune.inference.composed_model import ComposedModel  # noqa: E402
 from transfertune.io.data import encode_prompt  # noqa: E402
 from transfertune.serving.vllm.export import export_vllm  # noqa: E402
 
+pytestmark = pytest.mark.vllm
+
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 WORDS = ("The cat sat on the mat. The dog ran to the park and back again. Question: is the review positive? "
