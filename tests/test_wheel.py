@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def installed(tmp_path_factory):
     """(site directory holding the installed wheel, environment that imports it first)."""
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+    import importlib.util
+
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w",
                     str(tmp / "dist"), str(ROOT)], check=True, capture_output=True, timeout=600)
     wheel = next((tmp / "dist").glob("transfertune-*.whl"))
     site = tmp / "site"
