@@ -120,11 +120,11 @@ def test_composing_through_the_map_matches_direct_composition(shifted_value, mod
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     # scoring splits the mapped value model into a body and an output layer (then the map), chunk by chunk, so it
     # never holds [batch, length, base vocabulary] values; it gives what the whole model does
-    from transfertune.core.response_logits import _output_layer
+    from transfertune.core.response_logits import _checked_head
 
     feats, _ = mapped.encode(PROMPTS, RESPONSES)
     batch = RightPadCollator(0)(feats)
-    assert _output_layer(mapped.values[0], batch["input_ids"], batch["attention_mask"]) is not None
+    assert _checked_head(mapped.values[0], batch["input_ids"], batch["attention_mask"]) is not None
     for got, want in zip(mapped.score(PROMPTS, RESPONSES, chunk_size=3), direct.score(PROMPTS, RESPONSES)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     # decoding: the first step (after the prompts, batched with left padding) matches, and rows are independent

@@ -270,8 +270,7 @@ def test_fused_composed_cross_entropy_matches_compose_then_cross_entropy():
 @pytest.mark.parametrize("arch,lora", [("llama", None), ("gpt2", LoraSettings(r=2, alpha=4))])
 def test_output_layer_runs_only_at_response_positions(model_dir, tokenizer, yes_no_records, arch, lora):
     """The trainer's logits at response positions equal the full forward's, gathered, with gradients."""
-    from transfertune.core.response_logits import response_positions
-    from transfertune.training.value_trainer import logits_at_positions
+    from transfertune.core.response_logits import logits_at_positions, response_positions
 
     value = ValueModel.create(model_dir(arch, seed=5), zero_init_head=False, lora=lora)
     value.model.eval()  # no dropout: the two forward passes must agree

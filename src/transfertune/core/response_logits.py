@@ -3,8 +3,11 @@
 Training and `ComposedModel.score` share the composition (compose.py), so the distribution a value model is
 trained on is, by construction, the one it is scored and sampled from.
 
-- `composed_response_logits` (training: value models keep their graph) keeps only response positions: logits
-  are gathered to [N, V] (N = response tokens in the batch) as soon as each model has run.
+- `logits_at_positions` (training: the value model keeps its graph) runs one model and computes its output
+  layer only at the response positions ([N, H] -> [N, V], N = response tokens in the batch), through a
+  pre-hook on the layer; the value trainer composes what it returns.
+- `composed_response_logits` (the server's prompt log-probs, tests) runs every model whole and composes at the
+  response positions.
 - `composed_response_logprobs` (scoring, no gradients) never holds logits of more than a chunk of positions:
   each model runs its transformer body once, keeps the final hidden state at the response positions ([N, H]),
   and the output layer, the composition and the log-softmax run per chunk of positions. Peak memory is then
@@ -199,10 +202,10 @@ def _vocab_size(model, fallback: int | None) -> int:
 def _response_logits_source(model, input_ids, attention_mask, rows, cols, base_logits=None):
     """A function (start, end) -> the model's logits [end - start, V] at response positions start..end-1.
 
-    When the model's output layer can be run on its own (checked once per model, see `_output_layer`), the
+    When the model's output layer can be run on its own (checked once per model, see `_checked_head`), the
     transformer body runs once and keeps [N, H] hidden states; otherwise the whole forward pass runs and its
     logits are gathered to [N, V] (a cross-vocabulary value model, remote code with its own head)."""
-    head = None if needs_base_logits(model) else _output_layer(model, input_ids, attention_mask)
+    head = None if needs_base_logits(model) else _checked_head(model, input_ids, attention_mask)
     dev = input_device(model)
     if head is None:
         gathered = logits_at(model, input_ids, attention_mask, rows, cols, base_logits)
@@ -216,7 +219,7 @@ def _response_logits_source(model, input_ids, attention_mask, rows, cols, base_l
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _output_layer(model, input_ids, attention_mask):
+def _checked_head(model, input_ids, attention_mask):
     """hidden [n, H] -> logits [n, V] the way `model` computes them after its transformer body, or None.
 
     The function (output layer, then the logit scaling or soft-capping some architectures apply) is checked
@@ -267,3 +270,49 @@ def _head_function(model):
         return logits
 
     return head
+
+
+def logits_at_positions(model, input_ids, attention_mask, rows, cols, **model_inputs) -> torch.Tensor:
+    """The model's logits [N, V] at (rows, cols) (predicting the token after each), computing the output layer
+    only there: a pre-hook hands the layer the final hidden states at those positions ([N, H] instead of
+    [B, T, H]), and whatever the model does after the layer (soft-capping, scaling) still applies. A model whose
+    output layer is not called as a module is run whole and its logits gathered."""
+    head = _output_embeddings(model)
+    hooked = []
+
+    def response_hidden_only(_module, args):
+        hidden = args[0] if args else None
+        if (not hooked and isinstance(hidden, torch.Tensor) and hidden.dim() == 3
+                and hidden.shape[:2] == input_ids.shape):
+            hooked.append(True)
+            return (at_positions(hidden, rows, cols), *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(response_hidden_only) if head is not None else None
+    try:
+        logits = model(**_inputs(input_ids, model_inputs), attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if hooked:
+        if logits.shape[:-1] == rows.shape:
+            return logits
+        # the model reshaped what its output layer returned: run it whole
+        logits = model(**_inputs(input_ids, model_inputs), attention_mask=attention_mask, use_cache=False).logits
+    return at_positions(logits, rows, cols)
+
+
+def _inputs(input_ids, model_inputs: dict) -> dict:
+    """input_ids, unless the caller hands the model its input embeddings (the cascade scheme)."""
+    return model_inputs if "inputs_embeds" in model_inputs else {"input_ids": input_ids, **model_inputs}
+
+
+def _output_embeddings(model):
+    """The output-embedding module of a (possibly DDP / PEFT wrapped) causal LM, or None."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP and the like
+        model = model.module
+    try:
+        layer = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return layer if isinstance(layer, torch.nn.Module) else None

@@ -22,55 +22,9 @@ from transformers import Trainer, TrainerCallback
 
 from transfertune.core.cascade import cascade_embeddings
 from transfertune.core.compose import compose_logits, composed_cross_entropy, deferral_kl, l1_penalty, value_entropy
-from transfertune.core.response_logits import at_positions, response_positions
+from transfertune.core.response_logits import at_positions, logits_at_positions, response_positions
 from transfertune.core.value_model import ValueModel
 from transfertune.training.recipe import ValueRecipe
-
-
-def logits_at_positions(model, input_ids, attention_mask, rows, cols, **model_inputs) -> torch.Tensor:
-    """The model's logits [N, V] at (rows, cols) (predicting the token after each), computing the output layer
-    only there: a pre-hook hands the layer the final hidden states at those positions ([N, H] instead of
-    [B, T, H]), and whatever the model does after the layer (soft-capping, scaling) still applies. A model whose
-    output layer is not called as a module is run whole and its logits gathered."""
-    head = _output_layer(model)
-    hooked = []
-
-    def response_hidden_only(_module, args):
-        hidden = args[0] if args else None
-        if (not hooked and isinstance(hidden, torch.Tensor) and hidden.dim() == 3
-                and hidden.shape[:2] == input_ids.shape):
-            hooked.append(True)
-            return (at_positions(hidden, rows, cols), *args[1:])
-        return None
-
-    handle = head.register_forward_pre_hook(response_hidden_only) if head is not None else None
-    try:
-        logits = model(**_inputs(input_ids, model_inputs), attention_mask=attention_mask, use_cache=False).logits
-    finally:
-        if handle is not None:
-            handle.remove()
-    if hooked:
-        if logits.shape[:-1] == rows.shape:
-            return logits
-        # the model reshaped what its output layer returned: run it whole
-        logits = model(**_inputs(input_ids, model_inputs), attention_mask=attention_mask, use_cache=False).logits
-    return at_positions(logits, rows, cols)
-
-
-def _inputs(input_ids, model_inputs: dict) -> dict:
-    """input_ids, unless the caller hands the model its input embeddings (the cascade scheme)."""
-    return model_inputs if "inputs_embeds" in model_inputs else {"input_ids": input_ids, **model_inputs}
-
-
-def _output_layer(model):
-    """The output-embedding module of a (possibly DDP / PEFT wrapped) causal LM, or None."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP and the like
-        model = model.module
-    try:
-        layer = model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    return layer if isinstance(layer, torch.nn.Module) else None
 
 
 class ValueTrainer(Trainer):
