@@ -282,9 +282,9 @@ def chat_models(tmp_path_factory, model_dir, tokenizer):
 def test_training_saves_the_chat_template_it_rendered_with(chat_models):
     bases, values, _ = chat_models
     assert load_tokenizer(values["a"]).chat_template == TEMPLATE_A
-    assert json.loads(open(f"{values['a']}/transfertune.json").read())["extra"]["chat_format"] == "template"
+    assert json.loads(open(f"{values['a']}/transfertune.json").read())["chat_format"] == "template"
     assert not load_tokenizer(values["none"]).chat_template
-    assert json.loads(open(f"{values['none']}/transfertune.json").read())["extra"]["chat_format"] == "plain"
+    assert json.loads(open(f"{values['none']}/transfertune.json").read())["chat_format"] == "plain"
 
 
 def test_generate_chat_uses_the_trained_template_and_warns_once(chat_models, capsys, monkeypatch):
@@ -431,3 +431,12 @@ def test_vocabulary_mismatch_suggests_the_cli_flag(steering_value, model_dir, ot
     assert main(["generate", "--base", other, "--value", value, "hi"]) == 2
     err = capsys.readouterr().err
     assert "--vocab-map auto" in err and "vocab_map=" not in err
+
+
+def test_value_dirs_written_with_chat_format_in_extra_still_load_it(tmp_path, model_dir):
+    """Value directories from before `chat_format` was a field kept it in "extra": it is read from there."""
+    from transfertune.core.value_model import ValueConfig
+
+    ValueConfig(extra={"chat_format": "plain", "run_id": "x"}).save(tmp_path)
+    loaded = ValueConfig.load(tmp_path)
+    assert loaded.chat_format == "plain" and loaded.extra == {"run_id": "x"}

@@ -269,7 +269,7 @@ def test_models_says_how_chats_are_rendered(model_dir, tokenizer, plain_cm, test
 
     torch.manual_seed(12)
     value = ValueModel.create(f"random:{model_dir('llama', seed=12)}", tokenizer=tokenizer, zero_init_head=False)
-    value.config.extra["chat_format"] = "plain"  # what `transfertune train` records on a base without a template
+    value.config.chat_format = "plain"  # what `transfertune train` records on a base without a template
     value.save(tmp_path / "v")
     cm = ComposedModel.from_pretrained(model_dir("llama", seed=1), [str(tmp_path / "v")])
     with TestClient(create_app(cm)) as c:

@@ -59,6 +59,7 @@ def run(args) -> None:
         raise ValueError(f"serving needs FastAPI and uvicorn: pip install 'transfertune[serve]' ({err})") from None
 
     _check_max_model_len(args)
+    _check_full_attention(args)
     name = args.served_model_name or "+".join([args.base, *(Path(v).name for v in args.value)])
     composed = load_composed(args)
     window = context_window(composed)
@@ -85,6 +86,33 @@ def _check_max_model_len(args) -> None:
     if isinstance(window, int) and 0 < window < args.max_model_len:
         raise InputError(f"--max-model-len {args.max_model_len} is more than the context window of base "
                          f"'{args.base}' ({window} tokens)")
+
+
+def _check_full_attention(args) -> None:
+    """Refuse, from the configs alone and before any weights load, models with sliding-window (or other
+    non-full-attention) layers: the engine's decode batch would refuse their KV caches once loaded
+    (inference/generator._kv_layers, the check applied here to the cache transformers builds from the config)."""
+    from transformers.cache_utils import DynamicCache
+
+    from transfertune.inference.generator import _kv_layers
+    from transfertune.io.loading import load_config
+
+    models = [("base", args.base), ("--proxy-tuned model", args.proxy_tuned),
+              ("--proxy-untuned model", args.proxy_untuned)]
+    for role, model in models:
+        if not model:
+            continue
+        config = load_config(model, trust_remote_code=args.trust_remote_code)
+        try:
+            _kv_layers(DynamicCache(config=config))
+        except NotImplementedError as err:
+            raise InputError(
+                f"{role} '{model}' cannot be served by the native engine: it has sliding-window (or other "
+                f"non-full-attention) layers, and the server's decode batch keeps full-attention KV caches only "
+                f"({err}). `transfertune generate` decodes such models; or serve a composed export with "
+                f"`--engine vllm` (value models on the base's own vocabulary only)") from None
+        except Exception:  # noqa: BLE001 (a config transformers builds no cache from: the engine checks once loaded)
+            continue
 
 
 def _serve_vllm(args) -> None:

@@ -47,6 +47,9 @@ class ValueConfig:
     vocab_fingerprint: str | None = None
     vocab_size: int | None = None
     transfertune_version: str = __version__
+    # how chat rows were rendered in training: "template" (the saved chat template) or "plain" ("role: content"
+    # lines); None for value models trained before it was recorded
+    chat_format: str | None = None
     extra: dict = field(default_factory=dict)
     files: list[str] = field(default_factory=list)  # what the directory holds: the rest is not this model's
 
@@ -67,12 +70,14 @@ class ValueConfig:
         expected = {"beta": (int, float), "scheme": str, "init": str, "training_base": (str, type(None)),
                     "vocab_fingerprint": (str, type(None)), "vocab_size": (int, type(None)), "extra": dict,
                     "files": list, "lora": (dict, type(None)), "l1_coef": (int, float), "entropy_coef": (int, float),
-                    "lora_head": (str, type(None))}
+                    "lora_head": (str, type(None)), "chat_format": (str, type(None))}
         for key, types in expected.items():
             value = lora if key == "lora" else known.get(key)
             if (key in known or key == "lora") and (isinstance(value, bool) or not isinstance(value, types)):
                 raise InputError(f"{path}: \"{key}\" has the wrong type ({type(value).__name__}: {value!r})")
         check_number(known.get("beta", 1.0), f"{path}: \"beta\"", gt=0)
+        if known.get("chat_format") is None and isinstance(known.get("extra"), dict):
+            known["chat_format"] = known["extra"].pop("chat_format", None)  # where it was kept before
         if lora and known.get("lora_head") is None:
             known["lora_head"] = "full"  # written before the choice existed: the whole output layer was trained
         from transfertune.core.cascade import SCHEMES

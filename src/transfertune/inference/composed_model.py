@@ -223,7 +223,7 @@ class ComposedModel:
         notes, trained, source = [], None, None
         for value in self.value_models:
             name = value.directory or "the value model"
-            if value.config.extra.get("chat_format") == "plain":
+            if value.config.chat_format == "plain":
                 mine = PLAIN_CHAT
             else:
                 mine = template_text(getattr(value.tokenizer, "chat_template", None))
@@ -243,6 +243,12 @@ class ComposedModel:
             if base_template is not None and base_template != trained:
                 notes.append(f"warning: the chat template of base '{self.base_name}' differs from the one value "
                              f"model {source} was trained with; rendering chats with the trained template")
+            elif base_template is None:
+                notes.append(f"warning: base '{self.base_name}' has no chat template; rendering the whole prompt "
+                             f"with the chat template value model {source} was trained with, so the base reads its "
+                             f"markers as plain text. To render chats otherwise, give prompts already rendered: "
+                             f"`generate` without --chat, `score` rows with \"prompt\"/\"response\", or the "
+                             f"server's /v1/completions")
             return trained, notes
         if base_template is not None:
             if self.value_models:

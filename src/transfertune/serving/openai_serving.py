@@ -82,7 +82,7 @@ class Server:
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
         self.chat_template, notes = composed.chat_template()
-        self.plain_chat_trained = any(v.config.extra.get("chat_format") == "plain" for v in composed.value_models)
+        self.plain_chat_trained = any(v.config.chat_format == "plain" for v in composed.value_models)
         for note in notes:
             log.warning(note)
 

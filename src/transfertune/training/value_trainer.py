@@ -242,7 +242,7 @@ def train_value_recipe(
         # chat data is rendered with the training base's template (data.render_chat): save it with the value
         # model, so generation and scoring render chats the way the value model was trained
         value.tokenizer.chat_template = getattr(tokenizer, "chat_template", None)
-        value.config.extra["chat_format"] = "template" if value.tokenizer.chat_template else "plain"
+        value.config.chat_format = "template" if value.tokenizer.chat_template else "plain"
         value.check_compatible(tokenizer, base)
         max_length = fit_context(max_length, {f"base '{base}'": base_model, f"init '{init}'": value.model})
         dataset = SFTDataset(records, tokenizer, max_length, defer=defer)
