@@ -23,3 +23,21 @@ def no_model_loads(monkeypatch):
 
     monkeypatch.setattr(loading, "load_causal_lm", refuse)
     monkeypatch.setattr(loading, "load_base", refuse)
+
+
+def wait_until_serving(proc, port: int, seconds: float, output) -> None:
+    """Poll a `transfertune serve` process's /health until it answers 200; `output()` is its log for the
+    failure message."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, output()
+        assert time.monotonic() < deadline, "server did not come up"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from cli_helpers import cli
+from cli_helpers import cli, wait_until_serving
 from fastapi.testclient import TestClient  # noqa: E402
 
 from transfertune.cli.main import main  # noqa: E402
@@ -295,7 +295,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     """`transfertune serve` with short read deadlines, a cap of 4 connections and a 1 s keep-alive."""
-    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("httpx")
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
@@ -305,15 +305,7 @@ def server(model_dir, tmp_path_factory):
              "--timeout-body", str(TIMEOUT), "--timeout-keep-alive", "1", "--max-connections", "4"],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_serving(proc, port, 90, log.read_text)
         yield port, proc, log
     finally:
         proc.terminate()

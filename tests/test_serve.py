@@ -26,6 +26,7 @@ openai = pytest.importorskip("openai")
 
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
+from cli_helpers import wait_until_serving  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from transfertune.core.compose import compose_logits, compose_logits_per_row  # noqa: E402
@@ -620,15 +621,7 @@ def test_serve_command_starts_a_server(dirs):
                              "--api-key", "k", "--served-model-name", "cli"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_serving(proc, port, 60, lambda: proc.stdout.read().decode())
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         out = c.completions.create(model="cli", prompt="The cat", max_tokens=4, temperature=0)
         assert out.choices[0].finish_reason in ("length", "stop") and out.usage.completion_tokens >= 1
