@@ -81,3 +81,32 @@ def test_errors_are_messages_not_tracebacks(trained_dir, tmp_path, capsys, model
     assert "not a value directory" in capsys.readouterr().err
     assert main(["generate", "--base", base, "--proxy-tuned", base, "hi"]) == 2
     assert "--proxy-untuned" in capsys.readouterr().err
+
+
+def test_train_and_eval_flags_are_made_from_the_recipe():
+    """One recipe, one spelling: every ValueRecipe field is a `train` flag, the eval fields are `eval --value-*`
+    flags with eval's defaults, and the parsed flags give back the recipe."""
+    from dataclasses import fields
+
+    from transfertune.cli.common import recipe_flag, recipe_from_args
+    from transfertune.cli.main import build_parser
+    from transfertune.evaluation.config import EvalConfig
+    from transfertune.training.recipe import ValueRecipe
+
+    train = build_parser("train")
+    args = train.parse_args(["train", "--base", "b", "--data", "d", "--output", "o"])
+    assert recipe_from_args(args) == ValueRecipe()
+    text = train._subparsers._group_actions[0].choices["train"].format_help()
+    for f in fields(ValueRecipe):
+        assert recipe_flag(f)[1][0] in text, f.name
+    args = train.parse_args(["train", "--base", "b", "--data", "d", "--output", "o", "--lr", "0.5", "--no-defer",
+                             "--augment", "0", "--head", "copy", "--lora", "--lora-r", "4"])
+    assert recipe_from_args(args) == ValueRecipe(learning_rate=0.5, defer=False, augment=0, head="copy", lora=True,
+                                                 lora_r=4)
+    ev = build_parser("eval")
+    defaults = EvalConfig().value
+    args = ev.parse_args(["eval"])
+    assert recipe_from_args(args, prefix="value-", base=defaults) == defaults
+    args = ev.parse_args(["eval", "--value-lr", "0.1", "--value-steps", "7", "--no-value-defer", "--l1", "0.2"])
+    assert recipe_from_args(args, prefix="value-", base=defaults) == defaults.with_changes(
+        learning_rate=0.1, max_steps=7, defer=False, l1_coef=0.2)

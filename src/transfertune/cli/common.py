@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 
 from transfertune.io.placement import DTYPE_CHOICES
@@ -206,4 +206,4 @@ def render_chats(cm, items: list) -> list[str]:
 
 __all__ = ["COUNT", "InputError", "MAX_COUNT", "NON_NEGATIVE", "NUMBER", "POSITIVE", "SEED", "add_compose_args",
            "add_device_args", "add_recipe_flags", "flag_type", "load_composed", "placement", "read_prompts",
-           "read_stdin", "recipe_from_args", "render_chats", "text_lines", "MISSING"]
+           "read_stdin", "recipe_from_args", "render_chats", "text_lines"]

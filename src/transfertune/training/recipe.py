@@ -146,6 +146,3 @@ class ValueRecipe:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def recipe_fields():
-    return fields(ValueRecipe)
