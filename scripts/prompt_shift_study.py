@@ -38,6 +38,10 @@ VARIANTS = {  # name -> (method, recipe changes, inference beta)
     "init mini-m (bigger value model)": ("value", {"init": "mini-m"}, 1.0),
     "cascade": ("value", {"scheme": "cascade"}, 1.0),
     "augment 3": ("value", {"augment": 3}, 1.0),
+    "augment 2": ("value", {"augment": 2}, 1.0),
+    "augment 1, 1200 steps": ("value", {"augment": 1, "max_steps": 1200, "warmup_steps": 60,
+                                        "logging_steps": 120}, 1.0),
+    "augment 1, lr 1e-3": ("value", {"augment": 1, "learning_rate": 1e-3}, 1.0),
     "augment 1 + init mini-m": ("value", {"augment": 1, "init": "mini-m"}, 1.0),
     "LoRA mini-l, augment 1": ("lora", {"augment": 1}, 1.0),
     "beta 0.5 at inference": ("value", {}, 0.5),  # after the others: they reuse the current recipe's models
