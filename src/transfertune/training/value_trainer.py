@@ -295,26 +295,6 @@ def fit_context(max_length: int | None, models: dict) -> int:
     return max_length
 
 
-def check_training_numbers(*, beta, l1_coef, entropy_coef, epochs, max_steps, learning_rate, batch_size,
-                           grad_accum, max_length, logging_steps, save_steps, eval_steps=None) -> None:
-    from transfertune.io.validate import InputError, check_number, check_optional
-
-    check_number(beta, "beta", gt=0)
-    check_number(l1_coef, "l1_coef", ge=0)
-    check_number(entropy_coef, "entropy_coef", ge=0)
-    check_number(epochs, "epochs", gt=0)
-    check_number(max_steps, "max_steps", integer=True, ge=-1)
-    if max_steps == 0:
-        raise InputError("max_steps must be >= 1 (or -1: use epochs), got 0")
-    check_number(learning_rate, "learning_rate", ge=0)
-    check_number(batch_size, "batch_size", integer=True, ge=1)
-    check_number(grad_accum, "grad_accum", integer=True, ge=1)
-    check_optional(max_length, "max_length", integer=True, ge=2)
-    check_number(logging_steps, "logging_steps", integer=True, ge=1)
-    check_optional(save_steps, "save_steps", integer=True, ge=1)
-    check_optional(eval_steps, "eval_steps", integer=True, ge=1)
-
-
 def records_digest(records: list[dict]) -> str:
     blob = json.dumps(records, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()
