@@ -1,4 +1,4 @@
-"""`transfertune` command line: train, generate, score, serve, export, eval, info, vocab-map, convert, models.
+"""`transfertune` command line: train, generate, score, classify, serve, export, eval, info, vocab-map, convert, models.
 
 Each command lives in its own module (cli/<command>.py: DESCRIPTION, add_arguments, run); only the chosen one
 is imported, so `transfertune --help` and each command start without loading the others."""
@@ -12,6 +12,7 @@ COMMANDS = {  # name -> (module, one-line help)
     "train": ("train", "train a value model against a frozen base"),
     "generate": ("generate", "generate with a base composed with value models"),
     "score": ("score", "per-token log-probs of responses under the composed model"),
+    "classify": ("classify", "classify rows over a label set, zero-shot or with label rewards"),
     "eval": ("eval", "compare transfer with every baseline on built-in tasks or your JSONL data"),
     "info": ("info", "describe a value directory"),
     "vocab-map": ("vocab_map", "build and save a token map from a base's vocabulary to a value model's"),

@@ -11,3 +11,6 @@ so the directory holds only adapters; "full" trains and saves the whole layer (v
 VALUE_HEADS = ("zero", "copy")
 """What the value model's output layer starts as: "zero" (training starts at the base distribution) or "copy"
 (the init LM's own layer is kept: the sum starts at twice the base logits, as in IVL's release)."""
+
+POOLS = ("mean", "last")
+"""How a label reward reads a prompt's hidden states: averaged over its tokens, or at its last token."""
