@@ -75,7 +75,7 @@ def test_classify_is_compose_logits_over_the_label_scores(tmp_path, model_dir, o
     got = classify(target, str(label_rows), [reward], progress=False)
 
     src_model, src_tok = load_base(source)
-    features = score_labels(src_model, src_tok, rows.prompts, rows.choices, feature_layer=-1).features
+    features = score_labels(src_model, src_tok, rows.prompts, rows.choices, feature_layer="middle").features
     tgt_model, tgt_tok = load_base(target)
     scores = score_labels(tgt_model, tgt_tok, rows.prompts, rows.choices).logprobs
     expected = compose_logits(calibrate(scores, rows.groups), [head(features)], weights=[0.7]).log_softmax(-1)

