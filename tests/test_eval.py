@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from transfertune.cli.main import main as cli_main
-from transfertune.evaluation.config import METHODS, EvalConfig
+from transfertune.evaluation.config import DEFAULT_METHODS, EvalConfig
 from transfertune.evaluation.report import add_gap_closed
 from transfertune.evaluation.runner import EvalRunner
 from transfertune.io.loading import load_causal_lm
@@ -40,7 +40,7 @@ def test_every_method_runs_and_is_cached(model_dir, tiny_task, tmp_path, capsys)
     result = json.loads((cache / "results.json").read_text())
     rows = result["rows"]
     labels = {r["label"] for r in rows}
-    assert {m for m in METHODS if m not in ("target+value", "proxy", "diff_vector")} <= labels
+    assert {m for m in DEFAULT_METHODS if m not in ("target+value", "proxy", "diff_vector")} <= labels
     assert {"target+value@1", "target+value@0.5", "proxy@1", "diff_vector@1"} <= labels
     diff_rows = {r["target"]: r for r in rows if r["method"] == "diff_vector"}
     assert "accuracy" in diff_rows[same_arch]

@@ -181,3 +181,32 @@ def test_train_labels_refuses_value_model_flags_and_foreign_output(tmp_path, cap
     code, err = cli(capsys, "train", "--labels", *LABELS, "--base", base, "--data", label_rows, "--output", mine,
                     "--overwrite")
     assert code == 2 and "notes.txt" in err and (mine / "notes.txt").read_text() == "keep"
+
+
+def test_eval_runs_label_rewards_as_a_method(tmp_path, capsys, model_dir, other_tokenizer):
+    """eval --methods target+label_reward: fitted against --source, composed with a target of another tokenizer,
+    with its accuracy and gap closed in the table; tasks whose rows word the labels differently are skipped with
+    the reason."""
+    source, target = model_dir("llama", seed=3), model_dir("qwen2", seed=5, tok=other_tokenizer)
+    words = {"yes": ["great", "lovely", "superb"], "no": ["awful", "boring", "broken"]}
+    reviews = write_rows(tmp_path / "reviews.jsonl", [
+        {"prompt": f"Review {i}: the film was {words['yes' if i % 2 else 'no'][i % 3]}. Positive?",
+         "label": "yes" if i % 2 else "no", "example": i} for i in range(40)])
+    out = tmp_path / "results"
+    code, err = cli(capsys, "eval", "--source", source, "--targets", target, "--tasks", reviews, "--methods",
+                    "target", "target_ft", "target+label_reward", "--examples", 8, "--target-steps", 2,
+                    "--out", out, "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    reward = rows["target+label_reward"]
+    assert reward["n"] == 8 and 0.0 <= reward["accuracy"] <= 1.0 and 0.0 <= reward["reward_scale"] <= 1.0
+    assert "target+label_reward" in (out / "results.md").read_text()
+
+    templated = write_rows(tmp_path / "templated.jsonl", [
+        {"prompt": f"Review {i}: fine. Positive?", "choices": [" no", " yes"] if i % 2 else [" bad", " good"],
+         "label": i % 2, "example": i} for i in range(20)])
+    code, err = cli(capsys, "eval", "--source", source, "--targets", target, "--tasks", templated, "--methods",
+                    "target+label_reward", "--examples", 4, "--out", tmp_path / "r2", "--cache-dir", tmp_path / "c2")
+    assert code == 0, err
+    row = json.loads((tmp_path / "r2" / "results.json").read_text())["rows"][0]
+    assert "one label set" in row["skipped"]

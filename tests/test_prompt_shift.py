@@ -170,7 +170,7 @@ def _shifted_task(tmp_path, monkeypatch, yes_no_records):
 
 def test_every_eval_method_accepts_the_shifted_split(model_dir, tmp_path, monkeypatch, yes_no_records):
     from transfertune.cli.main import main
-    from transfertune.evaluation.config import METHODS
+    from transfertune.evaluation.config import DEFAULT_METHODS
 
     task = _shifted_task(tmp_path, monkeypatch, yes_no_records)
     source, target = model_dir("llama", hidden=32, seed=5), model_dir("llama", hidden=32, seed=6)
@@ -180,7 +180,7 @@ def test_every_eval_method_accepts_the_shifted_split(model_dir, tmp_path, monkey
             "--shifted-split", "shifted_dev", "--cache-dir", str(cache), "--docs", str(tmp_path / "r.md")]
     assert main(argv) == 0
     rows = json.loads((cache / "results.json").read_text())["rows"]
-    assert {r["method"] for r in rows} == set(METHODS)
+    assert {r["method"] for r in rows} == set(DEFAULT_METHODS)
     for r in rows:
         assert r["shifted_split"] == "shifted_dev" and "shifted_accuracy" in r and "shifted_nll" in r
         if r["accuracy"] > 0:

@@ -21,7 +21,7 @@ DESCRIPTION = ("Evaluate target alone, source (+ fine-tuning / + value), target 
 
 
 def add_arguments(p) -> None:
-    from transfertune.evaluation.config import METHODS, EvalConfig
+    from transfertune.evaluation.config import DEFAULT_METHODS, METHODS, EvalConfig
     from transfertune.evaluation.tasks import KINDS, SPLIT_BY, SPLITS
 
     d = EvalConfig()
@@ -31,8 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tasks", nargs="+", default=d.tasks, metavar="TASK",
                    help="built-in task names, JSONL files or directories of them (a directory holding train.jsonl "
                         "is used as already split; default: %(default)s)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
-                   help=f"methods to run (default all: {', '.join(METHODS)})")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS, metavar="METHOD",
+                   help=f"methods to run (default: {', '.join(DEFAULT_METHODS)}; also {METHODS[-1]}: a label "
+                        f"reward fitted against --source, for classification over one label set)")
     p.add_argument("--split", default=d.split, choices=[s for s in SPLITS if s != "train"],
                    help="held-out split of built-in tasks and already split directories (default heldout_example)")
     p.add_argument("--shifted-split", choices=[s for s in SPLITS if s.startswith("shifted")], default=None,

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from transfertune.io.validate import InputError
 from transfertune.training.recipe import ValueRecipe
 
-METHODS = ("target", "source", "source_ft", "source+value", "target+value", "proxy", "diff_vector",
-           "target_ft", "target_lora")
+DEFAULT_METHODS = ("target", "source", "source_ft", "source+value", "target+value", "proxy", "diff_vector",
+                   "target_ft", "target_lora")
+LABEL_METHOD = "target+label_reward"  # classification tasks with one label set (evaluation/label_method.py)
+METHODS = (*DEFAULT_METHODS, LABEL_METHOD)
 EVAL_VALUE_RECIPE = ValueRecipe(max_steps=200, learning_rate=2e-3)  # 2e-3: also the budget sweep's choice
 
 
@@ -17,7 +19,7 @@ class EvalConfig:
     source: str = "mini-s"
     targets: list[str] = field(default_factory=lambda: ["mini-m", "mini-l", "mini-m-v2"])
     tasks: list[str] = field(default_factory=lambda: ["people_qa", "arithmetic"])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     split: str = "heldout_example"
     # also measure every cell on this prompt-shifted split of the built-in tasks (shifted_dev / shifted_test),
     # beside `split`, with the share kept; tasks without it show n/a

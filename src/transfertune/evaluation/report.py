@@ -23,7 +23,7 @@ def add_gap_closed(rows: list[dict]) -> None:
     index = {(r["target"], r["task"], r["label"]): r for r in rows}
     for r in rows:
         base, oracle = index.get((r["target"], r["task"], "target")), index.get((r["target"], r["task"], "target_ft"))
-        if not base or not oracle or "nll" not in r:
+        if not base or not oracle:
             continue
         for key in ("nll", "accuracy", "exact_match"):
             if key not in r or key not in base or key not in oracle:
@@ -49,9 +49,10 @@ def format_markdown(result: dict) -> str:
             continue
         m = metric_of(r)
         gap_m = r.get(f"gap_closed_{m[0]}") if m else None
-        line = (f"| {r['target']} | {r['task']} | {r['label']} | {r['nll']:.3f} | {fmt(m[1] if m else None)} "
+        per_token = r.get("seconds_per_token")
+        line = (f"| {r['target']} | {r['task']} | {r['label']} | {fmt(r.get('nll'))} | {fmt(m[1] if m else None)} "
                 f"| {fmt(r.get('gap_closed_nll'), '.2f')} | {fmt(gap_m, '.2f')} "
-                f"| {r['seconds_per_token'] * 1e3:.2f} ms |")
+                f"| {'-' if per_token is None else f'{per_token * 1e3:.2f} ms'} |")
         if shifted:
             moved = r.get(f"shifted_{m[0]}") if m else None
             kept = r.get("share_kept")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from transfertune.evaluation.config import EvalConfig, check_config
+from transfertune.evaluation.config import LABEL_METHOD, EvalConfig, check_config
 from transfertune.evaluation.report import add_gap_closed, format_markdown, metric_of, plot, write_docs
 from transfertune.io.run_dirs import write_atomic
 from transfertune.io.validate import InputError
@@ -278,6 +278,8 @@ class EvalRunner:
         if path.is_file():
             return json.loads(path.read_text())
         row = {"target": target, "task": task, "method": method, "label": label, "knob": knob}
+        if method == LABEL_METHOD:
+            return self._label_reward_cell(row, target, task, split, key, path)
         try:
             cm = self.composed_for(method, target, task, knob)
         except (ArchitectureMismatchError, VocabularyMismatchError) as err:
@@ -288,6 +290,18 @@ class EvalRunner:
             row.update(evaluate_task(cm, examples, self.kind(task), max_length=c.max_length))
             row["truncated_prompts"] = truncated
             row["seconds_per_token"] = seconds_per_token(cm, examples[:16], c.max_length)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(row, indent=2) + "\n")
+        return row
+
+    def _label_reward_cell(self, row: dict, target: str, task: str, split: str, key: str, path: Path) -> dict:
+        from transfertune.evaluation.label_method import NotApplicable, label_reward_metrics
+
+        examples = self.rows(task, split)[: self.cfg.eval_examples]
+        try:
+            row.update(label_reward_metrics(self, target, task, examples, key))
+        except NotApplicable as err:
+            row["skipped"] = str(err)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(row, indent=2) + "\n")
         return row
