@@ -210,3 +210,26 @@ def test_eval_runs_label_rewards_as_a_method(tmp_path, capsys, model_dir, other_
     assert code == 0, err
     row = json.loads((tmp_path / "r2" / "results.json").read_text())["rows"][0]
     assert "one label set" in row["skipped"]
+
+
+def test_the_readme_label_example_runs_on_the_built_in_family(tmp_path, capsys, monkeypatch):
+    """The README's copy-paste block for label rewards, as written (paths under a temporary directory)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    block = text[text.index("### Rewards over a label set"):]
+    block = block[block.index("```bash") + 7: block.index("```", block.index("```bash") + 7)]
+    variables = dict(re.findall(r"^(\w+)=(\S+)", block, flags=re.M))
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.startswith("$T ")]
+    assert len(commands) == 3
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").symlink_to(root / "data")
+    for command in commands:
+        argv = shlex.split(command.replace("$D", variables["D"]))[1:]
+        code, err = cli(capsys, *argv)
+        assert code == 0, (command, err)
+    lines = (tmp_path / "preds.jsonl").read_text().splitlines()
+    assert len(lines) == 200 and json.loads(lines[0])["prediction"].endswith("0s")
