@@ -2,6 +2,8 @@
 
     python benchmarks/decode.py                       # built-in family: target mini-l, draft mini-s
     python benchmarks/decode.py --batch-sizes 1 --prompt-lens 32 --new-tokens 16   # quick look
+    python benchmarks/decode.py --speculative         # speculative decoding alone, with its time per round
+                                                      # (benchmarks/speculative.py: its flags follow)
 
 Methods (all decode exactly --new-tokens tokens, end-of-sequence ignored):
   target       the target base alone (plain cached decoding)
@@ -12,10 +14,10 @@ Methods (all decode exactly --new-tokens tokens, end-of-sequence ignored):
                so the small base stands in for both)
   naive        HF `generate` on the target with a LogitsProcessor that re-runs the value model over the whole
                prefix at every step, without a cache (what the seed papers' released code does)
-  speculative  draft with small base + value, verify with target + the same value logits (rows of a batch
-               commit the same number of tokens per round), the draft fused into one stacked network
-               (fused_draft.py) and its length adapted to measured costs; *exact*: the verifier recomputes the
-               value logits itself; *transformers draft*: each draft model through its own transformers forward
+  speculative  draft with small base + value, verify with target + the same value logits (each row of a batch
+               commits its own accepted tokens), the draft fused into one stacked network (fused_draft.py) and
+               its length adapted to measured costs; *exact*: the verifier recomputes the value logits itself;
+               *transformers draft*: each draft model through its own transformers forward
 
 Limits: a composed step cannot beat running its models back to back, so on CPU
 limit(composed) = t_target + t_value and limit(proxy) = t_target + 2 t_draft per step; the table reports
@@ -66,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="timed runs per cell; the fastest is kept")
     p.add_argument("--naive-max-batch", type=int, default=8, help="skip the (slow) naive reference above this")
     p.add_argument("--speculative-max-batch", type=int, default=8, help="skip speculative decoding above this")
+    p.add_argument("--speculative", action="store_true",
+                   help="run benchmarks/speculative.py instead (speculative decoding, time per round; its flags)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS measurement")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
@@ -185,6 +189,10 @@ def measure_memory(argv: list[str]) -> dict:
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--speculative" in argv:
+        import speculative as speculative_benchmark
+
+        return speculative_benchmark.main([a for a in argv if a != "--speculative"])
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -328,8 +336,8 @@ def speculation_note(result: dict) -> str:
     return ("\n" + "\n".join(lines) + f"\n\nA target step costs {t['target'] * 1e3:.2f} ms and a composed one "
             f"{t['composed'] * 1e3:.2f} ms (batch {spec[0]['batch']}), so speculative decoding must commit "
             f"{t['composed'] / t['target']:.2f} x more tokens per unit of time than plain composed decoding just to "
-            "match the target alone. A batch commits per round what all its rows accepted, so longer drafts stop "
-            "paying as rows are added.\n")
+            "match the target alone. Where the time of a round goes, per batch size: `decode.py --speculative` "
+            "(the speculative section).\n")
 
 
 if __name__ == "__main__":

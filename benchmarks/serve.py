@@ -171,9 +171,10 @@ class Server:
         self.log.close()
 
 
-async def stream_one(client, url: str, prompt: str, new_tokens: int) -> tuple[float | None, int, str | None]:
+async def stream_one(client, url: str, prompt: str, new_tokens: int,
+                     model: str = "bench") -> tuple[float | None, int, str | None]:
     """(time to first token, tokens, error) of one streaming completion."""
-    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     start, ttft, tokens, done = time.perf_counter(), None, 0, False
     try:

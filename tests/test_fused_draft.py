@@ -1,5 +1,4 @@
 """The fused draft computes what each model's own transformers forward pass computes."""
-import pytest
 import torch
 
 from transfertune.core.value_model import LoraSettings, ValueModel
@@ -29,29 +28,27 @@ def test_stacks_match_each_models_forward_pass_with_padding_and_rollback(model_d
     models = [same_shape[0], other_shape, same_shape[1], value]
     prompts = [encode_prompt(tokenizer, p) for p in ("It was the best of times, it was", "Answer:")]
     ids, mask = left_pad(prompts, 1)
-    draft = FusedDraft(models).start(batch=2, max_len=ids.shape[1] + 8)
-    assert len(draft.stacks) == 2  # the 32-wide models (a value model among them) share one
+    fused = FusedDraft(models)
+    assert len(fused.stacks) == 2  # the 32-wide models (a value model among them) share one
+    draft = fused.start(2, capacity=ids.shape[1] + 2)  # too small: the cache grows as tokens are fed
 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    assert_close(draft.forward(ids, mask, positions), reference_logits(models, ids, mask))
+    assert_close(last(draft.run(ids, mask, positions)), reference_logits(models, ids, mask))
     for step in range(3):
         nxt = torch.tensor([[5 + step], [7 + step]])
         ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-        got = draft.forward(nxt, mask, positions[:, -1:] + step + 1)
-        assert_close(got, reference_logits(models, ids, mask))
-    draft.truncate(draft.length - 2)  # roll back two tokens and take another path
+        got = draft.run(nxt, mask, positions[:, -1:] + step + 1)
+        assert_close(last(got), reference_logits(models, ids, mask))
+    draft.crop(draft.width - 2)  # roll back two tokens and take another path
     ids, mask = ids[:, :-2], mask[:, :-2]
     nxt = torch.tensor([[40, 41], [42, 43]])
     ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-    got = draft.forward(nxt, mask, (mask.cumsum(-1) - 1)[:, -2:])
-    assert_close(got, reference_logits(models, ids, mask))
+    got = draft.run(nxt, mask, (mask.cumsum(-1) - 1)[:, -2:])
+    assert_close(last(got), reference_logits(models, ids, mask))
 
 
-def test_cache_overflow_is_refused(model_dir):
-    draft = FusedDraft([load_causal_lm(model_dir("llama", hidden=32, seed=2))]).start(batch=1, max_len=4)
-    ids = torch.arange(3, 8)[None]
-    with pytest.raises(ValueError, match="holds 4 tokens"):
-        draft.forward(ids, torch.ones_like(ids), torch.arange(5)[None])
+def last(logits):
+    return [g[:, -1] for g in logits]
 
 
 def test_only_plain_llama_models_fuse(model_dir, tokenizer):
@@ -65,8 +62,8 @@ def test_only_plain_llama_models_fuse(model_dir, tokenizer):
 def test_half_precision_models_run_in_their_own_dtype(model_dir, tokenizer):
     model = load_causal_lm(model_dir("llama", hidden=32, seed=2)).to(torch.bfloat16)
     ids = torch.tensor([encode_prompt(tokenizer, "It was the best of times")])
-    draft = FusedDraft([model]).start(batch=1, max_len=ids.shape[1])
-    got = draft.forward(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])[0]
-    assert draft.stacks[0][1].keys[0].dtype == torch.bfloat16 and got.dtype == torch.float32
+    draft = FusedDraft([model]).start(1, ids.shape[1])
+    got = draft.run(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])[0][:, -1]
+    assert draft.caches[0].keys[0].dtype == torch.bfloat16 and got.dtype == torch.float32
     expected = reference_logits([model], ids, torch.ones_like(ids))[0]
     assert (got - expected).abs().max() < 0.05 * max(1.0, float(expected.abs().max()))  # bf16 rounding

@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -433,13 +434,14 @@ def test_sampling_is_seeded_per_request(client):
     assert a.choices[0].text != a.choices[1].text or a.choices[0].text != c.choices[0].text
 
 
-def test_stop_strings_and_models_and_health(client, url, cm):
+def test_stop_strings_and_models_and_health(client, url, cm, dirs):
     ref = greedy(cm, PROMPTS[0], 12).text[0]
     stop = ref[3:5]
     out = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop])
     assert out.choices[0].text == greedy(cm, PROMPTS[0], 12, stop=[stop]).text[0]
     assert out.choices[0].finish_reason == "stop"
-    assert [m.id for m in client.models.list().data] == [NAME]
+    names = [Path(v).name for v in dirs[1]]  # each value model alone, named by its directory, and the base alone
+    assert [m.id for m in client.models.list().data] == [NAME, cm.base_name, *(f"{cm.base_name}+{n}" for n in names)]
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
 
 

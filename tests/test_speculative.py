@@ -61,20 +61,23 @@ def test_draft_equal_to_target_accepts_everything_when_sampling(model_dir, token
 
 
 def test_best_draft_len_follows_acceptance_and_costs():
-    def stats(accepted, rejected, step, verify_one, verify_per_token):
-        s = SpeculativeStats(accepted=accepted, rejected=rejected, draft_seconds=step * 10, draft_steps=10)
+    def stats(accepted, rejected, step, verify_one, verify_per_token, rows=1):
+        s = SpeculativeStats(accepted=accepted, rejected=rejected)
         for tokens in (2, 5, 2, 5):
-            s.add_verification(tokens, verify_one + verify_per_token * (tokens - 1))
+            s.draft_step.add(rows, step)
+            s.verify.add(rows * tokens, verify_one + verify_per_token * (rows * tokens - 1))
+            s.bookkeeping.add(rows, 0.0)
         return s
 
     assert stats(10, 90, 0.1, 1.0, 0.0).best_draft_len(12) == 1  # a draft the verifier rarely agrees with
     assert stats(990, 10, 0.01, 1.0, 0.0).best_draft_len(12) == 12  # cheap and nearly always right
     good = stats(80, 20, 0.1, 1.0, 0.0)
     assert 1 < good.best_draft_len(12) < 12
-    assert good.best_draft_len(12, rows=8) < good.best_draft_len(12)  # a batch keeps what all its rows accepted
+    # a batch committing what all its rows accepted drafts shorter; rows committing their own do not
+    assert good.best_draft_len(12, rows=8, per_row=False) < good.best_draft_len(12, rows=8) == good.best_draft_len(12)
     costly = stats(80, 20, 0.1, 1.0, 0.5)
     assert costly.best_draft_len(12) < good.best_draft_len(12)  # verifying costs per token
-    assert costly.verify_seconds(7) == pytest.approx(4.0) and good.verify_seconds(7) == pytest.approx(1.0)
+    assert costly.verify(7) == pytest.approx(4.0) and good.verify(7) == pytest.approx(1.0)
 
 
 def test_adaptive_drafting_times_two_lengths_first(model_dir, tokenizer):

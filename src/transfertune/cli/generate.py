@@ -44,8 +44,8 @@ def add_arguments(p) -> None:
     p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--draft", metavar="BASE",
                    help="speculative decoding: this smaller base (same vocabulary) drafts tokens together with the "
-                        "value models and the base verifies them; the output is the composed model's. Pays at "
-                        "--batch-size 1 (see docs/performance.md)")
+                        "value models and the base verifies them; the output is the composed model's. Each prompt of a "
+                        "batch keeps its own accepted tokens (Llama-like models; docs/performance.md)")
 
 
 def run(args) -> None:

@@ -10,11 +10,19 @@ from transfertune.cli.common import COUNT, POSITIVE, InputError, add_compose_arg
 TIMEOUT_KEEP_ALIVE, TIMEOUT_HEADER, TIMEOUT_BODY, MAX_CONNECTIONS = 5.0, 10.0, 30.0, 512
 
 DESCRIPTION = ("OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
-               "/health) with continuous batching; requests may set `beta` and `weights`.")
+               "/health) with continuous batching; one base with several value models (--value NAME=DIR, repeated), "
+               "chosen per request (`model`: BASE+NAME, or `value`), loaded and unloaded while it runs "
+               "(/v1/load_value, /v1/unload_value); requests may set `beta` and `weights`.")
 
 
 def add_arguments(p) -> None:
     add_compose_args(p)
+    for action in p._actions:
+        if action.dest == "value":
+            action.metavar = "[NAME=]DIR"
+            action.help = ("value directory, repeat for several: each is served alone as BASE+NAME (NAME: the "
+                           "directory's name unless given as NAME=DIR), and all of them together, at --weight, as "
+                           "the default model (--served-model-name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=flag_type(integer=True, ge=0, le=65535), default=8000,
                    help="port, 1 to 65535 (default 8000; 0 = any free port)")
@@ -58,18 +66,40 @@ def run(args) -> None:
     except ImportError as err:
         raise ValueError(f"serving needs FastAPI and uvicorn: pip install 'transfertune[serve]' ({err})") from None
 
+    names, args.value = named_values(args.value)
     _check_max_model_len(args)
     _check_full_attention(args)
-    name = args.served_model_name or "+".join([args.base, *(Path(v).name for v in args.value)])
+    name = args.served_model_name or "+".join([args.base, *names])
     composed = load_composed(args)
     window = context_window(composed)
     if args.max_model_len and window and args.max_model_len > window:
         raise InputError(f"--max-model-len {args.max_model_len} is more than the composed models' context window "
                          f"({window} tokens, the shortest max_position_embeddings among them)")
-    serve(composed, host=args.host, port=args.port, api_key=args.api_key, model_name=name,
+    serve(composed, host=args.host, port=args.port, api_key=args.api_key, model_name=name, value_names=names,
+          beta=args.beta, vocab_map=None if args.vocab_map == "none" else args.vocab_map, hand_over=True,
           max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
           timeout_keep_alive=args.timeout_keep_alive, timeout_header=args.timeout_header,
           timeout_body=args.timeout_body, max_connections=args.max_connections)
+
+
+def named_values(values: list[str]) -> tuple[list[str], list[str]]:
+    """(names, directories) of the --value flags: NAME=DIR, or DIR named by its directory's name."""
+    from transfertune.serving.value_registry import NAME_PATTERN
+
+    names, dirs = [], []
+    for given in values:
+        name, sep, directory = given.partition("=")
+        if not (sep and NAME_PATTERN.fullmatch(name) and directory) or Path(given).exists():
+            name, directory = Path(given).name, given
+            if not NAME_PATTERN.fullmatch(name) or len(name) > 64:
+                raise InputError(f"--value {given}: its directory's name {name!r} cannot name a model (1 to 64 "
+                                 f"letters, digits, '.', '_' or '-'); name it: --value NAME={given}")
+        if name in names:
+            raise InputError(f"--value {given}: the name {name!r} is taken by another --value; name them apart: "
+                             f"--value NAME=DIR")
+        names.append(name)
+        dirs.append(directory)
+    return names, dirs
 
 
 def _check_max_model_len(args) -> None:
@@ -94,7 +124,7 @@ def _check_full_attention(args) -> None:
     (inference/generator._kv_layers, the check applied here to the cache transformers builds from the config)."""
     from transformers.cache_utils import DynamicCache
 
-    from transfertune.inference.generator import _kv_layers
+    from transfertune.inference.generator import full_attention_layers
     from transfertune.io.loading import load_config
 
     models = [("base", args.base), ("--proxy-tuned model", args.proxy_tuned),
@@ -104,7 +134,7 @@ def _check_full_attention(args) -> None:
             continue
         config = load_config(model, trust_remote_code=args.trust_remote_code)
         try:
-            _kv_layers(DynamicCache(config=config))
+            full_attention_layers(DynamicCache(config=config))
         except NotImplementedError as err:
             raise InputError(
                 f"{role} '{model}' cannot be served by the native engine: it has sliding-window (or other "
@@ -123,7 +153,8 @@ def _serve_vllm(args) -> None:
                          "--vocab-map need the native engine")
     if args.weight is not None and args.value and len(args.weight) != len(args.value):
         raise ValueError(f"{len(args.value)} --value but {len(args.weight)} --weight")
-    name = args.served_model_name or "+".join([args.base, *(Path(v).name for v in args.value)])
+    names, args.value = named_values(args.value)
+    name = args.served_model_name or "+".join([args.base, *names])
     serve_vllm(args.base, args.value, export_dir=args.export_dir, host=args.host, port=args.port,
                api_key=args.api_key, served_model_name=name, max_model_len=args.max_model_len,
                max_num_seqs=args.max_batch, beta=args.beta, weights=args.weight,

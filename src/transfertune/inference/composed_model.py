@@ -213,54 +213,59 @@ class ComposedModel:
 
     def chat_template(self) -> tuple[str, list[str]]:
         """(template, notes): how to render chats for this composition, and one line per thing the user should
-        know about that choice.
-
-        The template is the one the first value model was trained with (its directory saves the training base's
-        template, or records that chats were rendered as plain lines), else the base's, else data.PLAIN_CHAT."""
-        from transfertune.io.data import PLAIN_CHAT, template_text
-
-        base_template = template_text(getattr(self.tokenizer, "chat_template", None))
-        notes, trained, source = [], None, None
-        for value in self.value_models:
-            name = value.directory or "the value model"
-            if value.config.chat_format == "plain":
-                mine = PLAIN_CHAT
-            else:
-                mine = template_text(getattr(value.tokenizer, "chat_template", None))
-            if mine is None:
-                notes.append(f"note: value directory {name} saves no chat template (trained before transfertune "
-                             f"recorded it)")
-            elif trained is None:
-                trained, source = mine, name
-            elif mine != trained:
-                notes.append(f"warning: value models {source} and {name} were trained with different chat "
-                             f"templates; rendering with the first one's")
-        if trained == PLAIN_CHAT:
-            notes.append(f"note: value model {source} was trained on chats rendered as plain 'role: content' lines "
-                         f"(its training base has no chat template); rendering chats the same way")
-            return trained, notes
-        if trained is not None:
-            if base_template is not None and base_template != trained:
-                notes.append(f"warning: the chat template of base '{self.base_name}' differs from the one value "
-                             f"model {source} was trained with; rendering chats with the trained template")
-            elif base_template is None:
-                notes.append(f"warning: base '{self.base_name}' has no chat template; rendering the whole prompt "
-                             f"with the chat template value model {source} was trained with, so the base reads its "
-                             f"markers as plain text. To render chats otherwise, give prompts already rendered: "
-                             f"`generate` without --chat, `score` rows with \"prompt\"/\"response\", or the "
-                             f"server's /v1/completions")
-            return trained, notes
-        if base_template is not None:
-            if self.value_models:
-                notes.append(f"note: rendering chats with the chat template of base '{self.base_name}'")
-            return base_template, notes
-        where = "in the value directories or " if self.value_models else ""
-        notes.append(f"note: no chat template {where}in base '{self.base_name}': rendering chats as plain "
-                     f"'role: content' lines ending in 'assistant: ' (what `transfertune train` does for such bases)")
-        return PLAIN_CHAT, notes
+        know about that choice (`chat_template_of`)."""
+        return chat_template_of(self.tokenizer, self.value_models, self.base_name)
 
     def generator(self):
         from transfertune.inference.generator import ComposedGenerator
 
         return ComposedGenerator(self)
 
+
+def chat_template_of(tokenizer, value_models: Sequence, base_name: str = "base") -> tuple[str, list[str]]:
+    """(template, notes): how to render chats for a base (its tokenizer) composed with `value_models`
+    (ValueModels), and one line per thing the user should know about that choice.
+
+    The template is the one the first value model was trained with (its directory saves the training base's
+    template, or records that chats were rendered as plain lines), else the base's, else data.PLAIN_CHAT."""
+    from transfertune.io.data import PLAIN_CHAT, template_text
+
+    base_template = template_text(getattr(tokenizer, "chat_template", None))
+    notes, trained, source = [], None, None
+    for value in value_models:
+        name = value.directory or "the value model"
+        if value.config.chat_format == "plain":
+            mine = PLAIN_CHAT
+        else:
+            mine = template_text(getattr(value.tokenizer, "chat_template", None))
+        if mine is None:
+            notes.append(f"note: value directory {name} saves no chat template (trained before transfertune "
+                         f"recorded it)")
+        elif trained is None:
+            trained, source = mine, name
+        elif mine != trained:
+            notes.append(f"warning: value models {source} and {name} were trained with different chat "
+                         f"templates; rendering with the first one's")
+    if trained == PLAIN_CHAT:
+        notes.append(f"note: value model {source} was trained on chats rendered as plain 'role: content' lines "
+                     f"(its training base has no chat template); rendering chats the same way")
+        return trained, notes
+    if trained is not None:
+        if base_template is not None and base_template != trained:
+            notes.append(f"warning: the chat template of base '{base_name}' differs from the one value "
+                         f"model {source} was trained with; rendering chats with the trained template")
+        elif base_template is None:
+            notes.append(f"warning: base '{base_name}' has no chat template; rendering the whole prompt "
+                         f"with the chat template value model {source} was trained with, so the base reads its "
+                         f"markers as plain text. To render chats otherwise, give prompts already rendered: "
+                         f"`generate` without --chat, `score` rows with \"prompt\"/\"response\", or the "
+                         f"server's /v1/completions")
+        return trained, notes
+    if base_template is not None:
+        if value_models:
+            notes.append(f"note: rendering chats with the chat template of base '{base_name}'")
+        return base_template, notes
+    where = "in the value directories or " if value_models else ""
+    notes.append(f"note: no chat template {where}in base '{base_name}': rendering chats as plain "
+                 f"'role: content' lines ending in 'assistant: ' (what `transfertune train` does for such bases)")
+    return PLAIN_CHAT, notes

@@ -150,7 +150,8 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 # KV caches change batch membership only between steps. Two kinds are handled: transformers' DynamicCache of
 # full-attention layers ([B, heads, T, dim] tensors) and the per-row state of a cross-vocabulary value model.
-def _kv_layers(cache):
+def full_attention_layers(cache):
+    """The initialised layers of a transformers KV cache, refusing layers other than full-attention ones."""
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
@@ -161,18 +162,21 @@ def _kv_layers(cache):
     return [layer for layer in layers if layer.is_initialized]
 
 
+_kv_layers = full_attention_layers  # the name cli/serve.py imports
+
+
 def _cache_select(cache, idx: torch.Tensor):
     if hasattr(cache, "rows"):  # CrossVocabCache
         cache.rows = [cache.rows[i] for i in idx.tolist()]
         return cache
-    _kv_layers(cache)  # refuses layers other than full-attention ones
+    full_attention_layers(cache)  # refuses layers other than full-attention ones
     cache.reorder_cache(idx)  # moves idx to each layer's device: a model spread over several keeps its cache there
     return cache
 
 
 def _cache_trim_left(cache, n: int):
     if not hasattr(cache, "rows"):
-        for layer in _kv_layers(cache):
+        for layer in full_attention_layers(cache):
             layer.keys, layer.values = layer.keys[:, :, n:], layer.values[:, :, n:]
     return cache
 
@@ -181,7 +185,7 @@ def _cache_concat(a, pad_a: int, b, pad_b: int):
     if hasattr(a, "rows"):
         a.rows = a.rows + b.rows
         return a
-    for la, lb in zip(_kv_layers(a), _kv_layers(b)):
+    for la, lb in zip(full_attention_layers(a), full_attention_layers(b)):
         la.keys = torch.cat([F.pad(la.keys, (0, 0, pad_a, 0)), F.pad(lb.keys, (0, 0, pad_b, 0))])
         la.values = torch.cat([F.pad(la.values, (0, 0, pad_a, 0)), F.pad(lb.values, (0, 0, pad_b, 0))])
     return a

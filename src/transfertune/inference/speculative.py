@@ -7,64 +7,35 @@ the standard rule (Leviathan et al., 2023; Chen et al., 2023), so greedy output 
 (up to the rounding of the fused draft's values; `exact=True` removes even that) and sampled output follows
 the composed distribution.
 
-Cache invariant between rounds: every model has seen all committed tokens except the last one (`pending`).
+Rows of a batch accept different numbers of drafted tokens. Each row commits its own (`per_row`): its rejected
+slots are masked out of the caches and each row continues at its own length (ragged_cache.py); models whose
+attention cannot take such holes commit, in every row, what all rows accepted (rectangular caches).
+
+`SpeculativeBatch` is the step-level API: rows join (prefilled, first token drawn), every row advances one
+round (`round`), rows leave (`keep`) between rounds; `SpeculativeComposedGenerator.generate` is a loop over it.
+Cache invariant between rounds: the caches hold every committed token of a row but the last one (`pending`);
+with `exact`, the draft may also lack the one before (`behind`: the last drafted token, run next round).
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from transfertune.core.response_logits import cached_forward, input_device
 from transfertune.inference.composed_model import ComposedModel
-from transfertune.inference.generator import left_pad, text_before_stop
-from transfertune.inference.sampling import SamplingParams, filter_logits
+from transfertune.inference.generator import GenerationOutput, TextStream, left_pad, text_before_stop
+from transfertune.inference.ragged_cache import HOLE_ARCHITECTURES, RaggedCaches, TransformersKV, takes_holes
+from transfertune.inference.sampling import SamplingParams, filter_logits, sample_rows
+from transfertune.inference.speculative_costs import SpeculativeStats
 from transfertune.io.data import encode_prompt
 from transfertune.io.fingerprint import vocab_fingerprint
-from transfertune.vocab.token_map import keep_first
 
+__all__ = ["SpeculativeBatch", "SpeculativeComposedGenerator", "SpeculativeStats", "greedy_verdicts", "verify_draft"]
 
-@dataclass
-class SpeculativeStats:
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    rejected: int = 0  # rows x rounds that ended at a rejected drafted token
-    draft_lengths: list[int] = field(default_factory=list)
-    draft_seconds: float = 0.0  # spent drafting, over `draft_steps` steps
-    draft_steps: int = 0
-    verify_sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # n, x, y, xx, xy of (tokens, seconds)
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    def add_verification(self, tokens: int, seconds: float) -> None:
-        for i, term in enumerate((1, tokens, seconds, tokens * tokens, tokens * seconds)):
-            self.verify_sums[i] += term
-
-    def verify_seconds(self, tokens: int) -> float:
-        """Seconds to verify `tokens` tokens: the least-squares line through the verifications so far."""
-        n, x, y, xx, xy = self.verify_sums
-        spread = n * xx - x * x
-        slope = max(0.0, (n * xy - x * y) / spread) if spread > 1e-9 else 0.0
-        return (y - slope * x) / n + slope * tokens
-
-    def best_draft_len(self, longest: int, rows: int = 1) -> int:
-        """The draft length that commits the most tokens per second. With each drafted token accepted with
-        probability a (a row's, estimated from every round so far, prior 3 of 4; a batch keeps a token only when
-        all its rows accept it: a^rows), a round of k drafted tokens commits (1 - a^(k+1)) / (1 - a) tokens and
-        costs k + 1 draft steps + the verification of k + 1 tokens, both timed as the run goes. The model pools
-        every round, so a run of easy text does not make one length look better than another."""
-        a = min((self.accepted + 3) / (self.accepted + self.rejected + 4), 0.99) ** rows
-        step = self.draft_seconds / self.draft_steps
-
-        def tokens_per_second(k):
-            return (1 - a ** (k + 1)) / (1 - a) / ((k + 1) * step + self.verify_seconds(k + 1))
-
-        return max(range(1, longest + 1), key=tokens_per_second)
+DRAFT_ENGINES = ("auto", "fused", "transformers")
+EXPLORE = (1, 2, 1, 2)  # draft lengths of the first rounds with `adaptive`, times draft_len
+COMPACT_AT = 16  # compact a side's caches once this many slots (and a quarter of them) are holes
 
 
 def step_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -96,52 +67,148 @@ def verify_draft(
     return k, int(torch.multinomial(target_probs[k], 1, generator=generator))
 
 
-class TransformersDraft:
-    """The draft side through transformers: the draft base and each value model with a KV cache of its own (any
-    architecture). With the target's `overlap`, value models run in their own threads beside the draft base."""
-
-    def __init__(self, models: list, pool=None):
-        self.models, self.pool = models, pool
-        self.caches: list = [None] * len(models)
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
-        """Logits [B, V] of every model at the last of `ids` [B, T]."""
-        def run(i):
-            logits, self.caches[i] = run_cached(self.models[i], ids, mask, positions, self.caches[i], keep=1)
-            return logits[:, -1]
-
-        futures = [self.pool.submit(run, i) for i in range(1, len(self.models))] if self.pool is not None else []
-        first = run(0)
-        return [first, *(f.result() for f in futures)] if futures else \
-            [first, *(run(i) for i in range(1, len(self.models)))]
-
-    @property
-    def length(self) -> int:
-        return self.caches[0].get_seq_length() if self.caches[0] is not None else 0
-
-    def truncate(self, length: int) -> None:
-        for cache in self.caches:
-            keep_first(cache, length)
-
-
-def run_cached(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, keep: int = 0):
-    """(logits of the last `keep` positions (0: all) in float32 on mask's device, the updated KV cache)."""
-    dev = input_device(model)
-    out, cache = cached_forward(model, cache, input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                position_ids=positions.to(dev), logits_to_keep=keep)
-    return out.logits.float().to(mask.device), cache
-
-
-DRAFT_ENGINES = ("auto", "fused", "transformers")
-EXPLORE = (1, 2, 1, 2)  # draft lengths of the first rounds with `adaptive`, times draft_len
-
-
 def greedy_verdicts(composed: torch.Tensor, drafted: torch.Tensor) -> list[tuple[int, int]]:
     """`verify_draft` for greedy decoding, every row at once: a drafted token is kept while it is the target's
     argmax. composed [B, k+1, V] target logits, drafted [B, k]; returns (number accepted, next token) per row."""
     best = composed.argmax(-1)
     accepted = (drafted == best[:, : drafted.shape[1]]).long().cumprod(-1).sum(-1)
     return [(int(a), int(t)) for a, t in zip(accepted, best.gather(1, accepted[:, None])[:, 0])]
+
+
+class SpeculativeBatch:
+    """Rows decoding speculatively together, each with its own sampling rule, caches and length.
+
+        first = batch.join(prompt_ids, sampling)  # prefill; each new row's first token (a plain composed step)
+        tokens = batch.round(k)                   # per row: its accepted drafted tokens + the verifier's token
+        batch.keep(rows)                          # rows that go on (finished or cancelled rows leave)
+
+    A round drafts `k` tokens for every row and commits, per row, 1 to k + 1 tokens (`spec.per_row`), or the
+    same number for every row. Tokens past a row's end (end of sequence, stop string, max tokens) are the
+    caller's to drop: the row leaves before the next round."""
+
+    def __init__(self, spec: SpeculativeComposedGenerator):
+        self.spec = spec
+        self.draft = RaggedCaches(spec.draft_store(0, 1))
+        self.verifier = RaggedCaches(TransformersKV(spec.verifiers))
+        self.pending = torch.zeros(0, dtype=torch.long)  # each row's last committed token, in no cache yet
+        self.behind = torch.zeros(0, dtype=torch.long)  # exact: a committed token the draft has not run (-1: none)
+        self.params: list[SamplingParams] = []
+        self.generators: list = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.params)
+
+    @torch.no_grad()
+    def join(self, prompt_ids: list[list[int]], sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams()
+             ) -> list[int]:
+        """Prefill new rows (appended after the running ones) and draw their first tokens."""
+        started = time.perf_counter()
+        params = [sampling] * len(prompt_ids) if isinstance(sampling, SamplingParams) else list(sampling)
+        generators = [p.make_generator("cpu") for p in params]
+        ids, mask = left_pad(prompt_ids, self.spec.pad_id)
+        draft = RaggedCaches(self.spec.draft_store(len(prompt_ids), ids.shape[1] + 64))
+        verifier = RaggedCaches(TransformersKV(self.spec.verifiers))
+        drafted = [logits[:, -1] for logits in draft.forward(ids, mask)]
+        verified = [logits[:, -1] for logits in verifier.forward(ids, mask)]
+        values = verified[1:] if self.spec.recompute_values else drafted[1:]
+        first = sample_rows(self.spec.target.compose([verified[0], *values]), params, generators)
+        self.draft.merge(draft)
+        self.verifier.merge(verifier)
+        self.pending = torch.cat([self.pending, first])
+        self.behind = torch.cat([self.behind, torch.full_like(first, -1)])
+        self.params += params
+        self.generators += generators
+        self.spec.stats.seconds["prefill"] += time.perf_counter() - started
+        return first.tolist()
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only these rows, in this order."""
+        rows = list(rows)
+        if not rows:
+            self.draft.mask = self.verifier.mask = None
+        else:
+            self.draft.keep_rows(rows)
+            self.verifier.keep_rows(rows)
+        idx = torch.tensor(rows, dtype=torch.long)
+        self.pending, self.behind = self.pending[idx], self.behind[idx]
+        self.params = [self.params[r] for r in rows]
+        self.generators = [self.generators[r] for r in rows]
+
+    def _draw(self, composed: torch.Tensor, draft_probs: list[list]) -> torch.Tensor:
+        """Drafted tokens [B]: the argmax for greedy rows, a draw from each sampling row's distribution q (kept in
+        draft_probs for the verdict)."""
+        tokens = composed.argmax(-1)
+        for r, (p, gen) in enumerate(zip(self.params, self.generators)):
+            if not p.greedy:
+                q = step_probs(composed[r], p)
+                tokens[r] = torch.multinomial(q, 1, generator=gen)[0]
+                draft_probs[r].append(q)
+        return tokens
+
+    def _verdicts(self, composed: torch.Tensor, drafted: torch.Tensor, draft_probs: list[list]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(accepted drafted tokens [B], next token [B]) of every row."""
+        greedy = [r for r, p in enumerate(self.params) if p.greedy]
+        accepted, nxt = torch.zeros(self.rows, dtype=torch.long), torch.zeros(self.rows, dtype=torch.long)
+        if greedy:
+            idx = torch.tensor(greedy)
+            for r, (a, t) in zip(greedy, greedy_verdicts(composed[idx], drafted[idx])):
+                accepted[r], nxt[r] = a, t
+        for r, (p, gen) in enumerate(zip(self.params, self.generators)):
+            if not p.greedy:
+                q = torch.stack(draft_probs[r]) if draft_probs[r] else composed[r, :0]
+                accepted[r], nxt[r] = verify_draft(step_probs(composed[r], p), q, drafted[r], gen)
+        return accepted, nxt
+
+    @torch.no_grad()
+    def round(self, k: int) -> list[list[int]]:
+        """Draft k >= 1 tokens for every row, verify them, commit; returns the tokens each row committed."""
+        spec, rows, exact = self.spec, self.rows, self.spec.recompute_values
+        started = time.perf_counter()
+        has_behind = bool((self.behind >= 0).any())
+        if has_behind:  # exact mode: rows that kept every drafted token run the last one before their pending one
+            fed, valid = torch.stack([self.behind.clamp(min=0), self.pending], 1), torch.stack(
+                [self.behind >= 0, torch.ones_like(self.pending, dtype=torch.bool)], 1)
+        else:
+            fed, valid = self.pending[:, None], None
+        drafted, value_steps, draft_probs = [], [], [[] for _ in range(rows)]
+        for j in range(k + 1):
+            if j == k and exact:
+                break  # the verifier computes the values after the last drafted token; the draft runs it later
+            d_logits, *v_logits = (logits[:, -1] for logits in self.draft.forward(fed, valid))
+            value_steps.append(v_logits)
+            if j == k:
+                break
+            token = self._draw(spec.draft_composed.compose([d_logits, *v_logits]), draft_probs)
+            drafted.append(token)
+            fed, valid = token[:, None], None
+        drafted_at = time.perf_counter()
+        seq = torch.stack([self.pending, *drafted], 1)  # [B, k + 1]
+        verified = self.verifier.forward(seq, keep=k + 1)
+        verified_at = time.perf_counter()
+        values = verified[1:] if exact else [torch.stack([step[i] for step in value_steps], 1)
+                                             for i in range(len(spec.target.values))]
+        composed = spec.target.compose([verified[0], *values])  # [B, k + 1, V]
+        accepted, nxt = self._verdicts(composed, seq[:, 1:], draft_probs)
+        kept = accepted
+        if not spec.per_row:  # every row commits what all rows accepted, then one token of its own
+            kept = accepted.min().expand(rows)
+            nxt = torch.where(accepted > kept, seq[torch.arange(rows), (kept + 1).clamp(max=k)], nxt)
+        committed = [seq[r, 1 : 1 + int(kept[r])].tolist() + [int(nxt[r])] for r in range(rows)]
+        self.verifier.commit(k + 1, kept + 1)
+        if exact:
+            self.draft.commit(k + has_behind, has_behind + (kept + 1).clamp(max=k))
+            self.behind = torch.where(kept == k, seq[:, k], -1)
+        else:
+            self.draft.commit(k + 1, kept + 1)
+        self.pending = nxt
+        for side in (self.draft, self.verifier):
+            if side.waste >= COMPACT_AT and 4 * side.waste >= side.mask.shape[1]:
+                side.compact()
+        spec.stats.add_round(rows, k, accepted.tolist(), sum(map(len, committed)), len(value_steps),
+                             (drafted_at - started, verified_at - drafted_at, time.perf_counter() - verified_at))
+        return committed
 
 
 class SpeculativeComposedGenerator:
@@ -157,13 +224,17 @@ class SpeculativeComposedGenerator:
     models themselves: greedy output is then token for token what plain composed decoding gives, at the cost
     of a second value pass. A transformers draft computes the values as plain decoding does: always exact.
 
+    `per_row` (default: where every model through transformers takes cache holes, ragged_cache.takes_holes):
+    each row of a batch commits its own accepted tokens; False: every row commits what all rows accepted.
+
     `adaptive` picks each round's draft length from the acceptance and the costs measured so far
     (`SpeculativeStats.best_draft_len`); seeded sampling keeps `draft_len`, so that a seed gives the same
     tokens on every run.
     """
 
     def __init__(self, target: ComposedModel, draft_base, draft_tokenizer=None, *, draft_len: int = 4,
-                 max_draft_len: int = 12, adaptive: bool = True, draft_engine: str = "auto", exact: bool = False):
+                 max_draft_len: int = 12, adaptive: bool = True, draft_engine: str = "auto", exact: bool = False,
+                 per_row: bool | None = None):
         if target.proxy is not None:
             raise ValueError("speculative decoding supports base + value models, not proxy-tuning")
         from transfertune.inference.fused_draft import can_fuse
@@ -189,19 +260,39 @@ class SpeculativeComposedGenerator:
             self.fused_draft = FusedDraft([draft_base, *target.values])  # weights stacked once, here
         self.target = target
         self.draft_base = draft_base
-        self.draft = ComposedModel(draft_base, target.tokenizer, target.values, weights=target.weights,
-                                   beta=target.beta)
+        self.draft_composed = ComposedModel(draft_base, target.tokenizer, target.values, weights=target.weights,
+                                            beta=target.beta)
         self.tokenizer = target.tokenizer
         self.draft_len, self.max_draft_len, self.adaptive = draft_len, max_draft_len, adaptive
         self.recompute_values = self.fused and exact
+        self.verifiers = [target.base, *(target.values if self.recompute_values else [])]
+        through_transformers = self.verifiers + ([] if self.fused else [draft_base, *target.values])
+        holes = all(takes_holes(m) for m in through_transformers)
+        if per_row and not holes:
+            raise ValueError("per-row commits need models whose attention takes masked cache slots "
+                             f"({', '.join(HOLE_ARCHITECTURES)}); use per_row=False")
+        self.per_row = holes if per_row is None else per_row
         self.plain = target.generator()  # plain composed decoding: end-of-sequence ids, padding, context checks
         self.eos_ids, self.pad_id = self.plain.eos_ids, self.plain.pad_id
         self.stats = SpeculativeStats()
 
-    def _draft_side(self, rows: int, max_len: int):
+    def draft_store(self, rows: int, capacity: int):
+        """An empty KV store for the draft side (ragged_cache.py)."""
         if self.fused:
-            return self.fused_draft.start(rows, max_len)
-        return TransformersDraft([self.draft_base, *self.target.values], self.target.overlap_pool())
+            return self.fused_draft.start(rows, capacity)
+        return TransformersKV([self.draft_base, *self.target.values], self.target.overlap_pool())
+
+    def new_batch(self) -> SpeculativeBatch:
+        return SpeculativeBatch(self)
+
+    def next_draft_len(self, rows: int) -> int:
+        """The draft length of the next round of `rows` rows: `draft_len` and twice it for the first rounds (so
+        verification is timed at two sizes), then the best for the measured acceptance and costs."""
+        if not self.adaptive:
+            return self.draft_len
+        if self.stats.rounds < len(EXPLORE):
+            return max(1, min(self.max_draft_len, self.draft_len * EXPLORE[self.stats.rounds]))
+        return self.stats.best_draft_len(self.max_draft_len, rows, self.per_row)
 
     @torch.no_grad()
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64,
@@ -211,111 +302,78 @@ class SpeculativeComposedGenerator:
     @torch.no_grad()
     def generate_batch(self, prompt_ids: list[list[int]], max_new_tokens: int = 64,
                        sampling: SamplingParams | None = None) -> list[list[int]]:
-        """Token ids generated for each prompt (rows left-padded, one KV cache per model for the batch).
+        """Token ids generated for each prompt, an end-of-sequence token included: each row's output is what
+        plain composed decoding gives (greedy) or follows the composed distribution (sampling)."""
+        tokens, reasons = self.decode(prompt_ids, max_new_tokens, sampling)
+        return [row + [eos] if eos is not None else row for row, (_, eos) in zip(tokens, reasons)]
 
-        Every round commits the same number of tokens to every running row: the shortest accepted prefix among
-        them plus one token, the verifier's (a row that accepted more keeps its next drafted token, which the
-        verifier accepted). Caches stay rectangular, and each row's output is what plain composed decoding gives
-        (greedy) or follows the composed distribution (sampling)."""
+    @torch.no_grad()
+    def decode(self, prompt_ids: list[list[int]], max_new_tokens: int, sampling: SamplingParams | None = None,
+               stop: Sequence[str] = ()) -> tuple[list[list[int]], list[tuple[str, int | None]]]:
+        """(tokens of each row without its end-of-sequence token, (finish reason, that token or None)): the rows
+        decode as one SpeculativeBatch, and a row leaves it as soon as it ends (end of sequence, a stop string,
+        max_new_tokens)."""
         params = sampling or SamplingParams()
-        gen = params.make_generator("cpu")
-        values, rows = self.target.values, len(prompt_ids)
-        ids, mask = left_pad(prompt_ids, self.pad_id)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        draft = self._draft_side(rows, ids.shape[1] + max_new_tokens + self.max_draft_len + 1)
-        verifiers = [self.target.base, *(values if self.recompute_values else [])]
-        caches = [None] * len(verifiers)
-        if ids.shape[1] > 1:
-            prefix = ids[:, :-1], mask[:, :-1], positions[:, :-1]
-            draft.forward(*prefix)
-            for i, m in enumerate(verifiers):
-                caches[i] = run_cached(m, *prefix, None, keep=1)[1]
-        pending, pos = ids[:, -1], positions[:, -1]  # the last prompt token (not in any cache) and its position
-        out: list[list[int]] = [[] for _ in range(rows)]
-        running = [True] * rows
-        k, produced = self.draft_len, 0
-        no_tokens = ids[:, :0]
-        behind = no_tokens  # committed tokens before `pending` that the draft has not run on yet
+        n = len(prompt_ids)
+        out: list[list[int]] = [[] for _ in range(n)]
+        reasons: list[tuple[str, int | None]] = [("length", None)] * n
+        if not n or not max_new_tokens:
+            return out, reasons
         # the draft length follows measured times, so a seeded run, whose random draws depend on it, keeps its own
-        adaptive = self.adaptive and (params.greedy or params.seed is None)
-        while any(running) and produced < max_new_tokens:
-            k = min(k, max_new_tokens - produced - 1)  # a round commits at most k + 1 tokens
-            drafted, draft_probs, value_steps = [], [], []
-            token = pending
+        adaptive = params.greedy or params.seed is None
+        streams = [TextStream(self.tokenizer, stop) for _ in range(n)] if stop else None
+
+        def add(i: int, tokens: list[int]) -> bool:
+            """Append a row's committed tokens; whether the row has ended."""
+            for t in tokens:
+                if t in self.eos_ids:
+                    reasons[i] = ("eos", t)
+                    return True
+                out[i].append(t)
+                if streams is not None:
+                    streams[i].push(t)
+                    if streams[i].stopped:
+                        reasons[i] = ("stop", None)
+                        return True
+                if len(out[i]) == max_new_tokens:
+                    return True
+            return False
+
+        batch = self.new_batch()
+        live = list(range(n))  # prompt index of each batch row
+        committed = [[t] for t in batch.join(prompt_ids, params)]
+        started = time.perf_counter()
+        k = self.draft_len
+        while True:
+            going = [j for j, i in enumerate(live) if not add(i, committed[j])]
+            if len(going) < len(live):
+                batch.keep(going)
+                live = [live[j] for j in going]
+            if not live:
+                break
+            if adaptive:
+                k = self.next_draft_len(len(live))
+            k = max(1, min(k, max(max_new_tokens - len(out[i]) for i in live) - 1))
+            round_started = time.perf_counter()
+            self.stats.seconds["between"] += round_started - started
+            committed = batch.round(k)
             started = time.perf_counter()
-            for j in range(k + 1):
-                if j == k and self.recompute_values:
-                    break  # the verifier computes the values after the last drafted token; the draft sees it later
-                fed = torch.cat([behind, token[:, None]], 1) if j == 0 else token[:, None]
-                d_logits, *v_logits = draft.forward(fed, torch.cat([mask, mask.new_ones(rows, j)], -1),
-                                                    pos[:, None] + j + torch.arange(1 - fed.shape[1], 1))
-                value_steps.append(v_logits)
-                if j == k:
-                    break
-                composed = self.draft.compose([d_logits, *v_logits])
-                if params.greedy:
-                    token = composed.argmax(-1)
-                else:
-                    q = step_probs(composed, params)
-                    token = torch.multinomial(q, 1, generator=gen)[:, 0]
-                    draft_probs.append(q)
-                drafted.append(token)
-            seq = torch.stack([pending, *drafted], 1)
-            verify_mask = torch.cat([mask, mask.new_ones(rows, k)], -1)
-            verify_pos = pos[:, None] + torch.arange(k + 1)
-            drafted_at = time.perf_counter()
-            verified = []
-            for i, m in enumerate(verifiers):
-                logits, caches[i] = run_cached(m, seq, verify_mask, verify_pos, caches[i], keep=k + 1)
-                verified.append(logits)
-            self.stats.draft_seconds += drafted_at - started
-            self.stats.draft_steps += k + 1
-            self.stats.add_verification(k + 1, time.perf_counter() - drafted_at)
-            value_logits = verified[1:] if self.recompute_values else \
-                [torch.stack([step[i] for step in value_steps], 1) for i in range(len(values))]
-            composed = self.target.compose([verified[0], *value_logits])  # [B, k + 1, V]
-            drafted_rows = torch.stack(drafted, 1) if drafted else seq[:, :0]
-            verdicts = greedy_verdicts(composed, drafted_rows) if params.greedy else \
-                [verify_draft(step_probs(composed[r], params), torch.stack([q[r] for q in draft_probs])
-                              if draft_probs else composed[r, :0], drafted_rows[r], gen) for r in range(rows)]
-            live = [r for r in range(rows) if running[r]]
-            n = min(verdicts[r][0] for r in live)  # accepted drafted tokens committed to every row
-            committed = [drafted_rows[r, :n].tolist() + [int(drafted_rows[r, n]) if verdicts[r][0] > n
-                                                         else verdicts[r][1]] for r in range(rows)]
-            self.stats.rounds += 1
-            self.stats.drafted += k * len(live)
-            self.stats.accepted += sum(verdicts[r][0] for r in live)
-            self.stats.rejected += sum(verdicts[r][0] < k for r in live)
-            self.stats.draft_lengths.append(k)
-            kept = mask.shape[1] + n  # every model keeps the committed tokens but the new pending one
-            # the draft is behind only when every drafted token was kept (exact mode skips the last draft step)
-            behind = seq[:, draft.length - kept :] if draft.length < kept else no_tokens
-            draft.truncate(min(draft.length, kept))
-            for cache in caches:
-                keep_first(cache, kept)
-            mask = torch.cat([mask, mask.new_ones(rows, n + 1)], -1)
-            pending, pos, produced = torch.tensor([c[-1] for c in committed]), pos + n + 1, produced + n + 1
-            for r in live:
-                for t in committed[r]:
-                    if t in self.eos_ids:
-                        out[r].append(t)
-                        running[r] = False
-                        break
-                    out[r].append(t)
-                    if len(out[r]) == max_new_tokens:
-                        running[r] = False
-                        break
-            if adaptive and self.stats.rounds >= len(EXPLORE):
-                k = self.stats.best_draft_len(self.max_draft_len, len(live))
-            elif adaptive:  # first rounds: two lengths, so that verification is timed at two token counts
-                k = max(1, min(self.max_draft_len, self.draft_len * EXPLORE[self.stats.rounds]))
-        return out
+        self.stats.seconds["between"] += time.perf_counter() - started
+        return out, reasons
+
+    def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
+                 sampling: SamplingParams | None = None, stop: Sequence[str] = (),
+                 truncate_prompts: bool = False) -> GenerationOutput:
+        """`ComposedGenerator.generate`, speculatively: the same texts, token ids and finish reasons."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids, max_new_tokens = self.plain.fit_context([encode_prompt(self.tokenizer, p) for p in prompts],
+                                                     max_new_tokens, truncate_prompts)
+        tokens, reasons = self.decode(ids, max_new_tokens, sampling, stop)
+        return GenerationOutput([text_before_stop(self.tokenizer, row, stop) for row in tokens], tokens,
+                                [reason for reason, _ in reasons])
 
     def generate_texts(self, prompts: Sequence[str], max_new_tokens: int = 64, sampling: SamplingParams | None = None,
                        stop: Sequence[str] = ()) -> list[str]:
         """Text generated for each prompt (one batch), cut before the first stop string; prompts are checked
         against the context length as plain generation checks them (`ComposedGenerator.fit_context`)."""
-        ids, max_new_tokens = self.plain.fit_context(
-            [encode_prompt(self.tokenizer, p) for p in prompts], max_new_tokens)
-        return [text_before_stop(self.tokenizer, [t for t in row if t not in self.eos_ids], stop)
-                for row in self.generate_batch(ids, max_new_tokens, sampling)]
+        return self.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop).text

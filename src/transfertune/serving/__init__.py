@@ -1,7 +1,9 @@
 """`transfertune serve`: an OpenAI-compatible server for composed models (FastAPI + uvicorn, `pip install
 transfertune[serve]`). `protocol.py` holds the OpenAI request schemas, `openai_serving.py` turns requests into
 engine rows and responses, `app.py` holds the routes, errors and launch, `engine.py` batches requests
-continuously; `vllm/` runs composed models inside vLLM instead. Names are imported on first use, so
+continuously in a `routed_batch.RoutedBatch` (each value model runs on the rows that chose it); the value models
+are named in `value_registry.py`, the model ids requests pick in `model_table.py`, and `value_admin.py` loads and
+unloads them at run time; `vllm/` runs composed models inside vLLM instead. Names are imported on first use, so
 `serving.vllm` does not import fastapi."""
 from typing import TYPE_CHECKING
 

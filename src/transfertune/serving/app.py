@@ -1,10 +1,11 @@
 """The OpenAI-compatible HTTP API of `transfertune serve`: /v1/models, /v1/completions, /v1/chat/completions
-and /health, over the continuous-batching `Engine`.
+and /health, over the continuous-batching `Engine`, and the admin routes /v1/load_value and /v1/unload_value.
 
-The request bodies are in `protocol.py`, what the routes do with them in `openai_serving.py`. Errors use
-OpenAI's JSON format: 400 for a bad request (a context that is too long included), 401 without the API key, 404
-for another model name, 408 for a request that arrives too slowly, 429 when the waiting queue is full, 503 past
-the connection limit.
+The request bodies are in `protocol.py`, what the routes do with them in `openai_serving.py` and
+`value_admin.py`. Errors use OpenAI's JSON format: 400 for a bad request (a context that is too long included,
+a value directory refused), 401 without the API key, 404 for a model (or value model) the server does not
+serve, 408 for a request that arrives too slowly, 409 for a value model being unloaded, 429 when the waiting
+queue is full, 503 past the connection limit.
 """
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ from transfertune.serving.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    LoadValueRequest,
+    UnloadValueRequest,
     error_type,
     validation_error,
 )
+from transfertune.serving.value_admin import load_value, unload_value
 
 router = APIRouter()
 
@@ -48,15 +52,21 @@ def _respond(result):
 @router.get("/health")
 async def health(request: Request):
     server = _server(request)
-    return {"status": "ok", "model": server.model_name, **server.engine.load}
+    return {"status": "ok", "model": server.model_name, "values": server.registry.names(), **server.engine.load}
 
 
 @router.get("/v1/models")
 async def models(request: Request):
     server = _server(request)
-    return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                        "owned_by": "transfertune", "max_model_len": server.max_model_len,
-                                        "chat_template": server.chat_format}]}
+    data = []
+    for model in server.models.served():
+        entry = {"id": model.id, "object": "model", "created": server.created, "owned_by": "transfertune",
+                 "max_model_len": server.max_model_len, "chat_template": server.models.chat_format(model.values),
+                 "value": dict(zip(model.values, model.weights)), "beta": model.beta if model.values else None}
+        if model.id != server.models.base_id:
+            entry["parent"] = server.models.base_id
+        data.append(entry)
+    return {"object": "list", "data": data}
 
 
 @router.post("/v1/completions")
@@ -67,6 +77,16 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     return _respond(await chat_completion(_server(request), body, request))
+
+
+@router.post("/v1/load_value")
+async def load_value_route(body: LoadValueRequest, request: Request):
+    return await load_value(_server(request), body)
+
+
+@router.post("/v1/unload_value")
+async def unload_value_route(body: UnloadValueRequest, request: Request):
+    return await unload_value(_server(request), body)
 
 
 # -- errors, all in OpenAI's format ----------------------------------------------------------------------
@@ -100,7 +120,7 @@ ERROR_HANDLERS = {APIError: _api_error, RequestValidationError: _invalid, Starle
 
 
 OPEN_PATHS = ("/health",)  # what answers without the API key
-JSON_ROUTES = ("/v1/completions", "/v1/chat/completions")
+JSON_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/load_value", "/v1/unload_value")
 BOM = b"\xef\xbb\xbf"
 
 
@@ -172,11 +192,17 @@ class JSONBodyMiddleware:
 
 
 # -- the app ----------------------------------------------------------------------------------------------
-def create_app(composed: ComposedModel, *, model_name: str = "transfertune", api_key: str | None = None,
-               max_batch: int = 32, max_queue: int = 256, max_model_len: int | None = None) -> FastAPI:
-    """The FastAPI app. Its lifespan starts and stops the engine thread (TestClient and uvicorn both run it)."""
-    server = Server(composed, model_name=model_name, max_batch=max_batch, max_queue=max_queue,
-                    max_model_len=max_model_len)
+def create_app(composed: ComposedModel, *, model_name: str = "transfertune", value_names=None,
+               beta: float | None = None, vocab_map=None, api_key: str | None = None, max_batch: int = 32,
+               max_queue: int = 256, max_model_len: int | None = None, hand_over: bool = False) -> FastAPI:
+    """The FastAPI app. Its lifespan starts and stops the engine thread (TestClient and uvicorn both run it).
+    `composed`'s value models are served by name (`value_names`, default their directories' names); `beta` and
+    `vocab_map` apply to every value model, those loaded later included (see `Server`). With `hand_over` the
+    caller gives `composed` up: its value models are taken out of it, so that unloading one frees its memory."""
+    server = Server(composed, model_name=model_name, value_names=value_names, beta=beta, vocab_map=vocab_map,
+                    max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len)
+    if hand_over:
+        composed.values, composed.value_models, composed.weights = [], [], []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -2,9 +2,11 @@
 
 One thread owns the models and runs `Engine._loop`. At every step boundary it drops rows that finished or
 whose client went away, admits waiting rows (they are prefilled inside the next step), runs one-off jobs
-(prompt scoring for `echo`), then runs one lock-step decoding step for the whole batch. Each row keeps its own
-sampling parameters, seed, stop strings, beta and value weights; composition is per row
-(`ComposedModel.compose` -> `compose.compose_logits_per_row`).
+(prompt scoring for `echo`, loading or unloading a value model), then runs one lock-step decoding step for the
+whole batch. Each row keeps its own sampling parameters, seed, stop strings, value models (by name, from the
+server's `ValueRegistry`), beta and value weights. The batch is a `RoutedBatch`: the base runs on every row,
+each value model only on the rows that name it, and each row is composed with its own value models and settings
+(`routed_batch.compose_routed` -> `compose.compose_logits_per_row`).
 
 Request handlers live on an asyncio loop: they `submit` rows and read lists of `Event`s from an asyncio.Queue
 (a `Sink`). After each step the engine thread hands every loop all of that step's events in one
@@ -30,6 +32,8 @@ from transfertune.inference.composed_model import ComposedModel
 from transfertune.inference.generator import TextStream
 from transfertune.inference.sampling import SamplingParams, sample_rows
 from transfertune.io.data import IGNORE_INDEX
+from transfertune.serving.routed_batch import RoutedBatch, compose_routed
+from transfertune.serving.value_registry import ServedModel, ValueRegistry
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +90,11 @@ class Row:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     beta: float | None = None  # None: the composed model's own
-    weights: tuple[float, ...] | None = None
+    weights: tuple[float, ...] | None = None  # one per value model of `values`
     logprobs: int | None = None  # top tokens to report with each token; None: no log-probs at all
     index: int = 0  # choice index within its request
     ignore_eos: bool = False
+    values: tuple[str, ...] | None = None  # names of its value models; None: the composed model's
     sink: Sink | None = None
     cancelled: bool = False
     # set by the engine
@@ -99,10 +104,19 @@ class Row:
 
 
 class Engine:
-    def __init__(self, composed: ComposedModel, *, max_batch: int = 32, max_queue: int = 256):
+    """Decodes rows with the base of `composed` and the value models of `registry` (default: the composed
+    model's, named as `value_registry.default_names` does). A row's `values` name its value models (`()`: the
+    base alone); a row that leaves them None composes `default` (default: every value model of `composed`, at
+    its weights and beta)."""
+
+    def __init__(self, composed: ComposedModel, *, registry: ValueRegistry | None = None,
+                 default: ServedModel | None = None, max_batch: int = 32, max_queue: int = 256):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.composed = composed
+        self.registry = registry if registry is not None else ValueRegistry.of_composed(composed)
+        self.default = default or ServedModel("default", tuple(self.registry.names()), tuple(composed.weights),
+                                              composed.beta)
         self.generator = composed.generator()
         self.tokenizer = composed.tokenizer  # used by the engine thread only
         self.eos_ids = self.generator.eos_ids
@@ -111,25 +125,39 @@ class Engine:
         self._waiting: deque[Row] = deque()
         self._jobs: deque[tuple[Callable, asyncio.Future, asyncio.AbstractEventLoop]] = deque()
         self._rows: list[Row] = []  # running rows, in the order of the batch
-        self._batch = self.generator.new_batch()
+        self._batch = self.new_batch()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.stats = {"steps": 0, "tokens": 0, "rows_done": 0, "max_running": 0, "step_seconds": 0.0}
 
-    def check_batching(self) -> None:
-        """Join, step, leave and join again once, on a dummy prompt: fails at start-up, with the reason, for
-        models whose KV caches rows cannot join or leave (e.g. sliding-window layers); warms the models up."""
+    def new_batch(self) -> RoutedBatch:
+        proxy = list(self.composed.proxy or ())
+        return RoutedBatch([self.composed.base, *proxy], self.composed.device, self.generator.pad_id,
+                           self.registry.modules)
+
+    def check_batching(self, values: tuple[str, ...] | None = None) -> None:
+        """Join, step, leave and join again once, on a dummy prompt, with the base and these value models
+        (default: all): fails, with the reason, for models whose KV caches rows cannot join or leave (e.g.
+        sliding-window layers); warms the models up."""
         pad = self.generator.pad_id
-        batch = self.generator.new_batch()
+        names = tuple(self.registry.names()) if values is None else values
+        batch = self.new_batch()
         try:
-            batch.join([[pad, pad], [pad]])
+            batch.join(["a", "b"], [[pad, pad], [pad]], [names, names])
             batch.step()
             batch.keep([1])
             batch.feed(torch.tensor([pad]))
-            batch.join([[pad]])
+            batch.join(["c"], [[pad]], [names])
             batch.step()
         except NotImplementedError as err:
             raise ValueError(f"this model cannot be served with continuous batching: {err}") from None
+
+    def uses(self, name: str) -> bool:
+        """Whether a running or waiting row composes the value model `name` (ask from the engine thread, e.g.
+        in a job: rows move between the queue and the batch there)."""
+        with self._cond:
+            waiting = list(self._waiting)
+        return any(not row.cancelled and name in (row.values or ()) for row in waiting + self._rows)
 
     # -- called from request handlers ----------------------------------------------------------------
     def start(self) -> None:
@@ -199,7 +227,7 @@ class Engine:
             except Exception as err:  # a model failed: fail the rows in flight, keep serving
                 log.exception("decoding step failed")
                 _send([(row, Event(row.index, error=f"{type(err).__name__}: {err}")) for row in self._rows])
-                self._rows, self._batch = [], self.generator.new_batch()
+                self._rows, self._batch = [], self.new_batch()
         _send([(row, Event(row.index, error="the server is shutting down"))
                for row in self._rows + list(self._waiting)])
 
@@ -235,14 +263,29 @@ class Engine:
                 row = self._waiting.popleft()
                 if not row.cancelled:
                     joining.append(row)
+        ready, refused = [], []
         for row in joining:
-            row.beta = self.composed.beta if row.beta is None else row.beta
-            row.weights = tuple(self.composed.weights if row.weights is None else row.weights)
+            if row.values is None:
+                row.values, weights, beta = self.default.values, self.default.weights, self.default.beta
+            else:
+                row.values = tuple(row.values)
+                weights, beta = (1.0,) * len(row.values), self.registry.default_beta(row.values)
+            row.beta = beta if row.beta is None else row.beta
+            row.weights = tuple(weights if row.weights is None else row.weights)
             row.text = TextStream(self.tokenizer, row.stop)
             row.generator = row.sampling.make_generator(self.composed.device)
-        if joining:
-            self._batch.join([row.prompt_ids for row in joining])
-            self._rows.extend(joining)
+            missing = [name for name in row.values if self.registry.get(name) is None]
+            if missing:  # unloaded while it waited (the server does not let that happen; a direct caller may)
+                refused.append((row, Event(row.index, error=f"value model {missing[0]!r} is not loaded")))
+            elif len(row.weights) != len(row.values):
+                refused.append((row, Event(row.index, error=f"{len(row.values)} value models but "
+                                                             f"{len(row.weights)} weights")))
+            else:
+                ready.append(row)
+        _send(refused)
+        if ready:
+            self._batch.join(ready, [row.prompt_ids for row in ready], [row.values for row in ready])
+            self._rows.extend(ready)
             self.stats["max_running"] = max(self.stats["max_running"], len(self._rows))
 
     def _leave(self, keep: list[int]) -> None:
@@ -251,15 +294,11 @@ class Engine:
 
     def _step(self) -> None:
         rows = self._rows
-        step_logits = self._batch.step()
-        settings = {(row.beta, row.weights) for row in rows}
-        if len(settings) == 1:
-            beta, weights = settings.pop()
-            logits = self.composed.compose(step_logits, weights=list(weights), beta=beta)
-        else:
-            logits = self.composed.compose(
-                step_logits, weights=torch.tensor([row.weights for row in rows], dtype=torch.float64),
-                beta=torch.tensor([row.beta for row in rows], dtype=torch.float64))
+        base_logits, value_logits = self._batch.step()
+        logits = compose_routed(base_logits, value_logits, [row.values for row in rows],
+                                [row.weights for row in rows], [row.beta for row in rows],
+                                proxy=self.composed.proxy is not None, alpha=self.composed.alpha,
+                                real_vocab_size=self.composed.real_vocab_size)
         next_tokens = sample_rows(logits, [row.sampling for row in rows], [row.generator for row in rows])
         want = [row.logprobs is not None for row in rows]
         logp = F.log_softmax(logits, -1) if any(want) else None
@@ -317,18 +356,21 @@ def _logprobs_at(logp: torch.Tensor, token: int, top: int) -> tuple[float, list[
 
 @torch.no_grad()
 def prompt_logprobs(
-    composed: ComposedModel, prompt_ids: list[int], top: int, *, beta: float, weights: tuple[float, ...]
+    composed: ComposedModel, prompt_ids: list[int], top: int, *, beta: float, weights: tuple[float, ...],
+    values: list | None = None,
 ) -> list[tuple[float, list[tuple[int, float]]] | None]:
     """For each prompt token, its composed log-prob given the tokens before it and the `top` most likely
     tokens there (None for the first token, which has no context). The same computation as
-    `ComposedModel.score` (sequence.composed_response_logits), with this request's beta and weights."""
+    `ComposedModel.score` (sequence.composed_response_logits), with this request's value models (networks;
+    default: the composed model's), beta and weights."""
     if len(prompt_ids) < 2:
         return [None] * len(prompt_ids)
     ids = torch.tensor([prompt_ids], device=composed.device)
     labels = ids.clone()
     labels[0, 0] = IGNORE_INDEX
     composition = Composition(tuple(weights), beta, composed.alpha, composed.real_vocab_size)
-    res = composed_response_logits(composed.base, composed.values, ids, torch.ones_like(ids), labels,
+    values = composed.values if values is None else values
+    res = composed_response_logits(composed.base, values, ids, torch.ones_like(ids), labels,
                                    composition=composition, proxy=composed.proxy)
     logp = F.log_softmax(res.composed, -1)
     return [None] + [_logprobs_at(logp[i], t, top) for i, t in enumerate(res.targets.tolist())]

@@ -1,7 +1,8 @@
 """From a validated OpenAI request to engine rows and back to a response: `Server` holds what requests share
-(the engine, the tokenizer, defaults and limits) and checks requests against the model; `completion` and
-`chat_completion` submit the rows and assemble the response, whole or as server-sent events (one streaming
-loop for both). Log-probs are those of the *composed* distribution (before temperature / top-p).
+(the engine, the value models and the model ids they make, the tokenizer, limits) and checks requests against
+them; `completion` and `chat_completion` submit the rows and assemble the response, whole or as server-sent
+events (one streaming loop for both). Log-probs are those of the *composed* distribution (before temperature /
+top-p), of the value models the request chose (`model_table.py`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from transfertune.serving.engine import (
     Sink,
     prompt_logprobs,
 )
+from transfertune.serving.model_table import ModelTable
 from transfertune.serving.protocol import (
     APIError,
     ChatMessage,
@@ -33,6 +35,7 @@ from transfertune.serving.protocol import (
     GenerationRequest,
     usage,
 )
+from transfertune.serving.value_registry import ServedModel, ValueRegistry
 
 if TYPE_CHECKING:
     from fastapi import Request
@@ -63,51 +66,49 @@ def context_window(composed: ComposedModel) -> int | None:
 
 
 class Server:
-    """What the routes share: the engine, the model's name, defaults and limits."""
+    """What the routes share: the engine, the value models and model ids, defaults and limits.
 
-    def __init__(self, composed: ComposedModel, *, model_name: str, max_batch: int = 32, max_queue: int = 256,
-                 max_model_len: int | None = None):
-        self.engine = Engine(composed, max_batch=max_batch, max_queue=max_queue)
+    The server keeps the base (and proxy pair) of `composed`; its value models move into a `ValueRegistry`
+    (named `value_names`, default their directories' names), from which requests choose and which
+    /v1/load_value and /v1/unload_value change. `beta` (the --beta flag) is every value model's default beta;
+    None: each its own. `composed`'s value models at its weights and beta stay the default model, `model_name`."""
+
+    def __init__(self, composed: ComposedModel, *, model_name: str, value_names=None, beta: float | None = None,
+                 vocab_map=None, max_batch: int = 32, max_queue: int = 256, max_model_len: int | None = None):
+        self.registry = ValueRegistry.of_composed(composed, value_names, beta=beta, vocab_map=vocab_map)
+        default = ServedModel(model_name, tuple(self.registry.names()), tuple(float(w) for w in composed.weights),
+                              float(composed.beta))
+        self.models = ModelTable(self.registry, default, composed.base_name)
+        limits = [x for x in (max_model_len, context_window(composed)) if x]
+        self.max_model_len = min(limits) if limits else 2048
+        # the value models live in the registry only, so that unloading one frees it
+        self.composed = ComposedModel(composed.base, composed.tokenizer, [], proxy=composed.proxy,
+                                      alpha=composed.alpha, base_name=composed.base_name)
+        self.engine = Engine(self.composed, registry=self.registry, default=default, max_batch=max_batch,
+                             max_queue=max_queue)
         self.engine.check_batching()
-        self.composed = composed
         # the engine thread decodes with composed.tokenizer; handlers get their own (Rust tokenizers are not
         # safe to share across threads)
         self.tokenizer = copy.deepcopy(composed.tokenizer)
         self.model_name = model_name
-        self.n_values = len(composed.values)
-        self.beta, self.weights = float(composed.beta), tuple(float(w) for w in composed.weights)
         self.vocab_size = len(self.tokenizer)
-        limits = [x for x in (max_model_len, context_window(composed)) if x]
-        self.max_model_len = min(limits) if limits else 2048
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
-        self.chat_template, notes = composed.chat_template()
-        self.plain_chat_trained = any(v.config.chat_format == "plain" for v in composed.value_models)
-        for note in notes:
-            log.warning(note)
-
-    @property
-    def chat_format(self) -> str:
-        """How chats become prompts, as /v1/models reports it: "model" = a chat template (the one the value model
-        was trained with, else the base's), "plain" = `role: content` lines (the value model was trained on chats
-        rendered so, its training base having no template), "none" = chats are refused (no_chat_template)."""
-        if self.chat_template != PLAIN_CHAT:
-            return "model"
-        return "plain" if self.plain_chat_trained else "none"
+        self.models.chat_template(default.values)  # logs its notes at start-up
 
     def token_text(self, token: int) -> str:
         if token not in self._token_text:
             self._token_text[token] = self.tokenizer.decode([token])
         return self._token_text[token]
 
-    def envelope(self, kind: str, request_id: str) -> dict:
-        return {"id": request_id, "object": kind, "created": int(time.time()), "model": self.model_name}
+    def envelope(self, kind: str, request_id: str, model: str | None = None) -> dict:
+        return {"id": request_id, "object": kind, "created": int(time.time()), "model": model or self.model_name}
 
     # -- request checks ------------------------------------------------------------------------------
-    def check_model(self, model: str | None) -> None:
-        if model and model != self.model_name:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
-                           param="model", code="model_not_found")
+    def choose(self, body: GenerationRequest) -> ServedModel:
+        """The model and value models a request composes (404 for an unknown model, 409 for one being
+        unloaded, 400 for weights that do not fit)."""
+        return self.models.resolve(body.model, body.value, body.weights, body.beta)
 
     def encode(self, text: str, param: str) -> list[int]:
         if len(text) > self.max_model_len * MAX_CHARS_PER_TOKEN:
@@ -143,16 +144,17 @@ class Server:
             out.append((list(p), self.tokenizer.decode(p)))
         return out
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> tuple[list[int], str]:
-        """Chats are rendered with the template the value model was trained with (ComposedModel.chat_template),
-        else the base's; with neither, a 400 instead of a format no model here has seen."""
-        if self.chat_template == PLAIN_CHAT and not self.plain_chat_trained:
-            raise APIError(400, f"the base model of `{self.model_name}` has no chat template and the value models "
+    def chat_prompt(self, messages: list[ChatMessage], chosen: ServedModel) -> tuple[list[int], str]:
+        """Chats are rendered with the template the (first) value model was trained with (ComposedModel.
+        chat_template), else the base's; with neither, a 400 instead of a format no model here has seen."""
+        template, plain_trained = self.models.chat_template(chosen.values)
+        if template == PLAIN_CHAT and not plain_trained:
+            raise APIError(400, f"the base model of `{chosen.id}` has no chat template and the value models "
                                 "record none, so chat messages cannot be turned into a prompt; use /v1/completions "
                                 "with a plain prompt", param="messages", code="no_chat_template")
         msgs = [{"role": m.role, "content": m.content_text()} for m in messages]
         try:
-            text = render_chat_prompt(self.tokenizer, msgs, self.chat_template)
+            text = render_chat_prompt(self.tokenizer, msgs, template)
         except Exception as err:  # noqa: BLE001 (the template may refuse, e.g. roles that do not alternate)
             raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from None
         return self.encode(text, "messages"), text
@@ -165,23 +167,14 @@ class Server:
                      "Please reduce the length of the prompt or of the completion.",
                 param=param, code="context_length_exceeded")
 
-    def steering(self, body: GenerationRequest) -> tuple[float, tuple[float, ...]]:
-        beta = self.beta if body.beta is None else body.beta
-        if body.weights is None:
-            return beta, self.weights
-        if len(body.weights) != self.n_values:
-            raise APIError(400, f"weights has {len(body.weights)} entries but the server composes "
-                                f"{self.n_values} value model(s)", param="weights")
-        return beta, tuple(body.weights)
-
-    def rows(self, body: GenerationRequest, prompts, max_tokens: int, stop, logprobs: int | None) -> list[Row]:
+    def rows(self, body: GenerationRequest, prompts, max_tokens: int, stop, logprobs: int | None,
+             chosen: ServedModel) -> list[Row]:
         """The engine rows of a request: `n` per prompt, numbered as the response's choices."""
         if len(prompts) * body.n > self.engine.max_queue:
             raise APIError(400, f"{len(prompts)} prompts x n={body.n} sequences is more than this server queues "
                                 f"({self.engine.max_queue})", param="n")
-        beta, weights = self.steering(body)
-        return [Row(ids, max_tokens, body.sampling_params(j), stop, beta, weights, logprobs, index=p * body.n + j,
-                    ignore_eos=body.ignore_eos)
+        return [Row(ids, max_tokens, body.sampling_params(j), stop, chosen.beta, chosen.weights, logprobs,
+                    index=p * body.n + j, ignore_eos=body.ignore_eos, values=chosen.values)
                 for p, (ids, _) in enumerate(prompts) for j in range(body.n)]
 
 
@@ -342,11 +335,12 @@ class _Chunks:
 
 
 async def _stream_completion(server: Server, flight: Flight, choices: list[Choice], echo: bool, request_id: str,
-                             prompt_tokens: int, include_usage: bool):
+                             prompt_tokens: int, include_usage: bool, model: str | None = None):
     """The chunks of a streamed completion or chat completion (as its choices are). Everything one engine step
     produced for this request goes out in one write (one chunk per choice that changed); the last step's write
     also carries the usage and `[DONE]`."""
-    sse = _Chunks(server.envelope("chat.completion.chunk" if choices[0].chat else "text_completion", request_id))
+    sse = _Chunks(server.envelope("chat.completion.chunk" if choices[0].chat else "text_completion", request_id,
+                                  model))
     parts = [sse([chunk]) for c in choices for chunk in c.first_chunks(echo)]
     try:
         if parts and flight.left:
@@ -368,29 +362,29 @@ async def _stream_completion(server: Server, flight: Flight, choices: list[Choic
 
 # -- the two generation routes ---------------------------------------------------------------------------
 async def completion(server: Server, body: CompletionRequest, request: Request) -> dict | AsyncIterator[str]:
-    server.check_model(body.model)
+    chosen = server.choose(body)
     body.check_supported()
     prompts = server.prompts(body.prompt)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     for ids, _ in prompts:
         server.check_length(len(ids), max_tokens, "prompt")
     stop = body.stop_strings()
-    beta, weights = server.steering(body)
-    rows = server.rows(body, prompts, max_tokens, stop, body.logprobs) if max_tokens > 0 else []
+    rows = server.rows(body, prompts, max_tokens, stop, body.logprobs, chosen) if max_tokens > 0 else []
     choices = []
     for p, (ids, text) in enumerate(prompts):
-        choices += await _completion_choices(server, body, p, ids, text, beta, weights)
+        choices += await _completion_choices(server, body, p, ids, text, chosen)
     prompt_tokens = sum(len(ids) for ids, _ in prompts)
-    return await _respond(server, body, request, rows, choices, prompt_tokens, "cmpl", "text_completion",
+    return await _respond(server, body, request, rows, choices, prompt_tokens, "cmpl", "text_completion", chosen,
                           echo=body.echo)
 
 
 async def _completion_choices(server: Server, body: CompletionRequest, p: int, ids: list[int], text: str,
-                              beta: float, weights: tuple[float, ...]) -> list[Choice]:
+                              chosen: ServedModel) -> list[Choice]:
     """The `n` choices of prompt `p`, starting with the prompt (and its log-probs) when it is echoed."""
     echoed = None
     if body.echo and body.logprobs is not None:
-        job = partial(prompt_logprobs, server.composed, ids, body.logprobs, beta=beta, weights=weights)
+        job = partial(prompt_logprobs, server.composed, ids, body.logprobs, beta=chosen.beta, weights=chosen.weights,
+                      values=server.registry.modules(chosen.values))
         try:
             echoed = await server.engine.run_job(job)
         except Overloaded as err:
@@ -408,31 +402,36 @@ async def _completion_choices(server: Server, body: CompletionRequest, p: int, i
 
 
 async def chat_completion(server: Server, body: ChatRequest, request: Request) -> dict | AsyncIterator[str]:
-    server.check_model(body.model)
+    chosen = server.choose(body)
     body.check_supported()
-    ids, text = server.chat_prompt(body.messages)
+    ids, text = server.chat_prompt(body.messages, chosen)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:
         max_tokens = max(server.max_model_len - len(ids), 1)
     server.check_length(len(ids), max_tokens, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    rows = server.rows(body, [(ids, text)], max_tokens, body.stop_strings(), top)
+    rows = server.rows(body, [(ids, text)], max_tokens, body.stop_strings(), top, chosen)
     choices = [Choice(server, j, chat=True, logprobs=bool(body.logprobs)) for j in range(body.n)]
-    return await _respond(server, body, request, rows, choices, len(ids), "chatcmpl", "chat.completion")
+    return await _respond(server, body, request, rows, choices, len(ids), "chatcmpl", "chat.completion", chosen)
 
 
 async def _respond(server: Server, body: GenerationRequest, request: Request, rows: list[Row], choices: list[Choice],
-                   prompt_tokens: int, id_prefix: str, kind: str, echo: bool = False) -> dict | AsyncIterator[str]:
+                   prompt_tokens: int, id_prefix: str, kind: str, chosen: ServedModel,
+                   echo: bool = False) -> dict | AsyncIterator[str]:
     """Submit the rows; the stream of chunks, or the whole response once every row finished."""
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    # checked again right before submitting (no await in between): an unload that began while this request
+    # awaited (echo's prompt scoring) either sees its rows queued or refuses them here
+    server.models.check_available(chosen.values, chosen.id)
     flight = Flight(server.engine, rows)
     if not rows:  # max_tokens=0: nothing to decode
         for choice in choices:
             choice.finish_reason = "length"
     if body.stream:
-        return _stream_completion(server, flight, choices, echo, request_id, prompt_tokens, body.include_usage)
+        return _stream_completion(server, flight, choices, echo, request_id, prompt_tokens, body.include_usage,
+                                  chosen.id)
     async for events in flight.events(request):
         for event in events:
             choices[event.index].apply(event)
-    return {**server.envelope(kind, request_id), "choices": [c.json() for c in choices],
+    return {**server.envelope(kind, request_id, chosen.id), "choices": [c.json() for c in choices],
             "usage": usage(prompt_tokens, sum(c.tokens for c in choices))}

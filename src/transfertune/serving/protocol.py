@@ -1,8 +1,9 @@
 """The OpenAI API as `transfertune serve` speaks it: request bodies (pydantic), their limits, the checks that need
 no model, and the error and usage objects of responses.
 
-Beyond OpenAI's fields a request may carry `beta` (steering strength) and `weights` (one per value model), and
-`top_k` and `ignore_eos` as vLLM's.
+Beyond OpenAI's fields a request may carry `beta` (steering strength), `weights` (one per value model of its
+`model`) or `value` (value models by name, with their weights), and `top_k` and `ignore_eos` as vLLM's. The admin
+routes /v1/load_value and /v1/unload_value take `name` (and `path`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ MAX_STOP = 16
 MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (logits / tiny temperature would overflow)
 BETA_RANGE = (1e-3, 1e3)  # with |weight| <= MAX_WEIGHT, w / beta keeps composed logits far from float32 overflow
 MAX_WEIGHT = 100.0
+MAX_VALUES_PER_REQUEST = 16
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -127,7 +129,12 @@ class GenerationRequest(_Body):
         None, description="transfertune: steering strength of the value models (value logits / beta); default: "
                           "the server's")
     weights: list[Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT)]] | None = Field(
-        None, description="transfertune: the weight of each value model, in the server's --value order")
+        None, description="transfertune: the weight of each value model of `model`, in its order (the default "
+                          "model's: the server's --value order)")
+    value: Annotated[dict[str, Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT)]],
+                     Field(max_length=MAX_VALUES_PER_REQUEST)] | None = Field(
+        None, description="transfertune: compose these loaded value models, by name, with these weights (e.g. "
+                          "{\"qa\": 1.0, \"style\": 0.5}; {} = the base alone), instead of the model's own")
     ignore_eos: bool = Field(False, description="keep generating past end-of-sequence (as vLLM's ignore_eos)")
 
     def check_supported(self) -> None:
@@ -189,6 +196,15 @@ class ChatRequest(GenerationRequest):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+
+class LoadValueRequest(_Body):
+    name: str = Field(description="the value model's name: requests then pick it as `model: BASE+NAME`")
+    path: str = Field(description="its value directory, on the server's machine")
+
+
+class UnloadValueRequest(_Body):
+    name: str
 
 
 # -- response pieces ---------------------------------------------------------------------------------
