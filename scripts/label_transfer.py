@@ -12,7 +12,9 @@ does (tests/test_label_cli.py checks that the two agree). Rows:
 - + reward: composed with the reward fitted against the source;
 - EFT: base + (source LoRA-fine-tuned - source) label log-probs (proxy-tuning at the label level);
 - LoRA (oracle): the base itself LoRA-fine-tuned on the training rows (SFT on the right verbaliser), zero-shot;
-- gap closed: (+ reward - zero-shot) / (LoRA - zero-shot).
+- gap closed: (+ reward - zero-shot) / (LoRA - zero-shot);
+- (family only) + reward, old recipe: the same reward fitted on the raw base scores (no calibration) and applied at
+  full scale (no held-out choice): what label rewards were before; it shows why they hurt.
 Everything trained or scored is cached under $TRANSFERTUNE_CACHE/label-transfer (default ~/.cache/transfertune),
 so a second run only recomputes the table. The real pair needs the PyPI packages of `make test-real`; without
 them the script says so and exits 0 (`make results-real` is opt-in).
@@ -39,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "data" / "tasks" / "labels"
 PAIRS = {
     "family": {"source": "mini-s", "targets": ["mini-s", "mini-m", "mini-l", "mini-x", "mini-l-v2"],
-               "tasks": {"birth_decade": ["heldout_example", "heldout_new"]}},
+               "tasks": {"birth_decade": ["heldout_example", "heldout_new"]}, "ablation": True},
     "real": {"source": "smollm2", "targets": ["smollm2", "gemma3"],
              "tasks": {"amazon_polarity": ["heldout_example", "heldout_template"],
                        "ag_news": ["heldout_example", "heldout_template"]}},
@@ -115,6 +117,20 @@ def reward_for(source: str, task: str) -> LabelReward:
     return LabelReward.load(out)
 
 
+def old_recipe_reward(source: str, task: str) -> LabelReward:
+    """The reward fitted against the raw (uncalibrated) source scores, used at full scale."""
+    from dataclasses import replace
+
+    from transfertune.labels.feature_reward import LabelRewardConfig, fit_label_reward
+
+    data = TASKS / task / "train.jsonl"
+    rows, cached_scores = read_label_rows(data), scores_of(source, data, features=True)
+    config = LabelRewardConfig(labels=rows.labels, backbone=source, calibrate=False)
+    reward = fit_label_reward(cached_scores["features"], cached_scores["scores"], torch.tensor(rows.targets),
+                              groups=rows.groups, examples=rows.examples, config=config)
+    return LabelReward(replace(reward.config, scale=1.0), reward.model)
+
+
 def accuracy(log_probs: torch.Tensor, targets: list[int]) -> float:
     return float((log_probs.argmax(-1) == torch.tensor(targets)).float().mean())
 
@@ -127,6 +143,7 @@ def run(pair: str, models: dict[str, str]) -> dict:
         train = TASKS / task / "train.jsonl"
         reward = reward_for(source, task)
         source_ft = lora_finetuned(source, train, f"{task}-{spec['source']}")
+        old = old_recipe_reward(source, task) if spec.get("ablation") else None
         for split in splits:
             data = TASKS / task / f"{split}.jsonl"
             rows = read_label_rows(data, reward.labels)
@@ -145,6 +162,9 @@ def run(pair: str, models: dict[str, str]) -> dict:
                        "zero-shot": accuracy(zero_shot, rows.targets), "+ reward": accuracy(composed, rows.targets),
                        "EFT": accuracy(eft, rows.targets),
                        "LoRA (oracle)": accuracy(calibrate(oracle, rows.groups), rows.targets)}
+                if old is not None:
+                    row[OLD] = accuracy(composed_label_logits(base, rows.groups, False, [old.rewards(features)], [1.0]),
+                                        rows.targets)
                 gain = row["LoRA (oracle)"] - row["zero-shot"]
                 row["gap closed"] = (row["+ reward"] - row["zero-shot"]) / gain if gain > 0 else None
                 rows_out.append(row)
@@ -155,14 +175,20 @@ def run(pair: str, models: dict[str, str]) -> dict:
 
 
 COLUMNS = ["zero-shot", "+ reward", "EFT", "LoRA (oracle)", "gap closed"]
+OLD = "+ reward, old recipe"
+
+
+def columns_of(result: dict) -> list[str]:
+    return COLUMNS + ([OLD] if any(OLD in r for r in result["rows"]) else [])
 
 
 def format_table(result: dict) -> str:
-    lines = ["| task | split | base | rows | " + " | ".join(COLUMNS) + " |", "|---" * (4 + len(COLUMNS)) + "|"]
+    columns = columns_of(result)
+    lines = ["| task | split | base | rows | " + " | ".join(columns) + " |", "|---" * (4 + len(columns)) + "|"]
     for r in result["rows"]:
         if "reward" in r:
             continue
-        cells = [f"{r[c]:.3f}" if isinstance(r[c], float) else "—" for c in COLUMNS]
+        cells = [f"{r[c]:.3f}" if isinstance(r[c], float) else "—" for c in columns]
         lines.append(f"| {r['task']} | {r['split']} | {r['base']} | {r['rows']} | " + " | ".join(cells) + " |")
     fits = [f"{r['task']}: scale {r['reward']['scale']}, L2 {r['reward']['l2']}" for r in result["rows"]
             if "reward" in r]
@@ -175,7 +201,7 @@ def plot(result: dict, path: Path) -> None:
 
     rows = [r for r in result["rows"] if "reward" not in r]
     groups = [f"{r['task'][:10]}\n{r['split'].replace('heldout_', '')}\n{r['base']}" for r in rows]
-    bar_chart(path, groups, [(c, [r[c] for r in rows]) for c in COLUMNS[:-1]], "accuracy",
+    bar_chart(path, groups, [(c, [r[c] for r in rows]) for c in columns_of(result) if c != "gap closed"], "accuracy",
               f"label rewards fitted against {result['source']}, composed with each base")
 
 
@@ -185,7 +211,7 @@ def write_docs(result: dict, table: str, docs: Path, out: Path) -> None:
     section = f"labels-{result['pair']}"
     command = f"python scripts/label_transfer.py --pair {result['pair']} --docs {docs}"
     body = (f"## Label rewards: {result['source']} -> other bases ({result['pair']})\n\nWritten by `{command}`; do "
-            f"not edit by hand. {__doc__.split('Rows:')[1].split('Everything')[0].strip()}\n\n{table}\n\n"
+            f"not edit by hand. Rows:\n\n{__doc__.split('Rows:')[1].split('Everything')[0].strip()}\n\n{table}\n\n"
             f"![label rewards](results-{section}.png)\n")
     write_doc_section(docs, section, body, png=out.with_suffix(".png"))
 
