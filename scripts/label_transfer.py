@@ -86,7 +86,7 @@ def scores_of(model: str, data: Path, *, features: bool = False) -> dict:
     from transfertune.io.loading import load_base
 
     def make():
-        rows = read_label_rows(data)
+        rows = read_label_rows(data, label_set(data.parent.name))
         m, tok = load_base(model)
         s = score_labels(m, tok, rows.prompts, rows.choices, feature_layer="middle" if features else None,
                          progress=True)
@@ -102,7 +102,7 @@ def lora_finetuned(model: str, data: Path, name: str) -> str:
 
     out = cache_root() / "finetuned" / f"{name}-{key(model, str(data), LORA)}"
     if not (out / "config.json").is_file():
-        rows = read_label_rows(data)
+        rows = read_label_rows(data, label_set(data.parent.name))
         records = [{"prompt": p, "response": c[t]} for p, c, t in zip(rows.prompts, rows.choices, rows.targets)]
         start = time.perf_counter()
         finetune_base(model, records, str(out), lora=LoraSettings(r=LORA["r"], alpha=LORA["alpha"]),
@@ -112,10 +112,15 @@ def lora_finetuned(model: str, data: Path, name: str) -> str:
     return str(out)
 
 
+def label_set(task: str) -> list[str] | None:
+    path = TASKS / task / "labels.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def reward_for(source: str, task: str) -> LabelReward:
     out = cache_root() / "rewards" / f"{task}-{key(source)}"
     if not (out / "label_reward.json").is_file():
-        train_label_reward(source, str(TASKS / task / "train.jsonl"), str(out), None, overwrite=True)
+        train_label_reward(source, str(TASKS / task / "train.jsonl"), str(out), label_set(task), overwrite=True)
     return LabelReward.load(out)
 
 
@@ -126,7 +131,7 @@ def old_recipe_reward(source: str, task: str) -> LabelReward:
     from transfertune.labels.feature_reward import LabelRewardConfig, fit_label_reward
 
     data = TASKS / task / "train.jsonl"
-    rows, cached_scores = read_label_rows(data), scores_of(source, data, features=True)
+    rows, cached_scores = read_label_rows(data, label_set(task)), scores_of(source, data, features=True)
     config = LabelRewardConfig(labels=rows.labels, backbone=source, calibrate=False)
     reward = fit_label_reward(cached_scores["features"], cached_scores["scores"], torch.tensor(rows.targets),
                               groups=rows.groups, examples=rows.examples, config=config)

@@ -11,7 +11,8 @@ Rows are {"prompt", "choices", "label", "example", "template"}: "label" is a nam
 - amazon_polarity, ag_news: the built-in t0 tasks (data/tasks/<task>, from ../shared/data/t0-tasks; see its
   README for provenance and licences) mapped onto their label sets. `train` and `dev` split the built-in
   `train` by example (a fifth of its examples, seed 1, are `dev`: designs are chosen there); `heldout_example`
-  and `heldout_template` are the built-in held-out splits, unchanged (the test splits).
+  and `heldout_template` are the built-in held-out splits, unchanged (the test splits). `labels.json` lists the
+  label set (ag_news's rows hold only two of its four labels: pass it as --labels).
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ def main() -> None:
         write(task, "dev", [r for r in train if r["example"] in dev])
         for split in ("heldout_example", "heldout_template"):
             write(task, split, t0_rows(task, split))
+        (OUT / task / "labels.json").write_text(json.dumps(LABEL_SETS[task][0]) + "\n")
 
 
 if __name__ == "__main__":

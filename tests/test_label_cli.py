@@ -149,6 +149,8 @@ def test_save_load_round_trip(tmp_path):
     ([{"prompt": "a", "label": 5}], ["--labels", *LABELS], 'line 1: "label" 5 is not an index'),
     ([{"prompt": "a"}], ["--labels", *LABELS], 'line 1: no "label"'),
     ([{"prompt": "a", "label": "x"}], ["--labels", "x", "x"], "repeated label"),
+    ([{"prompt": "a", "label": "b", "choices": [" a", " b", " c"]}, {"prompt": "d", "label": "c",
+      "choices": [" a", " b", " c"]}], ["--labels"], "give the whole label set with --labels"),
 ])
 def test_bad_label_input_exits_2_naming_file_and_line(tmp_path, capsys, monkeypatch, base, rows, flags, message):
     no_model_loads(monkeypatch)

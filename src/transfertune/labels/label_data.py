@@ -58,6 +58,11 @@ def read_label_rows(path: str | Path, labels: list[str] | None = None, *, need_l
     if labels is None or not labels:
         found = sorted({r["label"] for _, r in records if isinstance(r.get("label"), str)})
         labels = check_label_set(found, where=f"{path} (no --labels given: the label set is the rows' labels)")
+        widths = {len(r["choices"]) for _, r in records if isinstance(r.get("choices"), list)}
+        if widths and widths != {len(labels)}:
+            raise DataFormatError(f"{path}: the rows' choices list {'/'.join(map(str, sorted(widths)))} verbalisers "
+                                  f"but their labels name {len(labels)} ({', '.join(labels)}): give the whole label "
+                                  f"set with --labels")
     else:
         labels = check_label_set(list(labels))
     rows = LabelRows(labels, [], [], [], [])
