@@ -156,12 +156,12 @@ def run(pair: str, models: dict[str, str], tasks: list[str] | None = None) -> di
         for split in splits:
             data = TASKS / task / f"{split}.jsonl"
             rows = read_label_rows(data, reward.labels)
-            features = scores_of(source, data, features=True)["features"]
-            src = scores_of(source, data)["scores"]
+            source_pass = scores_of(source, data, features=True)  # one pass: the source's scores and features
+            features, src = source_pass["features"], source_pass["scores"]
             src_ft = scores_of(source_ft, data)["scores"]
             for name in spec["targets"]:
                 target = models.get(name, name)
-                base = scores_of(target, data)["scores"]
+                base = src if target == source else scores_of(target, data)["scores"]
                 oracle = scores_of(lora_finetuned(target, train, f"{task}-{name}"), data)["scores"]
                 zero_shot = calibrate(base, rows.groups)
                 composed = composed_label_logits(base, rows.groups, reward.config.calibrate,
