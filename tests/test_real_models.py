@@ -240,6 +240,88 @@ def test_unmapped_gemma_tokens_keep_their_probability_mass(gemma_composed):
     assert abs(masses["neutral"] - masses["base"]) < abs(masses["zero"] - masses["base"]) or abs(mean_mapped) < 0.05
 
 
+# -- serving Gemma-3 (sliding-window layers) with the SmolLM2 value, and chats on a base without a template ----
+LONG_PROMPT = "The ship sailed north along the coast, past the lighthouse and the old harbour wall. " * 40
+
+
+@real
+def test_serve_gemma_with_the_smollm2_value_through_the_openai_client(gemma_dir, smol_value, gemma_composed):
+    """`transfertune serve --base GEMMA --value SMOL --vocab-map auto` (Gemma-3's sliding window: 512 tokens),
+    queried by the official openai client: a prompt past the window and two short ones at once (rows of different
+    lengths join and leave the batch) each get the text `generate` gives alone; a chat is answered too."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cli_helpers import wait_until_serving
+
+    cm = gemma_composed
+    assert len(cm.tokenizer(LONG_PROMPT)["input_ids"]) > cm.base.config.sliding_window
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["serve", "--base", str(gemma_dir), "--value", str(smol_value), "--vocab-map", "auto", "--port", str(port),
+            "--served-model-name", "gemma+smol"]
+    proc = subprocess.Popen([sys.executable, "-m", "transfertune.cli.main", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    asks = [(LONG_PROMPT, 6), (HARD_PROMPTS[0], 3), (HARD_PROMPTS[1], 8)]
+    try:
+        start = time.perf_counter()
+        wait_until_serving(proc, port, 300, lambda: proc.stdout.read().decode())
+        loaded = time.perf_counter() - start
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+
+        def ask(prompt_and_n):
+            prompt, n = prompt_and_n
+            return client.completions.create(model="gemma+smol", prompt=prompt, max_tokens=n, temperature=0)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(asks)) as pool:
+            answers = [a.choices[0] for a in pool.map(ask, asks)]
+        served = time.perf_counter() - start
+        chat = client.chat.completions.create(model="gemma+smol", max_tokens=4, temperature=0,
+                                              messages=[{"role": "user", "content": QUESTIONS[0]}])
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print(f"\nserve Gemma-3 + SmolLM2 value: up in {loaded:.0f} s, 3 concurrent completions in {served:.1f} s; "
+          f"chat -> {chat.choices[0].message.content!r}")
+    for (prompt, n), answer in zip(asks, answers):
+        alone = cm.generator().generate([prompt], max_new_tokens=n)
+        assert answer.text == alone.text[0], prompt[:40]
+    assert chat.choices[0].finish_reason in ("length", "stop") and chat.usage.completion_tokens >= 1
+
+
+@real
+def test_chat_on_gemma_with_the_smollm2_value_warns_and_can_split_the_rendering(gemma_dir, smol_value,
+                                                                                gemma_composed, capsys):
+    """Gemma-3 from GGUF has no chat template, the SmolLM2 value model has ChatML: `generate --chat` says so on
+    stderr, once, with the choices; `--chat-template split` gives the value model ChatML and Gemma plain lines."""
+    from transfertune.io.data import PLAIN_CHAT, render_chat_prompt
+
+    cm = gemma_composed
+    assert not cm.tokenizer.chat_template
+    base_template, value_template, _ = cm.chat_templates("split")
+    assert base_template == PLAIN_CHAT and "<|im_start|>" in value_template
+    args = ["generate", "--chat", "--base", str(gemma_dir), "--value", str(smol_value), "--vocab-map", "auto",
+            "--max-new-tokens", "6", "--chat-template", "split", QUESTIONS[0]]
+    capsys.readouterr()
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "has no chat template" not in err
+    chat = [{"role": "user", "content": QUESTIONS[0]}]
+    split = cm.generator().generate([render_chat_prompt(cm.tokenizer, chat, PLAIN_CHAT)], max_new_tokens=6,
+                                    value_prompts=[render_chat_prompt(cm.tokenizer, chat, value_template)])
+    assert out == split.text[0] + "\n"
+    assert main(args[:-3] + [QUESTIONS[0]]) == 0  # the default: the value model's template for the whole prompt
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if "has no chat template" in line]
+    assert len(warnings) == 1 and "--chat-template split" in warnings[0]
+    with capsys.disabled():
+        print(f"\nGemma-3 + SmolLM2 value, --chat: split {split.text[0]!r}, whole prompt in ChatML {out.strip()!r}")
+
+
 # -- memory and speed ---------------------------------------------------------------------------------------
 MEASURE = r"""
 import ctypes, gc, json, re, sys

@@ -1,6 +1,7 @@
 """Issue #30, "what a newcomer tripped on": a value model's chat template on a base that has none is said, once;
-`serve` refuses a base with sliding-window layers before loading any weights. Each test is a case of
-docs/reliability.md ("Newcomer items (issue 30)"). Only tiny in-process models are used.
+`serve` takes a base with sliding-window layers, and refuses one with linear-attention layers before loading any
+weights. Each test is a case of docs/reliability.md ("Newcomer items (issue 30)"). Only tiny in-process models are
+used.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from cli_helpers import cli, no_model_loads
 from transfertune.cli.main import main
 from transfertune.core.value_model import ValueModel
 from transfertune.inference.composed_model import ComposedModel
+from transfertune.io.data import PLAIN_CHAT, encode_prompt
 
 VALUE_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -43,6 +45,55 @@ def test_chat_template_notes_a_base_without_one(base, chat_value):
     assert template == VALUE_TEMPLATE
     assert len(notes) == 1 and notes[0].startswith(f"warning: base '{base}' has no chat template")
     assert "without --chat" in notes[0] and "/v1/completions" in notes[0]
+    assert "`generate --chat-template split` renders the value model's side with its template and the base's with " \
+           "plain 'role: content' lines" in notes[0]
+    assert cm.chat_templates("split") == (PLAIN_CHAT, VALUE_TEMPLATE, [])
+    assert cm.chat_templates("base") == (PLAIN_CHAT, None, [])
+    assert cm.chat_templates("trained") == (VALUE_TEMPLATE, None, notes)
+
+
+def test_split_rendering_is_the_composition_of_each_side_on_its_own_prompt(base, chat_value):
+    """generate(prompt, value_prompts=...) composes the base on its prompt with the value model on its own, token
+    for token as full forward passes over each side's text do."""
+    cm = ComposedModel.from_pretrained(base, [chat_value])
+    plain, chatml = "user: Is it good?\nassistant: ", "<|im_start|>user\nIs it good?<|im_end|>\n<|im_start|>assistant\n"
+    gen = cm.generator()
+    gen.eos_ids = set()
+    out = gen.generate([plain], max_new_tokens=6, value_prompts=[chatml]).token_ids[0]
+    base_ids, value_ids, expected = encode_prompt(cm.tokenizer, plain), encode_prompt(cm.tokenizer, chatml), []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = [cm.base(input_ids=torch.tensor([base_ids + expected])).logits[:, -1],
+                      cm.values[0](input_ids=torch.tensor([value_ids + expected])).logits[:, -1]]
+            expected.append(int(cm.compose(logits).argmax(-1)))
+    assert out == expected
+    assert out != gen.generate([plain], max_new_tokens=6).token_ids[0] or \
+        out != gen.generate([chatml], max_new_tokens=6).token_ids[0]  # the value side's prompt changes something
+
+
+@pytest.mark.parametrize("choice, base_side, value_side", [
+    ("split", "user: Is it good?\nassistant: ", "<|im_start|>user\nIs it good?<|im_end|>\n<|im_start|>assistant\n"),
+    ("base", "user: Is it good?\nassistant: ", None),
+])
+def test_generate_chat_template_choices_render_each_side(capsys, base, chat_value, monkeypatch, choice, base_side,
+                                                          value_side):
+    from transfertune.inference import generator as generation
+
+    seen = []
+    original = generation.ComposedGenerator.generate
+    def recording(self, prompts, **kw):
+        seen.append((list(prompts), kw.get("value_prompts")))
+        return original(self, prompts, **kw)
+
+    monkeypatch.setattr(generation.ComposedGenerator, "generate", recording)
+    code, err = cli(capsys, "generate", "--chat", "--chat-template", choice, "--base", base, "--value", chat_value,
+                    "--max-new-tokens", "2", "Is it good?")
+    assert code == 0, err
+    assert no_template_lines(err) == []  # the user chose: nothing to warn about
+    assert seen == [([base_side], None if value_side is None else [value_side])]
+    code, err = cli(capsys, "generate", "--chat", "--chat-template", choice, "--stream", "--base", base, "--value",
+                    chat_value, "--max-new-tokens", "2", "Is it good?")
+    assert code == 0, err
 
 
 def test_generate_chat_on_a_base_without_template_warns_once(capsys, base, chat_value, monkeypatch):
@@ -85,7 +136,7 @@ def test_server_chat_on_a_base_without_template_logs_the_note_once(base, chat_va
     assert len([r for r in caplog.records if NO_TEMPLATE in r.getMessage()]) == 1
 
 
-# -- serve: sliding-window bases refused before loading -----------------------------------------------------
+# -- serve: which bases the decode batch takes, from the config ---------------------------------------------
 def sliding_model(arch: str, vocab: int, eos: int):
     from transformers import (
         Gemma3ForCausalLM,
@@ -109,20 +160,37 @@ def sliding_model(arch: str, vocab: int, eos: int):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma3_text"])
-def test_serve_refuses_a_sliding_window_base_before_loading(capsys, tmp_path, tokenizer, monkeypatch, arch):
+def test_serve_passes_a_sliding_window_base_on_to_loading(capsys, tmp_path, tokenizer, monkeypatch, arch):
+    """Sliding-window layers are served (tests/test_sliding_window_serving.py): the check lets them through."""
     import transfertune.cli.serve as serve_cli
 
     path = tmp_path / arch
     sliding_model(arch, len(tokenizer), tokenizer.eos_token_id).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    assert (path / "model.safetensors").is_file()
+    loaded = []
+    monkeypatch.setattr(serve_cli, "load_composed", lambda args: loaded.append(args.base) or pytest.fail("stop"))
+    with pytest.raises(pytest.fail.Exception):
+        cli(capsys, "serve", "--base", path)
+    assert loaded == [str(path)]
+
+
+def test_serve_refuses_a_linear_attention_base_before_loading(capsys, tmp_path, tokenizer, monkeypatch):
+    """A hybrid model with linear-attention layers (Qwen3-Next: a recurrent state, no per-token KV) is refused
+    from its config.json, before any weights load."""
+    from transformers import AutoConfig
+
+    path = tmp_path / "qwen3-next"
+    AutoConfig.for_model("qwen3_next", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     no_model_loads(monkeypatch)
+    import transfertune.cli.serve as serve_cli
+
     monkeypatch.setattr(serve_cli, "load_composed", lambda *_: pytest.fail("models were loaded"))
     code, err = cli(capsys, "serve", "--base", path)
     assert code == 2 and "Traceback" not in err
     assert f"base '{path}' cannot be served by the native engine" in err
-    assert "sliding-window" in err and "keeps full-attention KV caches only" in err
-    assert "`transfertune generate`" in err and "--engine vllm" in err
+    assert "LinearAttentionLayer" in err and "`transfertune generate`" in err
 
 
 def test_serve_passes_a_full_attention_base_on_to_loading(capsys, model_dir, monkeypatch):

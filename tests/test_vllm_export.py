@@ -87,6 +87,8 @@ def test_export_recomposes_like_composed_model(dirs, tmp_path, tokenizer):
     assert is_export(out) and config["architectures"] == [ARCHITECTURE]
     meta = config[META_KEY]
     assert meta["beta"] == 0.7 and [v["weight"] for v in meta["values"]] == [1.0, 0.5]  # beta: the first value's
+    assert not meta["beta_fixed"] and [v["beta"] for v in meta["values"]] == [0.7, 1.5]
+    assert [v["name"] for v in meta["values"]] == ["full", "lora"]  # the directories' names
     assert [v["lora_merged"] for v in meta["values"]] == [False, True]
     assert os.path.samefile(out / "model.safetensors", os.path.join(base, "model.safetensors")) or \
         (out / "model.safetensors").read_bytes() == open(os.path.join(base, "model.safetensors"), "rb").read()
@@ -108,9 +110,10 @@ def test_export_refusals(dirs, tmp_path, model_dir, other_tokenizer):
     out = export_vllm(base, [full], tmp_path / "e")
     with pytest.raises(InputError, match="--overwrite"):
         export_vllm(base, [full], out)
-    export_vllm(base, [full, lora], out, overwrite=True, beta=2.0)
+    export_vllm(base, [full, lora], out, overwrite=True, beta=2.0, names=["qa", "style"])
     meta = json.loads((out / "config.json").read_text())[META_KEY]
-    assert meta["beta"] == 2.0 and len(meta["values"]) == 2
+    assert meta["beta"] == 2.0 and meta["beta_fixed"] and len(meta["values"]) == 2
+    assert [v["name"] for v in meta["values"]] == ["qa", "style"]
     assert {p.name for p in out.iterdir()} >= {VALUE_FILE.format(0), VALUE_FILE.format(1)}
     export_vllm(base, [full], out, overwrite=True)  # a stale value file of the longer export is removed
     assert not (out / VALUE_FILE.format(1)).exists()
@@ -127,18 +130,28 @@ def test_export_refusals(dirs, tmp_path, model_dir, other_tokenizer):
         export_vllm(base, [full], tmp_path / "w", weights=[1.0, 2.0])
     with pytest.raises(InputError, match="beta"):
         export_vllm(base, [full], tmp_path / "b", beta=0.0)
+    with pytest.raises(InputError, match="two value models are named 'a'"):
+        export_vllm(base, [full, lora], tmp_path / "n", names=["a", "a"])
+    with pytest.raises(InputError, match="value model name 'a b' must be"):
+        export_vllm(base, [full], tmp_path / "n", names=["a b"])
+    with pytest.raises(InputError, match="1 value models but 2 names"):
+        export_vllm(base, [full], tmp_path / "n", names=["a", "b"])
     foreign = model_dir("llama", name="export-foreign", tok=other_tokenizer)
     with pytest.raises(VocabularyMismatchError, match="vocabulary"):
         export_vllm(foreign, [full], tmp_path / "v")
-    assert not (tmp_path / "v").exists() and not (tmp_path / "w").exists()
+    assert not (tmp_path / "v").exists() and not (tmp_path / "w").exists() and not (tmp_path / "n").exists()
 
 
 def test_export_command(dirs, tmp_path, capsys):
-    base, full, _ = dirs
-    assert cli.main(["export", "--engine", "vllm", "--base", base, "--value", full, "--beta", "0.5",
-                     "--output", str(tmp_path / "cli")]) == 0
+    base, full, lora = dirs
+    assert cli.main(["export", "--engine", "vllm", "--base", base, "--value", f"qa={full}", "--value", lora,
+                     "--weight", "1", "--weight", "0", "--beta", "0.5", "--output", str(tmp_path / "cli")]) == 0
     assert "serve --engine vllm" in capsys.readouterr().out
-    assert json.loads((tmp_path / "cli" / "config.json").read_text())[META_KEY]["beta"] == 0.5
+    meta = json.loads((tmp_path / "cli" / "config.json").read_text())[META_KEY]
+    assert meta["beta"] == 0.5 and [(v["name"], v["weight"]) for v in meta["values"]] == [("qa", 1.0), ("lora", 0.0)]
+    assert cli.main(["export", "--base", base, "--value", f"x={full}", "--value", f"x={lora}",
+                     "--output", str(tmp_path / "twice")]) == 2
+    assert "name them apart" in capsys.readouterr().err
     assert cli.main(["export", "--base", base, "--value", full, "--output", str(tmp_path / "cli")]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
@@ -162,6 +175,7 @@ def test_serve_engine_vllm_exports_then_runs_vllm_serve(dirs, tmp_path, monkeypa
     flags = dict(zip(argv[2::2], argv[3::2]))
     assert flags["--port"] == "8123" and flags["--host"] == "127.0.0.1" and flags["--api-key"] == "k"
     assert flags["--max-num-seqs"] == "4" and flags["--max-model-len"] == "128"
+    assert flags["--logits-processors"] == "transfertune.serving.vllm.mix_processor:ValueMixProcessor"
     assert json.loads(flags["--hf-overrides"]) == {"transfertune_beta": 0.4, "transfertune_weights": [2.0]}
     assert argv[-3:] == ["--dtype", "float32", "--enforce-eager"]
     mtime = os.stat(os.path.join(export, "config.json")).st_mtime_ns
@@ -209,3 +223,41 @@ def test_sharded_base_gets_an_index_naming_the_value_tensors(dirs, tmp_path, tok
     with torch.no_grad():
         want = cm.compose([m(input_ids=ids).logits[:, -1] for m in cm.models])
     assert torch.allclose(_exported_logits(out, ids), want, atol=1e-5)
+
+
+def test_request_mixes_resolve_like_the_native_value_field():
+    """value_mix: which weights and beta a request's transfertune_* arguments give, against an export of qa
+    (weight 1.5, beta 0.7) and style (weight 0, beta 0.5); without transfertune_beta the first named value
+    model's own beta, unless the export fixed one."""
+    from transfertune.serving.vllm.value_mix import ExportMix, MixError, parse_request
+
+    meta = {"beta": 0.7, "values": [{"name": "qa", "weight": 1.5, "beta": 0.7},
+                                    {"name": "style", "weight": 0.0, "beta": 0.5}]}
+    export = ExportMix.from_meta(meta)
+
+    def resolve(xargs, on=export):
+        return on.resolve(parse_request(xargs))
+
+    assert parse_request(None) is None and parse_request({"other_plugin": 1}) is None
+    assert resolve({"transfertune_value": "style"}) == ((0.0, 1.0), 0.5)
+    assert resolve({"transfertune_value": ["style", "qa"], "transfertune_weights": [0.5, 2]}) == ((2.0, 0.5), 0.5)
+    assert resolve({"transfertune_value": []}) == ((0.0, 0.0), 0.7)
+    assert resolve({"transfertune_weights": [1, 1], "transfertune_beta": 3}) == ((1.0, 1.0), 3.0)
+    assert resolve({"transfertune_beta": 3}) == ((1.5, 0.0), 3.0)
+    fixed = ExportMix.from_meta(meta, beta=0.35, weights=[1.0, 1.0])  # hf_overrides at load time
+    assert fixed.weights == (1.0, 1.0) and resolve({"transfertune_value": "style"}, fixed) == ((0.0, 1.0), 0.35)
+    assert resolve({"transfertune_value": "style"}, ExportMix.from_meta({**meta, "beta_fixed": True}))[1] == 0.7
+    for xargs, message in [
+        ({"transfertune_value": "math"}, "no value model named 'math' in this export \\(it holds qa, style\\)"),
+        ({"transfertune_weights": [1.0]}, "one weight per value model of the export \\(2: qa, style\\), got 1"),
+        ({"transfertune_value": ["qa", "qa"]}, "twice"),
+        ({"transfertune_value": ["qa"], "transfertune_weights": [1, 2]}, "names 1 value models but"),
+        ({"transfertune_value": 3}, "a value model's name or a list of names"),
+        ({"transfertune_weights": [1, True]}, "transfertune_weights\\[1\\] must be a number"),
+        ({"transfertune_weights": [101, 0]}, "from -100 to 100"),
+        ({"transfertune_beta": "0.5"}, "transfertune_beta must be a number from 0.001 to 1000"),
+        ({"transfertune_beta": 1e4}, "transfertune_beta must be a number"),
+        ({"transfertune_weight": [1]}, "unknown argument\\(s\\) transfertune_weight"),
+    ]:
+        with pytest.raises(MixError, match=message):
+            resolve(xargs)

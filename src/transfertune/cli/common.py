@@ -48,6 +48,14 @@ def add_compose_args(p: argparse.ArgumentParser) -> None:
                    help="allow model repos to run their own code (off by default)")
 
 
+def add_base_weights_flag(p: argparse.ArgumentParser) -> None:
+    """For commands that load base models (cli/main.py applies it to the whole command)."""
+    p.add_argument("--allow-unmatched-base-weights", action="store_true",
+                   help="load base models whose checkpoint lacks weights their config.json describes (initialised "
+                        "at random) or holds tensors it does not describe (unused); refused by default, naming "
+                        "them. Value directories are never loaded so")
+
+
 def add_device_args(p: argparse.ArgumentParser, what: str = "models",
                     default: str = "cpu; with --device-map auto, the first GPU") -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
@@ -191,19 +199,25 @@ def text_lines(path: Path) -> list[str]:
     return lines
 
 
-def render_chats(cm, items: list) -> list[str]:
-    """Prompt texts: chats rendered with the template the value model was trained with (ComposedModel.
-    chat_template; its notes go to stderr, one line each), other prompts as they are."""
+def render_chats(cm, items: list, choice: str = "trained") -> tuple[list[str], list[str] | None]:
+    """(prompt texts, the value models' prompt texts or None when they read the same): chats rendered as
+    `choice` says (ComposedModel.chat_templates; its notes go to stderr, one line each), other prompts as they
+    are."""
     if all(isinstance(item, str) for item in items):
-        return list(items)
+        return list(items), None
     from transfertune.io.data import render_chat_prompt
 
-    template, notes = cm.chat_template()
+    template, value_template, notes = cm.chat_templates(choice)
     for note in notes:
         print(note, file=sys.stderr)
-    return [item if isinstance(item, str) else render_chat_prompt(cm.tokenizer, item, template) for item in items]
+
+    def rendered(with_template):
+        return [item if isinstance(item, str) else render_chat_prompt(cm.tokenizer, item, with_template)
+                for item in items]
+
+    return rendered(template), None if value_template is None else rendered(value_template)
 
 
-__all__ = ["COUNT", "InputError", "MAX_COUNT", "NON_NEGATIVE", "NUMBER", "POSITIVE", "SEED", "add_compose_args",
-           "add_device_args", "add_recipe_flags", "flag_type", "load_composed", "placement", "read_prompts",
-           "read_stdin", "recipe_from_args", "render_chats", "text_lines"]
+__all__ = ["COUNT", "InputError", "MAX_COUNT", "NON_NEGATIVE", "NUMBER", "POSITIVE", "SEED", "add_base_weights_flag",
+           "add_compose_args", "add_device_args", "add_recipe_flags", "flag_type", "load_composed", "placement",
+           "read_prompts", "read_stdin", "recipe_from_args", "render_chats", "text_lines"]

@@ -31,6 +31,11 @@ def add_arguments(p) -> None:
                    help="render each prompt as a user message through the chat template the value model was trained "
                         "with (saved in its directory; warns when the base's differs; plain 'user: ...' lines when "
                         "there is no template anywhere, said on stderr)")
+    p.add_argument("--chat-template", choices=["trained", "split", "base"], default="trained",
+                   help="how chats (--chat, messages in --prompt-file) are rendered: trained (default) = the whole "
+                        "prompt with the template the value model was trained with; split = the value models read "
+                        "that, the base (and proxy models) its own template, or plain 'role: content' lines without "
+                        "one (e.g. a SmolLM2 value on Gemma-3 from GGUF); base = the base's for every model")
     p.add_argument("--max-new-tokens", type=COUNT, default=64,
                    help="tokens to generate at most (default 64; never past the context length)")
     p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy (default); >0 samples")
@@ -55,31 +60,42 @@ def run(args) -> None:
     if args.draft and args.stream:
         raise InputError("--stream cannot be combined with --draft: speculative decoding commits several tokens "
                          "at a time")
+    if args.draft and args.chat_template == "split":
+        raise InputError("--chat-template split cannot be combined with --draft: the draft reads one prompt")
     items = read_prompts(args)
     chats = [[{"role": "user", "content": p}] if args.chat and isinstance(p, str) else p for p in items]
     gen = load_composed(args).generator()
-    prompts = render_chats(gen.composed, chats)
+    prompts, value_prompts = render_chats(gen.composed, chats, args.chat_template)
+    from transfertune.core.cascade import needs_base_logits
+
+    if value_prompts is not None and any(needs_base_logits(v) for v in gen.composed.values):
+        raise InputError("--chat-template split cannot be used with a cascade value model: it reads the base's "
+                         "logits over the base's prompt")
     limit = gen.composed.context_length
     if limit is not None and args.max_new_tokens >= limit:
         print(f"note: generation stops at the context of {limit} tokens (prompt + new tokens)", file=sys.stderr)
     if args.stream:
-        for prompt in prompts:
-            for piece in gen.stream(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop):
+        for i, prompt in enumerate(prompts):
+            value_prompt = None if value_prompts is None else value_prompts[i]
+            for piece in gen.stream(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
+                                    value_prompt=value_prompt):
                 print(piece, end="", flush=True)
             print()
         return
     if args.draft:
         speculative = _speculative_generator(args, gen.composed)
-        generate = lambda batch: speculative.generate_texts(  # noqa: E731
+        generate = lambda batch, _: speculative.generate_texts(  # noqa: E731
             batch, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop)
     else:
-        generate = lambda batch: gen.generate(  # noqa: E731
-            batch, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop).text
+        generate = lambda batch, value_batch: gen.generate(  # noqa: E731
+            batch, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
+            value_prompts=value_batch).text
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="generating",
                       disable=len(prompts) <= args.batch_size):
-        texts = generate(prompts[start : start + args.batch_size])
+        rows = slice(start, start + args.batch_size)
+        texts = generate(prompts[rows], None if value_prompts is None else value_prompts[rows])
         for item, text in zip(items[start : start + args.batch_size], texts):
             shown = {"prompt": item} if isinstance(item, str) else {"messages": item}
             print(json.dumps({**shown, "response": text}) if args.jsonl else text)

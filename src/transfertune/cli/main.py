@@ -22,8 +22,12 @@ COMMANDS = {  # name -> (module, one-line help)
     "models": ("models", "list the built-in models"),
 }
 
+LOADS_BASES = ("train", "generate", "score", "classify", "eval", "serve")  # take --allow-unmatched-base-weights
+
 # messages written for the Python API, in the words of the CLI
-PYTHON_SPELLINGS = [("vocab_map='auto'", "--vocab-map auto")]
+PYTHON_SPELLINGS = [("vocab_map='auto'", "--vocab-map auto"),
+                    ("pass allow_unmatched_weights=True (or load within "
+                     "transfertune.io.loading.allowing_unmatched_weights())", "pass --allow-unmatched-base-weights")]
 
 
 def chosen_command(argv: list[str]) -> str | None:
@@ -41,6 +45,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         module = import_module(f"transfertune.cli.{module_name}")
         p = sub.add_parser(name, help=help_, description=module.DESCRIPTION or help_)
         module.add_arguments(p)
+        if name in LOADS_BASES:
+            from transfertune.cli.common import add_base_weights_flag
+
+            add_base_weights_flag(p)
         p.set_defaults(func=module.run)
     return parser
 
@@ -53,7 +61,13 @@ def main(argv=None) -> int:
     from transfertune.io.data import DataFormatError
 
     try:
-        args.func(args)
+        if getattr(args, "allow_unmatched_base_weights", False):
+            from transfertune.io.loading import allowing_unmatched_weights
+
+            with allowing_unmatched_weights():
+                args.func(args)
+        else:
+            args.func(args)
     except (DataFormatError, VocabularyMismatchError, ValueError, OSError) as err:
         from transfertune.io.validate import printable
 

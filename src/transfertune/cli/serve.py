@@ -48,6 +48,10 @@ def add_arguments(p) -> None:
     p.add_argument("--max-connections", type=COUNT, default=MAX_CONNECTIONS,
                    help="native engine: open connections at most; more get 503 and are closed (default "
                         "%(default)s)")
+    p.add_argument("--draft", metavar="BASE", default=None,
+                   help="native engine: speculative decoding with this smaller base (same vocabulary), which drafts "
+                        "tokens with the default model's value models while --base verifies them; requests for the "
+                        "default model decode so (same text when greedy), others decode plainly (docs/serving.md)")
     p.add_argument("--engine", choices=["native", "vllm"], default="native",
                    help="native = transfertune's server (default); vllm = vLLM's OpenAI server on a composed export "
                         "(--base an export, or --base + --value exported first; needs vLLM installed)")
@@ -71,6 +75,7 @@ def run(args) -> None:
     _check_full_attention(args)
     name = args.served_model_name or "+".join([args.base, *names])
     composed = load_composed(args)
+    draft = _load_draft(args)
     window = context_window(composed)
     if args.max_model_len and window and args.max_model_len > window:
         raise InputError(f"--max-model-len {args.max_model_len} is more than the composed models' context window "
@@ -79,7 +84,21 @@ def run(args) -> None:
           beta=args.beta, vocab_map=None if args.vocab_map == "none" else args.vocab_map, hand_over=True,
           max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
           timeout_keep_alive=args.timeout_keep_alive, timeout_header=args.timeout_header,
-          timeout_body=args.timeout_body, max_connections=args.max_connections)
+          timeout_body=args.timeout_body, max_connections=args.max_connections, draft=draft)
+
+
+def _load_draft(args):
+    """--draft: the draft base, loaded where and as the base is (None without the flag)."""
+    if not args.draft:
+        return None
+    from transfertune.cli.common import placement
+    from transfertune.io.loading import load_base
+    from transfertune.serving.engine import Draft
+
+    place = placement(args)
+    model, tokenizer = load_base(args.draft, dtype=place["dtype"], device=place["device"],
+                                 trust_remote_code=args.trust_remote_code)
+    return Draft(model, tokenizer, name=f"--draft {args.draft}")
 
 
 def named_values(values: list[str]) -> tuple[list[str], list[str]]:
@@ -119,12 +138,13 @@ def _check_max_model_len(args) -> None:
 
 
 def _check_full_attention(args) -> None:
-    """Refuse, from the configs alone and before any weights load, models with sliding-window (or other
-    non-full-attention) layers: the engine's decode batch would refuse their KV caches once loaded
-    (inference/generator._kv_layers, the check applied here to the cache transformers builds from the config)."""
+    """Refuse, from the configs alone and before any weights load, models whose KV cache layers rows cannot join
+    or leave in the engine's decode batch (linear-attention or other recurrent state): full-attention and
+    sliding-window layers can (inference/generator.batch_layers, applied here to the cache transformers builds
+    from the config)."""
     from transformers.cache_utils import DynamicCache
 
-    from transfertune.inference.generator import full_attention_layers
+    from transfertune.inference.generator import batch_layers
     from transfertune.io.loading import load_config
 
     models = [("base", args.base), ("--proxy-tuned model", args.proxy_tuned),
@@ -134,13 +154,12 @@ def _check_full_attention(args) -> None:
             continue
         config = load_config(model, trust_remote_code=args.trust_remote_code)
         try:
-            full_attention_layers(DynamicCache(config=config))
+            batch_layers(DynamicCache(config=config))
         except NotImplementedError as err:
             raise InputError(
-                f"{role} '{model}' cannot be served by the native engine: it has sliding-window (or other "
-                f"non-full-attention) layers, and the server's decode batch keeps full-attention KV caches only "
-                f"({err}). `transfertune generate` decodes such models; or serve a composed export with "
-                f"`--engine vllm` (value models on the base's own vocabulary only)") from None
+                f"{role} '{model}' cannot be served by the native engine: it has layers other than full-attention "
+                f"and sliding-window ones, whose state the server's decode batch cannot split between requests "
+                f"({err}). `transfertune generate` decodes such models") from None
         except Exception:  # noqa: BLE001 (a config transformers builds no cache from: the engine checks once loaded)
             continue
 
@@ -148,6 +167,8 @@ def _check_full_attention(args) -> None:
 def _serve_vllm(args) -> None:
     from transfertune.serving.vllm.launch import serve_vllm
 
+    if args.draft:
+        raise InputError("--draft needs the native engine: drop --engine vllm (or --draft)")
     if args.proxy_tuned or args.proxy_untuned or args.vocab_map != "none":
         raise ValueError("--engine vllm composes value models over the base's own vocabulary: proxy-tuning and "
                          "--vocab-map need the native engine")
@@ -155,7 +176,7 @@ def _serve_vllm(args) -> None:
         raise ValueError(f"{len(args.value)} --value but {len(args.weight)} --weight")
     names, args.value = named_values(args.value)
     name = args.served_model_name or "+".join([args.base, *names])
-    serve_vllm(args.base, args.value, export_dir=args.export_dir, host=args.host, port=args.port,
+    serve_vllm(args.base, args.value, names=names, export_dir=args.export_dir, host=args.host, port=args.port,
                api_key=args.api_key, served_model_name=name, max_model_len=args.max_model_len,
                max_num_seqs=args.max_batch, beta=args.beta, weights=args.weight,
                trust_remote_code=args.trust_remote_code, extra_args=args.vllm_args)

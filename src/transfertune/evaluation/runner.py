@@ -204,7 +204,8 @@ class EvalRunner:
                        "steps": steps, "seed": c.seed, "batch_size": c.batch_size, "max_length": c.max_length,
                        **settings})
         path = self.cache / "artifacts" / f"{kind}-{_slug(model)}-{task}-{steps}-{key}"
-        if not (path / "config.json").is_file():
+        # a model has config.json; a LoRA value directory holds adapters and transfertune.json only
+        if not any((path / done).is_file() for done in ("config.json", "transfertune.json")):
             staging = path.with_name(f".staging-{path.name}")
             for stale in (staging, path):
                 if stale.exists():
@@ -223,6 +224,8 @@ class EvalRunner:
                                 warmup_steps=max(1, steps // 20), weight_decay=0.0, logging_steps=max(1, steps // 5))
         keyed = {"init": init, "scheme": v.scheme, "head": v.head, "defer": v.defer}
         keyed = {k: x for k, x in keyed.items() if x != _DEFAULT_RECIPE[k]}  # defaults keep the old cache keys
+        keyed.update({f: getattr(v, f) for f, before in _OPTIONS_ADDED_LATER.items()
+                      if f != "augment" and getattr(v, f) != before})  # LoRA, beta, epochs, ...: when not default
         return self._artifact("value", c.source, task, steps, lambda out: train_value_recipe(
             c.source, self.train_rows(task), out, recipe,
         ), lr=v.learning_rate, l1_coef=v.l1_coef, entropy_coef=v.entropy_coef, **keyed, **self._augment_key())

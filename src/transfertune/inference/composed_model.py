@@ -216,10 +216,32 @@ class ComposedModel:
         know about that choice (`chat_template_of`)."""
         return chat_template_of(self.tokenizer, self.value_models, self.base_name)
 
+    def chat_templates(self, choice: str = "trained") -> tuple[str, str | None, list[str]]:
+        """(base side's template, value side's template or None = the same, notes) for a CHAT_TEMPLATE_CHOICES
+        choice: "trained" renders the whole prompt with `chat_template()`; "base" with the base's own template
+        (plain 'role: content' lines without one); "split" the value models' side with the template they were
+        trained with and the base's side as "base" does."""
+        if choice not in CHAT_TEMPLATE_CHOICES:
+            raise ValueError(f"chat template choice must be one of {', '.join(CHAT_TEMPLATE_CHOICES)}, got {choice!r}")
+        trained, notes = self.chat_template()
+        if choice == "trained":
+            return trained, None, notes
+        from transfertune.io.data import PLAIN_CHAT, template_text
+
+        own = template_text(getattr(self.tokenizer, "chat_template", None)) or PLAIN_CHAT
+        if choice == "base" or trained == own:
+            return own, None, []
+        return own, trained, []
+
     def generator(self):
         from transfertune.inference.generator import ComposedGenerator
 
         return ComposedGenerator(self)
+
+
+CHAT_TEMPLATE_CHOICES = ("trained", "split", "base")  # generate --chat-template
+OTHER_RENDERINGS = ("`generate --chat-template split` renders the value model's side with its template and the "
+                    "base's with {base_side}, `--chat-template base` renders both so")
 
 
 def chat_template_of(tokenizer, value_models: Sequence, base_name: str = "base") -> tuple[str, list[str]]:
@@ -252,12 +274,14 @@ def chat_template_of(tokenizer, value_models: Sequence, base_name: str = "base")
         return trained, notes
     if trained is not None:
         if base_template is not None and base_template != trained:
+            other = OTHER_RENDERINGS.format(base_side="its own")
             notes.append(f"warning: the chat template of base '{base_name}' differs from the one value "
-                         f"model {source} was trained with; rendering chats with the trained template")
+                         f"model {source} was trained with; rendering chats with the trained template ({other})")
         elif base_template is None:
+            other = OTHER_RENDERINGS.format(base_side="plain 'role: content' lines")
             notes.append(f"warning: base '{base_name}' has no chat template; rendering the whole prompt "
                          f"with the chat template value model {source} was trained with, so the base reads its "
-                         f"markers as plain text. To render chats otherwise, give prompts already rendered: "
+                         f"markers as plain text. Other choices: {other}; or give prompts already rendered: "
                          f"`generate` without --chat, `score` rows with \"prompt\"/\"response\", or the "
                          f"server's /v1/completions")
         return trained, notes

@@ -4,7 +4,8 @@
 (`decode_steps`) only steps it and appends tokens; choosing a token is `sampling.sample_next`.
 Batches are left-padded; position ids come from the attention mask, so padded rows match unpadded runs.
 Rows may join a DecodeBatch (prefilled, then left-padded to the batch's width) and leave it between steps:
-the server's continuous batching (serving/engine.py) is built on that.
+the server's continuous batching (serving/engine.py) is built on that. Full-attention and sliding-window KV cache
+layers (Gemma-3, Mistral, Qwen-2.5) allow it (`batch_layers`).
 """
 from __future__ import annotations
 
@@ -138,6 +139,45 @@ class DecodeBatch:
         self.positions = torch.cat([self.positions, positions])
 
 
+@dataclass
+class ModelGroup:
+    """What a DecodeBatch reads of a ComposedModel, for a part of its models: the networks to run, in order, and
+    where logits go."""
+
+    models: list
+    device: torch.device
+
+    def overlap_pool(self):
+        return None
+
+
+class SplitPromptBatch:
+    """A DecodeBatch for the base side (base, proxy models) and one for the value models, each reading its own
+    rendering of the prompt (`generate --chat-template split`: a chat template for the value models, plain lines
+    for a base without one); both are fed the same new tokens. `step` gives the logits in `composed.models`
+    order."""
+
+    def __init__(self, composed: ComposedModel, pad_id: int):
+        if any(needs_base_logits(m) for m in composed.values):
+            raise ValueError("a cascade value model reads the base's logits over its own tokens: its prompt cannot "
+                             "be rendered apart from the base's")
+        base_side = [composed.base, *(composed.proxy or ())]
+        self.base = DecodeBatch(ModelGroup(base_side, composed.device), pad_id)
+        self.values = DecodeBatch(ModelGroup(list(composed.values), composed.device), pad_id)
+
+    def join(self, prompt_ids: list[list[int]], value_prompt_ids: list[list[int]]) -> None:
+        self.base.join(prompt_ids)
+        self.values.join(value_prompt_ids)
+
+    def feed(self, next_tokens: torch.Tensor) -> None:
+        self.base.feed(next_tokens)
+        self.values.feed(next_tokens)
+
+    def step(self) -> list[torch.Tensor]:
+        base = self.base.step()
+        return [base[0], *self.values.step(), *base[1:]]
+
+
 def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompt_ids)
     ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
@@ -148,46 +188,84 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-# KV caches change batch membership only between steps. Two kinds are handled: transformers' DynamicCache of
-# full-attention layers ([B, heads, T, dim] tensors) and the per-row state of a cross-vocabulary value model.
+# KV caches change batch membership only between steps. Three kinds are handled: transformers' DynamicCache of
+# full-attention layers ([B, heads, T, dim] tensors) and of sliding-window layers (the same, holding only the last
+# `sliding_window - 1` of the T slots), and the per-row state of a cross-vocabulary value model.
+# Rows are right-aligned and every step appends a slot to every row, so a row's tokens are contiguous and a
+# window over slots is a window over its tokens: a sliding layer needs only its slot count (`cumulative_length`,
+# from which transformers sizes the mask) kept equal to the batch's width, and its kept slots the last ones.
 def full_attention_layers(cache):
     """The initialised layers of a transformers KV cache, refusing layers other than full-attention ones."""
     from transformers.cache_utils import DynamicLayer
 
+    return _layers_of_kinds(cache, (DynamicLayer,), "full-attention KV caches (DynamicLayer)")
+
+
+def batch_layers(cache):
+    """The initialised layers of a transformers KV cache whose rows can join or leave a `DecodeBatch`: full-attention
+    and sliding-window ones; refuses the others (linear-attention state, indexed or static layers)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    return _layers_of_kinds(cache, (DynamicLayer, DynamicSlidingWindowLayer),
+                            "full-attention or sliding-window KV caches (DynamicLayer, DynamicSlidingWindowLayer)")
+
+
+def _layers_of_kinds(cache, kinds: tuple, said: str):
     layers = getattr(cache, "layers", None)
-    if layers is None or any(type(layer) is not DynamicLayer for layer in layers):
-        kinds = sorted({type(layer).__name__ for layer in layers}) if layers else [type(cache).__name__]
-        raise NotImplementedError(
-            f"rows can join or leave a batch only with full-attention KV caches (DynamicLayer), not {kinds}")
+    if layers is None or any(type(layer) not in kinds for layer in layers):
+        found = sorted({type(layer).__name__ for layer in layers}) if layers else [type(cache).__name__]
+        raise NotImplementedError(f"rows can join or leave a batch only with {said}, not {found}")
     return [layer for layer in layers if layer.is_initialized]
 
 
-_kv_layers = full_attention_layers  # the name cli/serve.py imports
+def _slots(layer) -> int:
+    """The batch width a cache layer covers: its slot count (a sliding layer keeps only the last of them)."""
+    return getattr(layer, "cumulative_length", layer.keys.shape[-2])
+
+
+def _set_slots(layer, keys: torch.Tensor, values: torch.Tensor, slots: int) -> None:
+    """Give a layer covering `slots` slots the last of them it keeps: all, or a sliding layer's window - 1."""
+    if hasattr(layer, "cumulative_length"):
+        layer.cumulative_length = slots
+        kept = min(slots, layer.sliding_window - 1)
+        keys, values = keys[:, :, keys.shape[-2] - kept:], values[:, :, values.shape[-2] - kept:]
+    layer.keys, layer.values = keys, values
 
 
 def _cache_select(cache, idx: torch.Tensor):
     if hasattr(cache, "rows"):  # CrossVocabCache
         cache.rows = [cache.rows[i] for i in idx.tolist()]
         return cache
-    full_attention_layers(cache)  # refuses layers other than full-attention ones
+    batch_layers(cache)  # refuses layers other than full-attention and sliding-window ones
     cache.reorder_cache(idx)  # moves idx to each layer's device: a model spread over several keeps its cache there
     return cache
 
 
 def _cache_trim_left(cache, n: int):
+    """Drop the first n slots of every row (slots no row uses)."""
     if not hasattr(cache, "rows"):
-        for layer in full_attention_layers(cache):
-            layer.keys, layer.values = layer.keys[:, :, n:], layer.values[:, :, n:]
+        for layer in batch_layers(cache):
+            slots = _slots(layer)
+            drop = max(0, n - (slots - layer.keys.shape[-2]))  # of the slots the layer keeps
+            _set_slots(layer, layer.keys[:, :, drop:], layer.values[:, :, drop:], slots - n)
     return cache
 
 
 def _cache_concat(a, pad_a: int, b, pad_b: int):
+    """Rows of b after rows of a, a's rows left-padded by pad_a slots and b's by pad_b (the two then cover as many)."""
     if hasattr(a, "rows"):
         a.rows = a.rows + b.rows
         return a
-    for la, lb in zip(full_attention_layers(a), full_attention_layers(b)):
-        la.keys = torch.cat([F.pad(la.keys, (0, 0, pad_a, 0)), F.pad(lb.keys, (0, 0, pad_b, 0))])
-        la.values = torch.cat([F.pad(la.values, (0, 0, pad_a, 0)), F.pad(lb.values, (0, 0, pad_b, 0))])
+    for la, lb in zip(batch_layers(a), batch_layers(b)):
+        slots = _slots(la) + pad_a
+        assert slots == _slots(lb) + pad_b, "rows joining a batch must be padded to its width"
+        kept = slots if not hasattr(la, "cumulative_length") else min(slots, la.sliding_window - 1)
+
+        def padded(t):
+            return F.pad(t, (0, 0, kept - t.shape[-2], 0))
+
+        _set_slots(la, torch.cat([padded(la.keys), padded(lb.keys)]), torch.cat([padded(la.values), padded(lb.values)]),
+                   slots)
     return a
 
 
@@ -215,14 +293,20 @@ class ComposedGenerator:
         max_new_tokens: int,
         params: SamplingParams,
         finished: torch.Tensor | None = None,
+        value_prompt_ids: list[list[int]] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (next_tokens [B], composed_logits [B, V]) once per step.
 
         `finished` [B] bool may be set by the caller between steps (e.g. a stop string was seen); finished
-        rows keep being fed the pad token, and the loop ends when every row is finished.
+        rows keep being fed the pad token, and the loop ends when every row is finished. `value_prompt_ids`: the
+        value models read these prompts instead (`SplitPromptBatch`).
         """
-        batch = self.new_batch()
-        batch.join(prompt_ids)
+        if value_prompt_ids is None:
+            batch = self.new_batch()
+            batch.join(prompt_ids)
+        else:
+            batch = SplitPromptBatch(self.composed, self.pad_id)
+            batch.join(prompt_ids, value_prompt_ids)
         finished = finished if finished is not None else torch.zeros(len(prompt_ids), dtype=torch.bool)
         generator = params.make_generator(self.composed.device)
         eos = torch.tensor(sorted(self.eos_ids), device=self.composed.device, dtype=torch.long)
@@ -239,6 +323,17 @@ class ComposedGenerator:
 
     def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return [encode_prompt(self.tokenizer, p) for p in prompts]
+
+    def _fit(self, prompts: list[str], value_prompts, max_new_tokens: int, truncate: bool = False):
+        """(prompt ids, value prompt ids or None, max_new_tokens), both sides fitted to the context."""
+        prompt_ids, max_new_tokens = self.fit_context(self._encode(prompts), max_new_tokens, truncate)
+        if value_prompts is None:
+            return prompt_ids, None, max_new_tokens
+        value_prompts = [value_prompts] if isinstance(value_prompts, str) else list(value_prompts)
+        if len(value_prompts) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(value_prompts)} value prompts")
+        value_ids, max_new_tokens = self.fit_context(self._encode(value_prompts), max_new_tokens, truncate)
+        return prompt_ids, value_ids, max_new_tokens
 
     def fit_context(self, prompt_ids: list[list[int]], max_new_tokens: int,
                     truncate: bool = False) -> tuple[list[list[int]], int]:
@@ -267,18 +362,20 @@ class ComposedGenerator:
         sampling: SamplingParams | None = None,
         stop: Sequence[str] = (),
         truncate_prompts: bool = False,
+        value_prompts: str | Sequence[str] | None = None,
     ) -> GenerationOutput:
         """Generate for a batch of prompts. Text stops before the first stop string (which is not included), and
         at the context length; a prompt too long for it is refused, or cut from the left with truncate_prompts
-        (see `fit_context`)."""
+        (see `fit_context`). `value_prompts` (one per prompt): what the value models read instead of the prompts
+        (the base and proxy models read `prompts`)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         sampling = sampling or SamplingParams()
         n = len(prompts)
         finished = torch.zeros(n, dtype=torch.bool)
         tokens: list[list[int]] = [[] for _ in range(n)]
         reasons = ["length"] * n
-        prompt_ids, max_new_tokens = self.fit_context(self._encode(prompts), max_new_tokens, truncate_prompts)
-        for next_tokens, _ in self.decode_steps(prompt_ids, max_new_tokens, sampling, finished):
+        prompt_ids, value_ids, max_new_tokens = self._fit(prompts, value_prompts, max_new_tokens, truncate_prompts)
+        for next_tokens, _ in self.decode_steps(prompt_ids, max_new_tokens, sampling, finished, value_ids):
             for i, t in enumerate(next_tokens.tolist()):
                 if finished[i]:
                     continue
@@ -298,13 +395,14 @@ class ComposedGenerator:
         max_new_tokens: int = 64,
         sampling: SamplingParams | None = None,
         stop: Sequence[str] = (),
+        value_prompt: str | None = None,
     ) -> Iterator[str]:
         """Yield pieces of text as they are decoded. Text that may still turn into a stop string, or an
-        incomplete UTF-8 character, is held back until it is settled."""
+        incomplete UTF-8 character, is held back until it is settled. `value_prompt`: as `generate`'s."""
         sampling = sampling or SamplingParams()
         text = TextStream(self.tokenizer, stop)
-        prompt_ids, max_new_tokens = self.fit_context(self._encode([prompt]), max_new_tokens)
-        for next_tokens, _ in self.decode_steps(prompt_ids, max_new_tokens, sampling):
+        prompt_ids, value_ids, max_new_tokens = self._fit([prompt], value_prompt, max_new_tokens)
+        for next_tokens, _ in self.decode_steps(prompt_ids, max_new_tokens, sampling, value_prompt_ids=value_ids):
             t = int(next_tokens[0])
             if t in self.eos_ids:
                 break

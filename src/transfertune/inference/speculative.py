@@ -13,6 +13,9 @@ attention cannot take such holes commit, in every row, what all rows accepted (r
 
 `SpeculativeBatch` is the step-level API: rows join (prefilled, first token drawn), every row advances one
 round (`round`), rows leave (`keep`) between rounds; `SpeculativeComposedGenerator.generate` is a loop over it.
+Each row composes at its own value weights and beta (`join`'s `weights` / `beta`, default the target's), in the
+draft and in the verifier alike, and the composed logits every committed token was chosen from stay readable
+(`composed_logits`) for the log-probs a server reports.
 Cache invariant between rounds: the caches hold every committed token of a row but the last one (`pending`);
 with `exact`, the draft may also lack the one before (`behind`: the last drafted token, run next round).
 """
@@ -84,7 +87,10 @@ class SpeculativeBatch:
 
     A round drafts `k` tokens for every row and commits, per row, 1 to k + 1 tokens (`spec.per_row`), or the
     same number for every row. Tokens past a row's end (end of sequence, stop string, max tokens) are the
-    caller's to drop: the row leaves before the next round."""
+    caller's to drop: the row leaves before the next round.
+
+    `composed_logits` [B, T, V]: the composed logits the last `join` (its new rows, T = 1) or `round` drew from;
+    a row's i-th token of that call was chosen from [row, i] (log-probs: its log_softmax)."""
 
     def __init__(self, spec: SpeculativeComposedGenerator):
         self.spec = spec
@@ -94,31 +100,43 @@ class SpeculativeBatch:
         self.behind = torch.zeros(0, dtype=torch.long)  # exact: a committed token the draft has not run (-1: none)
         self.params: list[SamplingParams] = []
         self.generators: list = []
+        self.weights = torch.zeros(0, len(spec.target.values), dtype=torch.float64)  # [B, n_values]
+        self.beta = torch.zeros(0, dtype=torch.float64)  # [B]
+        self.composed_logits: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
         return len(self.params)
 
     @torch.no_grad()
-    def join(self, prompt_ids: list[list[int]], sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams()
-             ) -> list[int]:
-        """Prefill new rows (appended after the running ones) and draw their first tokens."""
+    def join(self, prompt_ids: list[list[int]], sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+             weights: Sequence[Sequence[float]] | None = None, beta: Sequence[float] | None = None) -> list[int]:
+        """Prefill new rows (appended after the running ones) and draw their first tokens. `weights` (one tuple
+        per row) and `beta` (one per row): each row's composition (default: the target's)."""
         started = time.perf_counter()
-        params = [sampling] * len(prompt_ids) if isinstance(sampling, SamplingParams) else list(sampling)
+        n, target = len(prompt_ids), self.spec.target
+        params = [sampling] * n if isinstance(sampling, SamplingParams) else list(sampling)
         generators = [p.make_generator("cpu") for p in params]
+        weights = torch.tensor([list(target.weights)] * n if weights is None else [list(w) for w in weights],
+                               dtype=torch.float64).reshape(n, len(target.values))
+        beta = torch.tensor([float(target.beta)] * n if beta is None else [float(b) for b in beta],
+                            dtype=torch.float64)
         ids, mask = left_pad(prompt_ids, self.spec.pad_id)
         draft = RaggedCaches(self.spec.draft_store(len(prompt_ids), ids.shape[1] + 64))
         verifier = RaggedCaches(TransformersKV(self.spec.verifiers))
         drafted = [logits[:, -1] for logits in draft.forward(ids, mask)]
         verified = [logits[:, -1] for logits in verifier.forward(ids, mask)]
         values = verified[1:] if self.spec.recompute_values else drafted[1:]
-        first = sample_rows(self.spec.target.compose([verified[0], *values]), params, generators)
+        composed = target.compose([verified[0], *values], weights=weights, beta=beta)
+        first = sample_rows(composed, params, generators)
+        self.composed_logits = composed[:, None]
         self.draft.merge(draft)
         self.verifier.merge(verifier)
         self.pending = torch.cat([self.pending, first])
         self.behind = torch.cat([self.behind, torch.full_like(first, -1)])
         self.params += params
         self.generators += generators
+        self.weights, self.beta = torch.cat([self.weights, weights]), torch.cat([self.beta, beta])
         self.spec.stats.seconds["prefill"] += time.perf_counter() - started
         return first.tolist()
 
@@ -132,6 +150,7 @@ class SpeculativeBatch:
             self.verifier.keep_rows(rows)
         idx = torch.tensor(rows, dtype=torch.long)
         self.pending, self.behind = self.pending[idx], self.behind[idx]
+        self.weights, self.beta = self.weights[idx], self.beta[idx]
         self.params = [self.params[r] for r in rows]
         self.generators = [self.generators[r] for r in rows]
 
@@ -173,6 +192,7 @@ class SpeculativeBatch:
         else:
             fed, valid = self.pending[:, None], None
         drafted, value_steps, draft_probs = [], [], [[] for _ in range(rows)]
+        settings = {"weights": self.weights, "beta": self.beta}
         for j in range(k + 1):
             if j == k and exact:
                 break  # the verifier computes the values after the last drafted token; the draft runs it later
@@ -180,7 +200,7 @@ class SpeculativeBatch:
             value_steps.append(v_logits)
             if j == k:
                 break
-            token = self._draw(spec.draft_composed.compose([d_logits, *v_logits]), draft_probs)
+            token = self._draw(spec.draft_composed.compose([d_logits, *v_logits], **settings), draft_probs)
             drafted.append(token)
             fed, valid = token[:, None], None
         drafted_at = time.perf_counter()
@@ -189,7 +209,8 @@ class SpeculativeBatch:
         verified_at = time.perf_counter()
         values = verified[1:] if exact else [torch.stack([step[i] for step in value_steps], 1)
                                              for i in range(len(spec.target.values))]
-        composed = spec.target.compose([verified[0], *values])  # [B, k + 1, V]
+        composed = spec.target.compose([verified[0], *values], **settings)  # [B, k + 1, V]
+        self.composed_logits = composed
         accepted, nxt = self._verdicts(composed, seq[:, 1:], draft_probs)
         kept = accepted
         if not spec.per_row:  # every row commits what all rows accepted, then one token of its own

@@ -31,6 +31,9 @@ class LinearCost:
         return (y - slope * x) / n + slope * size
 
 
+RECENT_ROUNDS = 4096
+
+
 @dataclass
 class SpeculativeStats:
     rounds: int = 0
@@ -38,6 +41,8 @@ class SpeculativeStats:
     accepted: int = 0
     rejected: int = 0  # rows x rounds that ended at a rejected drafted token
     committed: int = 0  # tokens committed to rows (accepted + one per row and round)
+    draft_tokens: int = 0  # draft lengths summed over rounds
+    # the latest rounds' draft lengths (at most 2 x RECENT_ROUNDS kept: a server runs rounds forever)
     draft_lengths: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     draft_step: LinearCost = field(default_factory=LinearCost)  # seconds per draft step, in rows
@@ -56,7 +61,10 @@ class SpeculativeStats:
         self.accepted += sum(accepted)
         self.rejected += sum(a < k for a in accepted)
         self.committed += committed
+        self.draft_tokens += k
         self.draft_lengths.append(k)
+        if len(self.draft_lengths) > 2 * RECENT_ROUNDS:
+            del self.draft_lengths[:-RECENT_ROUNDS]
         for phase, s in zip(PHASES[:3], seconds):
             self.seconds[phase] += s
         self.draft_step.add(rows, draft / max(1, draft_steps))

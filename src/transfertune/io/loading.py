@@ -6,6 +6,7 @@ copy once, which loads in a second); pickled weights are refused. Remote code ru
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 import functools
 import importlib.util
@@ -217,6 +218,21 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+_ALLOW_UNMATCHED = contextvars.ContextVar("allow_unmatched_weights", default=False)
+
+
+@contextmanager
+def allowing_unmatched_weights(allow: bool = True):
+    """Within it, base models whose checkpoint lacks weights their config.json describes, or holds tensors it does
+    not, load (missing weights initialised at random, transformers' load report as the warning) instead of being
+    refused: the opt-in of `--allow-unmatched-base-weights`, for APIs that load bases further down."""
+    token = _ALLOW_UNMATCHED.set(allow)
+    try:
+        yield
+    finally:
+        _ALLOW_UNMATCHED.reset(token)
+
+
 def load_causal_lm(
     name_or_path: str,
     *,
@@ -225,15 +241,16 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     frozen: bool = True,
     strict: bool = False,
+    allow_unmatched_weights: bool | None = None,
     **kwargs,
 ):
     """Load a causal LM from safetensors, or from a GGUF file (dequantized to `dtype`). Frozen models are put in
     eval mode with gradients off.
 
     The safetensors headers are checked against config.json before anything is allocated (io/weights.py):
-    tensors of other shapes are refused. `strict` (value directories) also refuses missing and unexpected
-    weights and non-finite values; a base model's missing weights are initialised at random, with transformers'
-    load report as the only warning."""
+    tensors of other shapes are refused, and so are missing and unexpected weights, naming them. A base model
+    may opt in to loading those (`allow_unmatched_weights`, default: within `allowing_unmatched_weights()`);
+    `strict` (value directories) never does, and also refuses non-finite values."""
     gguf = find_gguf(name_or_path)
     if gguf is not None:
         return _finish(_load_gguf_lm(gguf, dtype, **kwargs), device, frozen, kwargs)
@@ -245,16 +262,21 @@ def load_causal_lm(
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a model directory: it has no config.json")
         check_weight_files(path, "models")
-        _check_checkpoint(path, trust_remote_code, strict, kwargs)
+        if allow_unmatched_weights is None:
+            allow_unmatched_weights = _ALLOW_UNMATCHED.get()
+        keys = strict or not allow_unmatched_weights
+        fresh_output_layer = _check_checkpoint(path, trust_remote_code, strict, keys, kwargs)
+    else:
+        keys = fresh_output_layer = False
     from transfertune.io.load_report import held_load_report
 
     try:  # untying the output layer on purpose: its "MISSING" load report is not shown (load_report.py)
         with config_named(path), held_load_report(active=kwargs.get("tie_word_embeddings") is False) as report:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-                output_loading_info=strict, **kwargs
+                output_loading_info=keys, **kwargs
             )
-            if strict:
+            if keys:
                 model, info = model
             report.settle(model)
     except OSError as err:
@@ -265,17 +287,22 @@ def load_causal_lm(
             raise
         raise InputError(f"{path}: the weights do not have the shapes its config.json describes (the load "
                          f"report above lists them)") from None
-    if strict and (info["missing_keys"] or info["unexpected_keys"]):
+    if keys:
+        from transfertune.io.load_report import output_layer_keys
         from transfertune.io.weights import refuse_keys, size_settings
 
-        refuse_keys(Path(path), Path(path, "config.json"), size_settings(model.config), info["missing_keys"],
-                    info["unexpected_keys"])
+        fresh = output_layer_keys(model) if fresh_output_layer else set()
+        missing = [k for k in info["missing_keys"] if k not in fresh]
+        if missing or info["unexpected_keys"]:
+            refuse_keys(Path(path), Path(path, "config.json"), size_settings(model.config), missing,
+                        info["unexpected_keys"], base=not strict)
     return _finish(model, device, frozen, kwargs)
 
 
-def _check_checkpoint(path: str, trust_remote_code: bool, strict: bool, kwargs: dict) -> None:
-    """The checkpoint against its config (io/weights.py), with the config changes `kwargs` make. The config
-    keeps its quantization_config (unlike load_config's): quantized checkpoints store packed shapes."""
+def _check_checkpoint(path: str, trust_remote_code: bool, strict: bool, keys: bool, kwargs: dict) -> bool:
+    """The checkpoint against its config (io/weights.py), with the config changes `kwargs` make; whether the
+    output layer is left to the caller (a tied checkpoint loaded untied). The config keeps its
+    quantization_config (unlike load_config's): quantized checkpoints store packed shapes."""
     from transformers import AutoConfig
 
     from transfertune.io.weights import check_checkpoint
@@ -283,9 +310,13 @@ def _check_checkpoint(path: str, trust_remote_code: bool, strict: bool, kwargs: 
     check_model_json(path)
     with config_named(path):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    untied = kwargs.get("tie_word_embeddings") is False
+    fresh_output_layer = untied and bool(getattr(config, "tie_word_embeddings", False))
     if "tie_word_embeddings" in kwargs:
         config.tie_word_embeddings = kwargs["tie_word_embeddings"]
-    check_checkpoint(path, config, strict=strict, trust_remote_code=trust_remote_code)
+    check_checkpoint(path, config, strict=strict, keys=keys, fresh_output_layer=fresh_output_layer,
+                     trust_remote_code=trust_remote_code)
+    return fresh_output_layer
 
 
 def _finish(model, device, frozen: bool, kwargs: dict):

@@ -4,9 +4,9 @@ transformers builds the model a config describes and then fills it from the chec
 shape fails deep in the load, after the model is allocated (a config.json saying `intermediate_size: 10000000`
 allocates tens of GB first), and a weight the checkpoint lacks is initialised at random, with a warning only.
 Here the config's model is built on the meta device (no memory) and compared with the safetensors headers
-(shapes only, no data read). Shapes that differ are refused for every model. With `strict` (value
-directories, which hold exactly what transfertune saved) missing and unexpected weights and non-finite values
-are refused too.
+(shapes only, no data read). Shapes that differ are refused for every model. Missing and unexpected weights
+are refused too (`keys`): always in value directories (`strict`, which hold exactly what transfertune saved, and
+whose values must also be finite), and in base models unless the caller opts in (`allow_unmatched_weights`).
 """
 from __future__ import annotations
 
@@ -80,12 +80,15 @@ class Described:
     ignore_missing: list[str]
     ignore_unexpected: list[str]
     renames: bool  # transformers renames or fuses this model's checkpoint names while loading
+    output_layer: set[str]  # the output layer's parameters
 
 
 def described(config, trust_remote_code: bool = False) -> Described:
     """The model `config` describes, built on the meta device: shapes without memory."""
     from transformers import AutoModelForCausalLM
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    from transfertune.io.load_report import output_layer_keys
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(copy.deepcopy(config), trust_remote_code=trust_remote_code)
@@ -101,11 +104,16 @@ def described(config, trust_remote_code: bool = False) -> Described:
                         *(getattr(model, "_keys_to_ignore_on_save", None) or ())],
         ignore_unexpected=list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
         renames=renames,
+        output_layer=output_layer_keys(model),
     )
 
 
-def check_checkpoint(directory: str | Path, config, *, strict: bool, trust_remote_code: bool = False) -> None:
-    """Refuse weights in `directory` that do not fit `config` (see the module docstring), before loading."""
+def check_checkpoint(directory: str | Path, config, *, strict: bool, keys: bool | None = None,
+                     fresh_output_layer: bool = False, trust_remote_code: bool = False) -> None:
+    """Refuse weights in `directory` that do not fit `config` (see the module docstring), before loading.
+    `keys` (default: `strict`) refuses missing and unexpected weights; `fresh_output_layer`: the caller sets the
+    output layer itself (a tied checkpoint loaded untied), so its weights may be missing."""
+    keys = strict if keys is None else keys
     directory = Path(directory)
     files = weight_files(directory)
     if not files or getattr(config, "quantization_config", None):
@@ -127,21 +135,23 @@ def check_checkpoint(directory: str | Path, config, *, strict: bool, trust_remot
                               for name, s in wrong[:4])
             raise InputError(f"{where}: {len(wrong)} tensor(s) do not have the shapes {source} describes "
                              f"({settings}): {shown}{_more(wrong, 4)}")
-    if not strict:
+    if not keys:
         return
+    fresh = model.output_layer if fresh_output_layer else set()
     missing = [names[0] for names in model.parameters if not any(n in stored for n in names)
-               and not _matches(names[0], model.ignore_missing)] if not model.renames else []
+               and not _matches(names[0], model.ignore_missing) and names[0] not in fresh] if not model.renames else []
     unexpected = [name for name in stored if name not in model.shapes
                   and not _matches(name, model.ignore_unexpected)] if not model.renames else []
-    expected = sum(_numel(model.shapes[names[0]]) for names in model.parameters)
+    expected = sum(_numel(model.shapes[names[0]]) for names in model.parameters if names[0] not in fresh)
     held = sum(_numel(s.shape) for s in stored.values())
     # renamed checkpoints: a few missing weights are named by transformers' load report after the load
     # (load_causal_lm refuses them then); a config describing far more than is stored is refused unbuilt
     if missing or unexpected or expected > held + held // 10:
         refuse_keys(directory, source, settings, missing, unexpected, f"{expected:,} parameters described, "
-                    f"{held:,} stored")
-    for path in files:
-        check_finite(path)
+                    f"{held:,} stored", base=not strict)
+    if strict:
+        for path in files:
+            check_finite(path)
 
 
 def size_settings(config) -> str:
@@ -150,7 +160,13 @@ def size_settings(config) -> str:
                      if isinstance(getattr(config, k, None), int) and not isinstance(getattr(config, k), bool))
 
 
-def refuse_keys(directory: Path, source: Path, settings: str, missing, unexpected, counts: str = "") -> None:
+# how a base's refusal says to load it anyway (the CLI says --allow-unmatched-base-weights: cli/main.py)
+LOAD_ANYWAY = ("pass allow_unmatched_weights=True (or load within "
+               "transfertune.io.loading.allowing_unmatched_weights())")
+
+
+def refuse_keys(directory: Path, source: Path, settings: str, missing, unexpected, counts: str = "", *,
+                base: bool = False) -> None:
     parts = []
     if missing:
         parts.append(f"{len(missing)} weight(s) that {source.name} describes are not in the checkpoint "
@@ -161,9 +177,10 @@ def refuse_keys(directory: Path, source: Path, settings: str, missing, unexpecte
     if not parts:
         parts.append(counts)
     why = "missing weights would be initialised at random" if missing or not unexpected else "nothing would use them"
+    anyway = f"; to load this base anyway, {LOAD_ANYWAY}" if base else ""
     raise InputError(f"{directory}: the weights do not match {source} ({settings}): {'; '.join(parts)}. "
                      f"Loading anyway would be wrong ({why}): the directory is damaged or its config.json was "
-                     f"edited")
+                     f"edited{anyway}")
 
 
 def check_finite(path: Path) -> None:

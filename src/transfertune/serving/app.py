@@ -194,13 +194,15 @@ class JSONBodyMiddleware:
 # -- the app ----------------------------------------------------------------------------------------------
 def create_app(composed: ComposedModel, *, model_name: str = "transfertune", value_names=None,
                beta: float | None = None, vocab_map=None, api_key: str | None = None, max_batch: int = 32,
-               max_queue: int = 256, max_model_len: int | None = None, hand_over: bool = False) -> FastAPI:
+               max_queue: int = 256, max_model_len: int | None = None, hand_over: bool = False,
+               draft=None) -> FastAPI:
     """The FastAPI app. Its lifespan starts and stops the engine thread (TestClient and uvicorn both run it).
     `composed`'s value models are served by name (`value_names`, default their directories' names); `beta` and
     `vocab_map` apply to every value model, those loaded later included (see `Server`). With `hand_over` the
-    caller gives `composed` up: its value models are taken out of it, so that unloading one frees its memory."""
+    caller gives `composed` up: its value models are taken out of it, so that unloading one frees its memory.
+    `draft` (an `engine.Draft`): decode the default model's requests speculatively with it (--draft)."""
     server = Server(composed, model_name=model_name, value_names=value_names, beta=beta, vocab_map=vocab_map,
-                    max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len)
+                    max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len, draft=draft)
     if hand_over:
         composed.values, composed.value_models, composed.weights = [], [], []
 

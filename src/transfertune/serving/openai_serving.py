@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from transfertune.inference.composed_model import ComposedModel
 from transfertune.io.data import PLAIN_CHAT, encode_prompt, render_chat_prompt
 from transfertune.serving.engine import (
+    Draft,
     Engine,
     Event,
     Overloaded,
@@ -71,10 +72,13 @@ class Server:
     The server keeps the base (and proxy pair) of `composed`; its value models move into a `ValueRegistry`
     (named `value_names`, default their directories' names), from which requests choose and which
     /v1/load_value and /v1/unload_value change. `beta` (the --beta flag) is every value model's default beta;
-    None: each its own. `composed`'s value models at its weights and beta stay the default model, `model_name`."""
+    None: each its own. `composed`'s value models at its weights and beta stay the default model, `model_name`.
+    With a `draft` (--draft), requests composing the default model's value models decode speculatively
+    (engine.py); a ValueError says why the draft cannot serve these models."""
 
     def __init__(self, composed: ComposedModel, *, model_name: str, value_names=None, beta: float | None = None,
-                 vocab_map=None, max_batch: int = 32, max_queue: int = 256, max_model_len: int | None = None):
+                 vocab_map=None, max_batch: int = 32, max_queue: int = 256, max_model_len: int | None = None,
+                 draft: Draft | None = None):
         self.registry = ValueRegistry.of_composed(composed, value_names, beta=beta, vocab_map=vocab_map)
         default = ServedModel(model_name, tuple(self.registry.names()), tuple(float(w) for w in composed.weights),
                               float(composed.beta))
@@ -85,7 +89,7 @@ class Server:
         self.composed = ComposedModel(composed.base, composed.tokenizer, [], proxy=composed.proxy,
                                       alpha=composed.alpha, base_name=composed.base_name)
         self.engine = Engine(self.composed, registry=self.registry, default=default, max_batch=max_batch,
-                             max_queue=max_queue)
+                             max_queue=max_queue, draft=draft)
         self.engine.check_batching()
         # the engine thread decodes with composed.tokenizer; handlers get their own (Rust tokenizers are not
         # safe to share across threads)

@@ -1,1 +1,2 @@
-"""Composed models inside vLLM: the plugin vLLM loads, the model class, the export and the launcher."""
+"""Composed models inside vLLM: the plugin vLLM loads, the model class, the export, the launcher, and the logits
+processor through which each request picks its own value models and beta."""

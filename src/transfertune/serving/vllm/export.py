@@ -1,10 +1,11 @@
 """`transfertune export --engine vllm`: a composed model as one directory that vLLM opens (`vllm serve DIR`,
-`LLM(DIR)`), through the model class in vllm_model.py that transfertune's vLLM plugin registers.
+`LLM(DIR)`), through the model class in model.py that transfertune's vLLM plugin registers.
 
 The directory is the base checkpoint with its architecture renamed, plus the value models' weights:
 
     config.json       the base's config; "architectures": ["TransferTuneComposedForCausalLM"]; under "transfertune":
-                      the base's own config, each value model's config and weight, beta, the real vocabulary size
+                      the base's own config, each value model's name, config, weight and own beta, the default
+                      beta (and whether it was fixed with --beta), the real vocabulary size
     *.safetensors     the base's weight files, unchanged (hard links when the file system allows, else copies)
     transfertune-value-<i>.safetensors
                       value model i, every tensor named "value_<i>." + its Hugging Face name; a LoRA value model
@@ -95,6 +96,23 @@ def _base_weight_files(base_dir: Path) -> tuple[list[str], dict | None]:
     return files, index
 
 
+def _value_names(values: Sequence[str], names: Sequence[str] | None) -> list[str]:
+    from transfertune.serving.value_registry import check_value_name
+
+    names = [Path(v).name for v in values] if names is None else list(names)
+    if len(names) != len(values):
+        raise InputError(f"{len(values)} value models but {len(names)} names")
+    for name, path in zip(names, values):
+        try:
+            check_value_name(name, "value model name")
+        except InputError as err:
+            raise InputError(f"{err} (value model {path}; name it: --value NAME=DIR)") from None
+    taken = sorted({n for n in names if names.count(n) > 1})
+    if taken:
+        raise InputError(f"two value models are named {taken[0]!r}: name them apart (--value NAME=DIR)")
+    return names
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src.resolve(), dst)
@@ -123,6 +141,7 @@ def export_vllm(
     values: Sequence[str],
     output: str | Path,
     *,
+    names: Sequence[str] | None = None,
     weights: Sequence[float] | None = None,
     beta: float | None = None,
     overwrite: bool = False,
@@ -130,8 +149,9 @@ def export_vllm(
 ) -> Path:
     """Write `output`: the base composed with the value directories, for vLLM. Returns its path.
 
-    `weights` (one per value model, default 1 each) and `beta` (default: the first value model's) are recorded
-    in the export; vLLM can override them at load time with
+    `names` (one per value model, default each directory's name) are what a request picks them by
+    (value_mix.py); `weights` (one per value model, default 1 each) and `beta` (default: the first value model's)
+    make the default composition, which vLLM can override at load time with
     `hf_overrides={"transfertune_beta": B, "transfertune_weights": [w, ...]}` (see docs/serving.md)."""
     from safetensors.torch import save_file
 
@@ -145,6 +165,7 @@ def export_vllm(
     weights = [1.0] * len(values) if weights is None else [float(w) for w in weights]
     if len(weights) != len(values):
         raise InputError(f"{len(values)} value models but {len(weights)} weights")
+    names = _value_names(values, names)
     for i, w in enumerate(weights, start=1):
         check_number(w, f"weight {i}")
 
@@ -179,19 +200,20 @@ def export_vllm(
                              f"vLLM model runs base and values side by side (residual scheme only)")
         if v.config.vocab_fingerprint != fingerprint:
             v.check_compatible(tokenizer, base)  # raises VocabularyMismatchError naming both vocabularies
+    beta_fixed = beta is not None
     if beta is None:
         beta = value_models[0].config.beta
     check_number(beta, "beta", gt=0)
 
     contexts = [_context(base_config)]
     value_meta, value_files = [], []
-    for i, (path, v, w) in enumerate(zip(values, value_models, weights)):
+    for i, (path, name, v, w) in enumerate(zip(values, names, value_models, weights)):
         tensors, config = _value_tensors(v, VALUE_PREFIX.format(i))
         if not config.get("architectures"):
             raise InputError(f"{path}: the value model's config names no architecture")
         contexts.append(_context(config))
-        value_meta.append({"source": portable_name(path), "weight": w, "config": config,
-                           "training_base": v.config.training_base, "lora_merged": v.is_lora})
+        value_meta.append({"name": name, "source": portable_name(path), "weight": w, "beta": float(v.config.beta),
+                           "config": config, "training_base": v.config.training_base, "lora_merged": v.is_lora})
         value_files.append((VALUE_FILE.format(i), tensors))
     del value_models
 
@@ -205,6 +227,7 @@ def export_vllm(
         "base": {"source": portable_name(base), "config": base_config},
         "values": value_meta,
         "beta": float(beta),
+        "beta_fixed": beta_fixed,
         "real_vocab_size": real_vocab_size(tokenizer),
         "vocab_fingerprint": fingerprint,
     }
@@ -234,7 +257,8 @@ def export_vllm(
 def describe(directory: str | Path) -> str:
     """One line about an export: its base, value models, weights and beta."""
     meta = _raw_config(Path(directory)).get(META_KEY, {})
-    values = ", ".join(f"{v.get('source')} (weight {v.get('weight')})" for v in meta.get("values", []))
+    values = ", ".join(f"{v.get('name', i)}={v.get('source')} (weight {v.get('weight')})"
+                       for i, v in enumerate(meta.get("values", [])))
     beta = meta.get("beta")
     beta = beta if isinstance(beta, (int, float)) and math.isfinite(beta) else "?"
     return f"{meta.get('base', {}).get('source')} + {values}, beta {beta}"

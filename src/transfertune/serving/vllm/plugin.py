@@ -3,7 +3,7 @@
 only in processes that build a model, so the plugin costs nothing to processes that do not."""
 from __future__ import annotations
 
-ARCHITECTURE = "TransferTuneComposedForCausalLM"  # vllm_export.ARCHITECTURE; kept here to import nothing
+ARCHITECTURE = "TransferTuneComposedForCausalLM"  # export.ARCHITECTURE; kept here to import nothing
 
 
 def register() -> None:
