@@ -12,6 +12,7 @@ import logging
 import pytest
 import torch
 from cli_helpers import cli, no_model_loads
+from test_sliding_window_serving import sliding_model
 
 from transfertune.cli.main import main
 from transfertune.core.value_model import ValueModel
@@ -137,35 +138,13 @@ def test_server_chat_on_a_base_without_template_logs_the_note_once(base, chat_va
 
 
 # -- serve: which bases the decode batch takes, from the config ---------------------------------------------
-def sliding_model(arch: str, vocab: int, eos: int):
-    from transformers import (
-        Gemma3ForCausalLM,
-        Gemma3TextConfig,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    sizes = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=256, eos_token_id=eos, bos_token_id=eos,
-                 pad_token_id=1)
-    torch.manual_seed(0)
-    if arch == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**sizes, use_sliding_window=True, sliding_window=16, max_window_layers=0))
-    if arch == "mistral":
-        return MistralForCausalLM(MistralConfig(**sizes, sliding_window=16))
-    return Gemma3ForCausalLM(Gemma3TextConfig(**sizes, head_dim=8, sliding_window=16,
-                                              layer_types=["sliding_attention", "full_attention"]))
-
-
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma3_text"])
 def test_serve_passes_a_sliding_window_base_on_to_loading(capsys, tmp_path, tokenizer, monkeypatch, arch):
     """Sliding-window layers are served (tests/test_sliding_window_serving.py): the check lets them through."""
     import transfertune.cli.serve as serve_cli
 
     path = tmp_path / arch
-    sliding_model(arch, len(tokenizer), tokenizer.eos_token_id).save_pretrained(path)
+    sliding_model(arch, len(tokenizer), tokenizer.eos_token_id, seed=0, window=16).save_pretrained(path)
     tokenizer.save_pretrained(path)
     loaded = []
     monkeypatch.setattr(serve_cli, "load_composed", lambda args: loaded.append(args.base) or pytest.fail("stop"))

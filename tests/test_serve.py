@@ -28,6 +28,7 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from cli_helpers import wait_until_serving  # noqa: E402
+from decode_helpers import join_and_leave  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from transfertune.core.compose import compose_logits, compose_logits_per_row  # noqa: E402
@@ -123,23 +124,7 @@ def test_rows_join_and_leave_between_steps_like_solo_runs(model_dir, tokenizer, 
     def solo(prompt_ids, steps):
         return [lg[0] for _, lg in gen.decode_steps([prompt_ids], steps, SamplingParams())]
 
-    batch = gen.new_batch()
-    batch.join([ids[0], ids[1]])  # rows 0, 1 from step 0; row 2 joins at step 3; row 0 leaves after step 4
-    seen = {0: [], 1: [], 2: []}
-    rows = [0, 1]
-    for step in range(8):
-        if step == 3:
-            batch.join([ids[2]])
-            rows.append(2)
-        logits = cm.compose(batch.step())
-        for r, lg in zip(rows, logits):
-            seen[r].append(lg)
-        if step == 4:
-            keep = [i for i, r in enumerate(rows) if r != 0]
-            rows = [rows[i] for i in keep]
-            batch.keep(keep)
-            logits = logits[keep]
-        batch.feed(logits.argmax(-1))
+    seen = join_and_leave(cm, gen, ids, 8)
     for r, n in ((0, 5), (1, 8), (2, 5)):
         torch.testing.assert_close(torch.stack(seen[r]), torch.stack(solo(ids[r], n)), atol=1e-4, rtol=1e-4)
 

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from cli_helpers import wait_until_serving
+from decode_helpers import join_and_leave
 
 from transfertune.core.value_model import ValueModel
 from transfertune.inference.composed_model import ComposedModel
@@ -78,22 +79,7 @@ def test_sliding_window_rows_join_and_leave_like_solo_runs(tokenizer, arch):
         g.eos_ids = set()
         return torch.stack([lg[0] for _, lg in g.decode_steps([prompt_ids], steps, SamplingParams())])
 
-    batch = gen.new_batch()
-    batch.join([ids[0], ids[1]])
-    seen, rows = {0: [], 1: [], 2: []}, [0, 1]
-    for step in range(14):
-        if step == 3:
-            batch.join([ids[2]])
-            rows.append(2)
-        logits = cm.compose(batch.step())
-        for r, lg in zip(rows, logits):
-            seen[r].append(lg)
-        if step == 4:
-            keep = [i for i, r in enumerate(rows) if r != 0]
-            rows = [rows[i] for i in keep]
-            batch.keep(keep)
-            logits = logits[keep]
-        batch.feed(logits.argmax(-1))
+    seen = join_and_leave(cm, gen, ids, 14)
     for r, n in ((0, 5), (1, 14), (2, 11)):
         torch.testing.assert_close(torch.stack(seen[r]), solo(ids[r], n), atol=1e-4, rtol=1e-4)
 
