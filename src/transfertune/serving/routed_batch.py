@@ -13,24 +13,12 @@ the group's rows), which keeps it exact at the price of a second base pass for t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from transfertune.core.cascade import needs_base_logits
 from transfertune.core.compose import compose_logits, compose_logits_per_row
-from transfertune.inference.generator import DecodeBatch
-
-
-@dataclass
-class _Models:
-    """What a DecodeBatch reads of a ComposedModel: the networks to run, in order, and where logits go."""
-
-    models: list
-    device: torch.device
-
-    def overlap_pool(self):
-        return None
+from transfertune.inference.generator import DecodeBatch, ModelGroup
 
 
 class _Group:
@@ -39,7 +27,7 @@ class _Group:
     def __init__(self, module, base, device, pad_id: int):
         self.cascade = needs_base_logits(module)
         models = [base, module] if self.cascade else [module]
-        self.batch = DecodeBatch(_Models(models, device), pad_id)
+        self.batch = DecodeBatch(ModelGroup(models, device), pad_id)
         self.rows: list = []
 
 
@@ -48,7 +36,7 @@ class RoutedBatch:
     with a tuple of value names; `modules(names)` gives the networks for those names when a group starts."""
 
     def __init__(self, base_models: Sequence, device: torch.device, pad_id: int, modules):
-        self.base = DecodeBatch(_Models(list(base_models), device), pad_id)
+        self.base = DecodeBatch(ModelGroup(list(base_models), device), pad_id)
         self.device, self.pad_id, self.modules = device, pad_id, modules
         self.groups: dict[str, _Group] = {}
         self.rows: list = []  # every running row, in the base batch's order
