@@ -203,13 +203,18 @@ async def stream_one(client, url: str, prompt: str, new_tokens: int,
     return ttft, tokens, None
 
 
-async def load(url: str, prompts: list[str], clients: int, requests: int, new_tokens: int) -> dict:
+async def load(url: str | None, prompts: list[str], clients: int, requests: int, new_tokens: int,
+               targets: list[tuple[str, str]] | None = None) -> dict:
+    """`clients` concurrent clients, `requests` each, streaming from `url`; with `targets`, request r of client c
+    goes to targets[c * requests + r] = (url, model) instead."""
     import httpx
 
     async def client_loop(c: int, http):
         results = []
         for r in range(requests):
-            results.append(await stream_one(http, url, prompts[(c * requests + r) % len(prompts)], new_tokens))
+            where, *model = targets[c * requests + r] if targets else (url,)
+            results.append(await stream_one(http, where, prompts[(c * requests + r) % len(prompts)], new_tokens,
+                                            *model))
         return results
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)

@@ -33,7 +33,6 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -45,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reporting  # noqa: E402
-from serve import Server, make_prompts, stream_one  # noqa: E402
+from serve import Server, load, make_prompts  # noqa: E402
 
 from transfertune.core.value_model import ValueModel  # noqa: E402
 from transfertune.inference.composed_model import ComposedModel  # noqa: E402
@@ -95,31 +94,6 @@ def peak_rss_mib(pid: int) -> float | None:
     return None
 
 
-async def run_load(targets: list[tuple[str, str]], prompts: list[str], clients: int, requests: int,
-                   new_tokens: int) -> dict:
-    """`clients` concurrent clients; request r of client c goes to targets[c * requests + r] = (url, model)."""
-    import httpx
-
-    async def client_loop(c: int, http):
-        out = []
-        for r in range(requests):
-            url, model = targets[c * requests + r]
-            out.append(await stream_one(http, url, prompts[(c * requests + r) % len(prompts)], new_tokens, model))
-        return out
-
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-        start = time.perf_counter()
-        per_client = await asyncio.gather(*(client_loop(c, http) for c in range(clients)))
-        wall = time.perf_counter() - start
-    results = [r for rs in per_client for r in rs]
-    errors = [e for _, _, e in results if e]
-    tokens = sum(n for _, n, _ in results)
-    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_second": round(tokens / wall, 1),
-            "ttfts": sorted(t for t, _, _ in results if t is not None), "errors": len(errors),
-            "error_examples": errors[:3]}
-
-
 def check_greedy(url: str, base: str, names: list[str], dirs: list[str], prompt: str) -> dict[str, bool]:
     """Whether each value model's greedy answer from the server equals ComposedGenerator with it alone."""
     import httpx
@@ -166,10 +140,10 @@ def main(argv=None) -> dict:
                 targets = [(where[names[k]], f"{args.base}+{names[k]}") for k in draws]
                 for server, served in servers:  # warm-up: every value model once
                     for name in served:
-                        asyncio.run(run_load([(server.url, f"{args.base}+{name}")], prompts, 1, 1, 2))
+                        asyncio.run(load(None, prompts, 1, 1, 2, targets=[(server.url, f"{args.base}+{name}")]))
                 print(f"round {r + 1}/{args.rounds}: {label}: {args.clients} clients x {args.requests} requests ...",
                       flush=True)
-                run = asyncio.run(run_load(targets, prompts, args.clients, args.requests, args.new_tokens))
+                run = asyncio.run(load(None, prompts, args.clients, args.requests, args.new_tokens, targets=targets))
                 run["requests_per_value_model"] = [draws.count(k) for k in range(n)]
                 print(f"  {run['tokens_per_second']:.0f} tok/s, {run['errors']} errors", flush=True)
                 rows[label].append(run)
