@@ -84,13 +84,16 @@ class LabelReward:
         return composed_label_logits(base_scores, groups, self.config.calibrate, [self.rewards(features)], [scale])
 
     def save(self, directory: str | Path) -> None:
-        """Only what was trained: the head (safetensors) and the config naming the backbone."""
-        from safetensors.torch import save_file
+        """Only what was trained: the head (safetensors) and the config naming the backbone, each file written
+        atomically, the config last (a directory with a config is complete)."""
+        from safetensors.torch import save
+
+        from transfertune.io.run_dirs import write_atomic
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(directory / WEIGHTS_NAME))
-        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        write_atomic(directory / WEIGHTS_NAME, save({k: v.contiguous() for k, v in self.model.state_dict().items()}))
+        write_atomic(directory / CONFIG_NAME, json.dumps(asdict(self.config), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> LabelReward:

@@ -49,7 +49,6 @@ def train_label_reward(
     overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
 ) -> LabelReward:
     from transfertune.io.loading import load_base
-    from transfertune.io.run_dirs import write_atomic
 
     rows = read_label_rows(data, labels, need_labels=True)
     if len(set(rows.examples)) < 5:
@@ -63,13 +62,7 @@ def train_label_reward(
                                pool=pool, calibrate=calibrate, trained_against=model_reference(base))
     reward = fit_label_reward(scores.features, scores.logprobs, torch.tensor(rows.targets), groups=rows.groups,
                               examples=rows.examples, config=config, heldout=heldout, seed=seed)
-    staging = out / ".staging"
-    reward.save(staging)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS_NAME, CONFIG_NAME):  # the config last: a directory with a config is complete
-        write_atomic(out / name, (staging / name).read_bytes())
-        (staging / name).unlink()
-    staging.rmdir()
+    reward.save(out)
     fit = reward.config.fit
     print(f"label reward over {len(rows.labels)} labels fitted on {fit['rows']} rows: scale {reward.config.scale}, "
           f"L2 {reward.config.l2}; held-out NLL {fit['base_heldout_nll']:.3f} (base) -> "
